@@ -1,0 +1,87 @@
+# CIFAR-10 ResNet: the table of contents. `make` (or `make help`) lists the targets.
+#
+#   make train                                   # ResNet18, best device found
+#   make data train DEVICE=npu MODEL=resnet50 EPOCHS=60
+#   make eval                                    # test.py on $(RUN_DIR)/best.pth
+#   make predict IMG=test/0_3.jpg
+#   make test
+
+DEVICE   ?= auto
+MODEL    ?= resnet18
+EPOCHS   ?=
+BATCH    ?=
+DATA_DIR ?= data
+RUN_DIR  ?= runs/$(MODEL)
+IMG      ?= test/0_3.jpg
+ARCHIVE  ?=
+MD5      ?=
+ARGS     ?=
+
+# Python environment: the active virtualenv or conda env if there is one,
+# otherwise .venv here (created on first use, so a system Python that refuses
+# pip installs is never touched).
+ifdef VIRTUAL_ENV
+ENV := $(VIRTUAL_ENV)
+else ifdef CONDA_PREFIX
+ENV := $(CONDA_PREFIX)
+else
+ENV := .venv
+endif
+PYTHON := $(ENV)/bin/python
+# Install stamps live here, one per environment, and are redone when a
+# requirements file changes.
+STAMP := .make/$(subst /,_,$(abspath $(ENV)))
+
+# Passed to scripts only when set, so each script's own default applies otherwise.
+TRAIN_FLAGS := --model $(MODEL) --device $(DEVICE) --data-dir $(DATA_DIR) --out-dir $(RUN_DIR) \
+	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH),--batch-size $(BATCH))
+# test.py evaluates on the data the run trained on unless DATA_DIR is given here.
+EVAL_FLAGS := --checkpoint $(RUN_DIR)/best.pth --device $(DEVICE) \
+	$(if $(filter command line environment,$(origin DATA_DIR)),--data-dir $(DATA_DIR))
+# predict.py picks the newest run's best.pth unless MODEL or RUN_DIR is given here.
+PREDICT_FLAGS := $(if $(filter command line environment,$(origin RUN_DIR) $(origin MODEL)),--checkpoint $(RUN_DIR)/best.pth)
+
+.DEFAULT_GOAL := help
+.PHONY: help install install-dev data train eval predict test clean
+
+help: ## list the targets and the variables they take
+	@echo "usage: make TARGET [VAR=value ...]"
+	@echo
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-12s %s\n", $$1, $$2}'
+	@echo
+	@echo "variables: DEVICE=$(DEVICE) (auto|npu|cuda|mps|cpu)  MODEL=$(MODEL)  EPOCHS=$(EPOCHS)  BATCH=$(BATCH)"
+	@echo "           DATA_DIR=$(DATA_DIR)  RUN_DIR=$(RUN_DIR)  IMG=$(IMG)  ARCHIVE=$(ARCHIVE)  MD5=$(MD5)  ARGS=\"$(ARGS)\""
+
+$(ENV)/bin/python:
+	python3 -m venv $(ENV)
+
+$(STAMP).run: requirements.txt | $(ENV)/bin/python
+	$(PYTHON) -m pip install -r requirements.txt
+	@mkdir -p .make && touch $@
+
+$(STAMP).dev: requirements.txt requirements-dev.txt | $(ENV)/bin/python
+	$(PYTHON) -m pip install -r requirements-dev.txt
+	@mkdir -p .make && touch $@ $(STAMP).run
+
+install: $(STAMP).run ## set up the Python environment (active venv/conda env, else .venv)
+
+install-dev: $(STAMP).dev ## install, plus what the tests need
+
+data: install ## fetch and verify CIFAR-10 into DATA_DIR (offline: ARCHIVE=path, MD5=); samples in test/
+	$(PYTHON) data.py --data-dir $(DATA_DIR) $(if $(ARCHIVE),--archive $(ARCHIVE)) $(if $(MD5),--md5 $(MD5))
+
+train: install data ## train MODEL on DEVICE into RUN_DIR (EPOCHS, BATCH; ARGS="--resume" continues)
+	$(PYTHON) train.py $(TRAIN_FLAGS) $(ARGS)
+
+eval: install ## evaluate RUN_DIR/best.pth on the test split: accuracy, per class, confusion matrix
+	$(PYTHON) test.py $(EVAL_FLAGS) $(ARGS)
+
+predict: install ## classify IMG (a picture or a folder) with the newest run's best.pth (or RUN_DIR's)
+	$(PYTHON) predict.py $(IMG) $(PREDICT_FLAGS) $(ARGS)
+
+test: install-dev ## run the test suite
+	$(PYTHON) -m pytest tests/ $(ARGS)
+
+clean: ## remove caches and install stamps (keeps data/, runs/, test/ and .venv)
+	rm -rf .make .pytest_cache
+	find . -path ./.venv -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

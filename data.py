@@ -1,0 +1,391 @@
+"""CIFAR-10 on the device: fetch, verify, load, shuffle, augment and batch it, and pick the device.
+
+    python data.py --data-dir data                      # download (MD5-checked) and extract
+    python data.py --data-dir data --archive cifar-10-python.tar.gz   # offline, from a local copy
+
+The whole dataset is 150 MB of uint8, so it is loaded once into one tensor and
+kept on the training device. Shuffling, random crops and flips are done on
+whole batches there: no DataLoader workers, no per-image Python work.
+"""
+import argparse
+import hashlib
+import http.client
+import os
+import pickle
+import shutil
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+BATCHES_DIR = "cifar-10-batches-py"
+TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+TEST_FILES = ["test_batch"]
+META_FILE = "batches.meta"
+# The true per-channel statistics of the CIFAR-10 training set. The tutorials'
+# std (0.2023, 0.1994, 0.2010) is a long-copied mistake (kuangliu/pytorch-cifar#19).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck"]
+
+
+class DataError(Exception):
+    """Data that cannot be used; the message is one line for the user."""
+
+
+class DeviceError(Exception):
+    """A device that cannot be used; the message is one line for the user."""
+
+
+# ---------------------------------------------------------------------------
+# Device
+
+def _npu_ready(required):
+    """Import torch_npu (which registers the 'npu' device) and check a chip is visible."""
+    try:
+        import torch_npu  # noqa: F401
+    except ImportError:
+        if required:
+            raise DeviceError("--device npu needs torch_npu: install the build that matches "
+                              "this machine's CANN and torch (README, 'Devices')") from None
+        return False
+    except Exception as e:  # installed but broken, e.g. CANN's set_env.sh not sourced
+        if required:
+            raise DeviceError(f"torch_npu failed to load ({str(e).splitlines()[0]}); "
+                              "is CANN's set_env.sh sourced?") from None
+        print("warning: torch_npu is installed but failed to load; not using the NPU", file=sys.stderr)
+        return False
+    if not torch.npu.is_available():
+        if required:
+            raise DeviceError("--device npu: torch_npu is installed but sees no NPU (check npu-smi info)")
+        return False
+    return True
+
+
+def pick_device(name="auto", index=0):
+    """auto: npu if torch_npu and a chip are there, else cuda, else mps, else cpu."""
+    if name in ("auto", "npu") and _npu_ready(required=name == "npu"):
+        torch.npu.set_device(index)
+        return torch.device("npu", index)
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise DeviceError("--device cuda: no CUDA GPU visible to this torch build")
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    mps = getattr(torch.backends, "mps", None)
+    if name == "mps" or (name == "auto" and mps is not None and mps.is_available()):
+        if mps is None or not mps.is_available():
+            raise DeviceError("--device mps: Apple's Metal backend is not available here")
+        return torch.device("mps")
+    if name in ("auto", "cpu"):
+        return torch.device("cpu")
+    raise DeviceError(f"unknown device {name!r}; choose auto, npu, cuda, mps or cpu")
+
+
+# ---------------------------------------------------------------------------
+# Fetch, verify, extract
+
+def md5sum(path):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url, dest):
+    """Stream url to dest through a temporary file, so a cut-off download never looks finished."""
+    from tqdm import tqdm
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
+                      disable=not sys.stderr.isatty()) as bar:
+                for chunk in iter(lambda: r.read(1 << 16), b""):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        if total is not None and tmp.stat().st_size != total:
+            raise DataError(f"download of {url} stopped at {tmp.stat().st_size} of {total} bytes; run it again")
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+        tmp.unlink(missing_ok=True)
+        reason = getattr(e, "reason", None) or e
+        raise DataError(f"cannot download {url} ({reason}); offline? pass ARCHIVE=path/to/"
+                        f"cifar-10-python.tar.gz, or CIFAR_URL=a mirror") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, dest)
+
+
+def is_prepared(data_dir):
+    d = Path(data_dir) / BATCHES_DIR
+    return all((d / name).is_file() for name in TRAIN_FILES + TEST_FILES + [META_FILE])
+
+
+def prepare(data_dir, archive=None, url=None, md5=CIFAR10_MD5):
+    """Make DATA_DIR/cifar-10-batches-py exist and be complete; do nothing if it already is.
+
+    The archive is extracted into a temporary folder and checked before it is
+    renamed into place, so an interrupted run never leaves a half dataset behind.
+    """
+    data_dir = Path(data_dir)
+    if is_prepared(data_dir):
+        return data_dir / BATCHES_DIR
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if archive is None:
+        archive = data_dir / "cifar-10-python.tar.gz"
+        if not archive.is_file():
+            url = url or os.environ.get("CIFAR_URL") or CIFAR10_URL
+            print(f"downloading {url}")
+            download(url, archive)
+    archive = Path(archive)
+    if not archive.is_file():
+        raise DataError(f"{archive}: no such archive")
+    if md5 and md5sum(archive) != md5:
+        raise DataError(f"{archive}: MD5 is {md5sum(archive)}, expected {md5}; "
+                        "the file is corrupt or not the official CIFAR-10 archive")
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=data_dir))
+    try:
+        try:
+            with tarfile.open(archive) as tar:
+                members = [m for m in tar.getmembers()
+                           if m.isfile() and m.name.startswith(BATCHES_DIR + "/") and ".." not in m.name]
+                tar.extractall(tmp, members=members)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataError(f"{archive}: cannot extract ({e})") from None
+        if not is_prepared(tmp):
+            raise DataError(f"{archive}: does not hold {BATCHES_DIR}/ with the CIFAR-10 batch files")
+        for name in TRAIN_FILES + TEST_FILES:  # fail now, not at the first epoch
+            read_batch(tmp / BATCHES_DIR / name, num_classes=len(read_classes(tmp / BATCHES_DIR)))
+        os.replace(tmp / BATCHES_DIR, data_dir / BATCHES_DIR)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return data_dir / BATCHES_DIR
+
+
+# ---------------------------------------------------------------------------
+# Load
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR batch files but refuses anything except plain data and
+    numpy arrays: a doctored batch file cannot run code."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               # Python 3 writes bytes into protocol-2 pickles through this harmless call.
+               ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _unpickle(path):
+    try:
+        with open(path, "rb") as f:
+            obj = _ArrayUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; run `make data` again") from None
+    except Exception as e:  # truncated or corrupt file
+        raise DataError(f"{path}: unreadable ({type(e).__name__}: {e}); delete "
+                        f"{Path(path).parent} and run `make data` again") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: not a CIFAR batch (holds a {type(obj).__name__})")
+    return obj
+
+
+def read_classes(batches_dir):
+    meta = _unpickle(Path(batches_dir) / META_FILE)
+    names = meta.get("label_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{Path(batches_dir) / META_FILE}: no list of label_names")
+    return names
+
+
+def read_batch(path, num_classes):
+    """One batch file as (uint8 tensor N x 3 x 32 x 32, int64 labels), checked."""
+    import numpy as np
+    batch = _unpickle(path)
+    data, labels = batch.get("data"), batch.get("labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        what = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"{path}: 'data' should be uint8 of shape (N, 3072), found {what}")
+    labels = np.asarray(labels)
+    if labels.shape != (data.shape[0],) or labels.dtype.kind not in "iu":
+        raise DataError(f"{path}: 'labels' should be {data.shape[0]} integers, found {labels.dtype} {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"{path}: labels outside 0..{num_classes - 1}")
+    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    return images, torch.from_numpy(labels.astype(np.int64))
+
+
+def load_split(data_dir, train, subset=None):
+    """(images uint8 N x 3 x 32 x 32, labels int64 N, class names) of one split."""
+    batches_dir = Path(data_dir) / BATCHES_DIR
+    if not batches_dir.is_dir():
+        raise DataError(f"no CIFAR-10 in {data_dir}: run `make data`, or pass --data-dir")
+    classes = read_classes(batches_dir)
+    images, labels, n = [], [], 0
+    for name in TRAIN_FILES if train else TEST_FILES:
+        if subset is not None and n >= subset:
+            break
+        x, y = read_batch(batches_dir / name, len(classes))
+        images.append(x)
+        labels.append(y)
+        n += len(y)
+    images, labels = torch.cat(images), torch.cat(labels)
+    if subset is not None:
+        images, labels = images[:subset], labels[:subset]
+    return images, labels, classes
+
+
+# ---------------------------------------------------------------------------
+# Augment and batch, on the device
+
+def random_crop(images, dy, dx, pad=4):
+    """Crop each image of a zero-padded batch at its own offset (dy[i], dx[i]) in [0, 2*pad].
+
+    Equal to torchvision's RandomCrop(32, padding=4) per image, done as one gather.
+    """
+    n, c, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))
+    ar_h = torch.arange(h, device=images.device)
+    ar_w = torch.arange(w, device=images.device)
+    rows = (dy.view(n, 1) + ar_h).view(n, 1, h, 1)
+    cols = (dx.view(n, 1) + ar_w).view(n, 1, 1, w)
+    return padded[torch.arange(n, device=images.device).view(n, 1, 1, 1),
+                  torch.arange(c, device=images.device).view(1, c, 1, 1), rows, cols]
+
+
+def flip(images, mask):
+    """Mirror the images whose mask entry is True (left-right)."""
+    return torch.where(mask.view(-1, 1, 1, 1), images.flip(3), images)
+
+
+def normalize(images, mean, std):
+    """uint8 images to float: (x/255 - mean) / std per channel."""
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+class CifarLoader:
+    """Batches from uint8 tensors held on the device.
+
+    Training: each epoch draws a permutation and the crop/flip choices from a
+    generator seeded with (seed, epoch), so an epoch is the same whenever it
+    runs (a resumed run sees the data an uninterrupted one would) and every
+    process of a multi-process run agrees on it. Each step takes the next
+    batch_size indices of the permutation; process `rank` of `world_size` keeps
+    its own slice of them, so the processes together see the global batch.
+    The last partial batch is dropped, so every step has the same size.
+
+    Evaluation: every image once, in order; process `rank` takes its own
+    contiguous share.
+    """
+
+    def __init__(self, images, labels, batch_size, mean, std, train, device,
+                 seed=0, rank=0, world_size=1, pad=4):
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.batch_size, self.train, self.pad = batch_size, train, pad
+        self.mean, self.std = mean, std
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        n = len(self.labels)
+        if self.train:
+            return max(n // self.batch_size, 1)
+        share = self._eval_share()
+        return -(-(share.stop - share.start) // self.batch_size)
+
+    def _eval_share(self):
+        n = len(self.labels)
+        return range(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size)
+
+    def __iter__(self):
+        if not self.train:
+            share = self._eval_share()
+            for i in range(share.start, share.stop, self.batch_size):
+                j = min(i + self.batch_size, share.stop)
+                yield normalize(self.images[i:j], self.mean, self.std), self.labels[i:j]
+            return
+        n = len(self.labels)
+        g = torch.Generator().manual_seed((self.seed << 20) + self.epoch)
+        perm = torch.randperm(n, generator=g)
+        # Drawn for the whole epoch on the CPU (tiny), so the choices do not
+        # depend on the device or on how the batch is split between processes.
+        dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=g)
+        dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=g)
+        mirror = torch.rand(n, generator=g) < 0.5
+        batch = min(self.batch_size, n)
+        device = self.images.device
+        for step in range(len(self)):
+            idx = perm[step * batch:(step + 1) * batch]
+            idx = torch.tensor_split(idx, self.world_size)[self.rank]
+            idx_d = idx.to(device, non_blocking=True)
+            x = random_crop(self.images[idx_d], dy[idx].to(device), dx[idx].to(device), self.pad)
+            x = flip(x, mirror[idx].to(device))
+            yield normalize(x, self.mean, self.std), self.labels[idx_d]
+
+
+# ---------------------------------------------------------------------------
+# Sample pictures for predict.py
+
+def write_samples(images, labels, out_dir, per_class=10):
+    """test/<label>_<k>.jpg: the first per_class test images of each class."""
+    from PIL import Image
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for label in range(int(labels.max()) + 1):
+        picks = (labels == label).nonzero().flatten()[:per_class]
+        for k, i in enumerate(picks.tolist()):
+            path = out_dir / f"{label}_{k}.jpg"
+            if not path.exists():
+                Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(path, quality=95, subsampling=0)
+    return out_dir
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-dir", default="data", help="where cifar-10-batches-py/ goes")
+    p.add_argument("--archive", default=None, help="use this local cifar-10-python.tar.gz instead of downloading")
+    p.add_argument("--url", default=os.environ.get("CIFAR_URL", CIFAR10_URL),
+                   help="download from here (environment: CIFAR_URL)")
+    p.add_argument("--md5", default=CIFAR10_MD5, help="expected MD5 of the archive (the official one)")
+    p.add_argument("--samples", default="test", help="write ten sample pictures per class here ('' for none)")
+    return p
+
+
+def main(args):
+    batches = prepare(args.data_dir, archive=args.archive, url=args.url, md5=args.md5)
+    print(f"CIFAR-10 ready in {batches}")
+    if args.samples:
+        images, labels, _ = load_split(args.data_dir, train=False)
+        out = write_samples(images, labels, args.samples)
+        print(f"sample pictures in {out}/ (<label>_<k>.jpg, e.g. {out}/0_3.jpg)")
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)

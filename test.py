@@ -1,0 +1,74 @@
+"""Evaluate a checkpoint on the CIFAR-10 test split: accuracy, loss, per-class accuracy, confusion matrix.
+
+    python test.py                                       # runs/resnet18/best.pth
+    python test.py --checkpoint runs/resnet50/net_030.pth --device cpu
+    python test.py --checkpoint tutorial.pth --model resnet50   # a bare state dict
+
+(This file is a script. Python also ships a package named `test`, so run it, or
+import it by path; `import test` finds the standard library's.)
+"""
+import argparse
+import sys
+
+import data
+import resnet
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Evaluate a checkpoint on the CIFAR-10 test split.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default="runs/resnet18/best.pth", help="a .pth written by train.py")
+    p.add_argument("--model", default=None, choices=list(resnet.MODELS),
+                   help="network of a bare state dict (checkpoints of train.py say it themselves)")
+    p.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/ (default: the run's)")
+    p.add_argument("--device", default="auto", choices=["auto", "npu", "cuda", "mps", "cpu"], help="where to run")
+    p.add_argument("--subset", type=int, default=None, help="use only the first N test images")
+    p.add_argument("--batch-size", type=int, default=1000, help="images per step")
+    return p
+
+
+def format_confusion(confusion, classes):
+    """The confusion matrix as a text table: rows are true classes, columns predictions."""
+    width = max(6, len(str(int(confusion.max()))) + 1)
+    name_width = max(len(c) for c in classes)
+    lines = [" " * name_width + "".join(f"{c[:width - 1]:>{width}}" for c in classes)]
+    for name, row in zip(classes, confusion.tolist()):
+        lines.append(f"{name:>{name_width}}" + "".join(f"{v:>{width}}" for v in row))
+    return "\n".join(lines)
+
+
+def main(args):
+    model, ckpt = resnet.load_model(args.checkpoint, args.model)
+    # Evaluate on the data the run trained with unless told otherwise.
+    data_dir = args.data_dir or ckpt.get("args", {}).get("data_dir") or "data"
+    images, labels, data_classes = data.load_split(data_dir, train=False, subset=args.subset)
+    classes = ckpt.get("classes") or data_classes
+    if model.linear.out_features != len(data_classes):
+        raise resnet.CheckpointError(f"{args.checkpoint}: predicts {model.linear.out_features} classes, "
+                                     f"but the data in {data_dir} has {len(data_classes)}")
+    device = data.pick_device(args.device)
+    loader = data.CifarLoader(images, labels, args.batch_size, ckpt.get("mean", data.CIFAR10_MEAN),
+                              ckpt.get("std", data.CIFAR10_STD), train=False, device=device)
+    loss, confusion = resnet.evaluate(model.to(device), loader, len(classes))
+
+    correct, total = int(confusion.diag().sum()), int(confusion.sum())
+    per_class = (100.0 * confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
+    print(f"{args.checkpoint}: {ckpt.get('arch', args.model)}, epoch {ckpt.get('epoch', '?')}, "
+          f"{total} test images from {data_dir} on {device}")
+    print("\nper-class accuracy:")
+    for i, (name, acc) in enumerate(zip(classes, per_class)):
+        print(f"  {name:>12} {acc:6.2f}%  ({int(confusion[i, i])}/{int(confusion[i].sum())})")
+    print("\nconfusion matrix (rows: true class, columns: predicted):")
+    print(format_confusion(confusion, classes))
+    accuracy = 100.0 * correct / max(total, 1)
+    print(f"\naccuracy {accuracy:.2f}% ({correct}/{total}), loss {loss:.4f}")
+    return {"accuracy": accuracy, "loss": loss, "per_class": per_class, "confusion": confusion}
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except (data.DataError, data.DeviceError, resnet.CheckpointError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)

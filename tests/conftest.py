@@ -1,0 +1,94 @@
+"""Shared fixtures: a tiny CIFAR-10 built in the official pickle layout, and helpers to run the scripts.
+
+The tiny dataset is easy on purpose: each class has its own colour, so a
+network that learns at all separates it quickly, while chance stays at 10%.
+"""
+import hashlib
+import pickle
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# The project is a set of top-level scripts, not a package: import them from there.
+sys.path.insert(0, str(ROOT))
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# One colour per class (RGB), far apart from each other.
+PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                    [145, 30, 180], [70, 240, 240], [240, 50, 230], [128, 128, 0], [0, 0, 128]])
+
+
+def make_images(n, seed):
+    """n images (uint8, N x 3 x 32 x 32) of balanced classes: class colour plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    noise = rng.integers(-40, 41, size=(n, 3, 32, 32))
+    images = np.clip(PALETTE[labels][:, :, None, None] + noise, 0, 255).astype(np.uint8)
+    return images, labels
+
+
+def write_cifar(root, n_train=200, n_test=100, seed=0):
+    """root/cifar-10-batches-py/ as in the official archive: five training batches,
+    test_batch and batches.meta, pickled dicts of uint8 rows (N, 3072) and label lists."""
+    out = Path(root) / "cifar-10-batches-py"
+    out.mkdir(parents=True, exist_ok=True)
+    (train_x, train_y), (test_x, test_y) = make_images(n_train, seed), make_images(n_test, seed + 1)
+    for i, (bx, by) in enumerate(zip(np.array_split(train_x, 5), np.array_split(train_y, 5)), start=1):
+        dump(out / f"data_batch_{i}", {"batch_label": f"training batch {i} of 5",
+                                       "data": bx.reshape(len(bx), -1), "labels": by.tolist()})
+    dump(out / "test_batch", {"batch_label": "testing batch 1 of 1",
+                              "data": test_x.reshape(len(test_x), -1), "labels": test_y.tolist()})
+    dump(out / "batches.meta", {"label_names": CLASSES, "num_cases_per_batch": 10000, "num_vis": 3072})
+    return Path(root)
+
+
+def dump(path, obj):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+def make_archive(data_root, path):
+    """A cifar-10-python.tar.gz holding cifar-10-batches-py/, and its MD5."""
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(Path(data_root) / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    return path, hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+def run(script, *args, cwd, check=True, timeout=600):
+    """Run one of the project's scripts as a user would, in cwd; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def one_line_error(proc):
+    """The failure a user sees: non-zero exit, one line on stderr, no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+# Small and fast on a 2-core CPU: a few steps of ResNet18 per epoch.
+QUICK = ["--device", "cpu", "--batch-size", "32", "--subset", "64", "--eval-batch-size", "100"]
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory):
+    return write_cifar(tmp_path_factory.mktemp("cifar"))
+
+
+@pytest.fixture(scope="session")
+def trained_run(cifar_dir, tmp_path_factory):
+    """A finished 2-epoch ResNet18 run on the tiny data, shared by the read-only tests."""
+    work = tmp_path_factory.mktemp("trained")
+    proc = run("train.py", "--data-dir", cifar_dir, "--epochs", "2", "--log-every", "1", *QUICK, cwd=work)
+    return work / "runs" / "resnet18", proc

@@ -1,0 +1,298 @@
+"""data.py: fetching and checking CIFAR-10, loading it as tensors, and the on-device loader."""
+import functools
+import http.server
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from conftest import make_archive, one_line_error, run, write_cifar
+
+
+# --- augmentation and normalization, exact on known tensors -----------------
+
+def test_random_crop_equals_slicing_the_zero_padded_image():
+    images = torch.arange(2 * 3 * 32 * 32, dtype=torch.int64).view(2, 3, 32, 32).to(torch.uint8)
+    dy, dx = torch.tensor([0, 8]), torch.tensor([3, 5])
+    out = data.random_crop(images, dy, dx, pad=4)
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    assert torch.equal(out[0], padded[0, :, 0:32, 3:35])
+    assert torch.equal(out[1], padded[1, :, 8:40, 5:37])
+    # offset 4 on both axes is the image itself
+    assert torch.equal(data.random_crop(images, torch.tensor([4, 4]), torch.tensor([4, 4])), images)
+
+
+def test_flip_mirrors_only_the_chosen_images():
+    images = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8)
+    out = data.flip(images, torch.tensor([True, False]))
+    assert torch.equal(out[0], images[0].flip(-1))
+    assert torch.equal(out[1], images[1])
+
+
+def test_normalize_uses_the_true_cifar_statistics():
+    assert data.CIFAR10_STD == (0.2470, 0.2435, 0.2616)
+    images = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    out = data.normalize(images, data.CIFAR10_MEAN, data.CIFAR10_STD)
+    expected = [(1 - m) / s for m, s in zip(data.CIFAR10_MEAN, data.CIFAR10_STD)]
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor(expected))
+
+
+# --- the loader ---------------------------------------------------------------
+
+def labelled(n):
+    """Images whose first pixel holds their own index, so batches can be traced back."""
+    images = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
+    images[:, 0, 4:28, 4:28] = torch.arange(n, dtype=torch.uint8).view(n, 1, 1)
+    return images, torch.arange(n) % 10
+
+
+def epoch_labels(loader, epoch):
+    loader.set_epoch(epoch)
+    return torch.cat([y for _, y in loader])
+
+
+def make_loader(n=100, batch=10, seed=0, rank=0, world=1, train=True):
+    images, labels = labelled(n)
+    labels = torch.arange(n)  # label = index: shows exactly which images a batch holds
+    return data.CifarLoader(images, labels, batch, data.CIFAR10_MEAN, data.CIFAR10_STD, train=train,
+                            device="cpu", seed=seed, rank=rank, world_size=world)
+
+
+def test_shuffling_is_reproducible_for_a_seed_and_differs_between_epochs_and_seeds():
+    a, b = make_loader(seed=1), make_loader(seed=1)
+    assert torch.equal(epoch_labels(a, 3), epoch_labels(b, 3))
+    assert not torch.equal(epoch_labels(a, 3), epoch_labels(a, 4))
+    assert not torch.equal(epoch_labels(a, 3), epoch_labels(make_loader(seed=2), 3))
+
+
+def test_a_training_epoch_sees_each_image_at_most_once_in_full_batches():
+    loader = make_loader(n=105, batch=10)
+    batches = [y for _, y in loader]
+    assert len(loader) == len(batches) == 10 and all(len(y) == 10 for y in batches)
+    seen = torch.cat(batches)
+    assert len(seen.unique()) == 100
+
+
+def test_training_batches_are_normalized_float_images_of_the_input_size():
+    x, y = next(iter(make_loader()))
+    assert x.dtype == torch.float32 and x.shape == (10, 3, 32, 32)
+
+
+def test_shards_of_each_step_are_disjoint_and_cover_the_global_batch():
+    whole = make_loader(batch=12, seed=5)
+    shards = [make_loader(batch=12, seed=5, rank=r, world=3) for r in range(3)]
+    for steps in zip(whole, *shards):
+        (x, y), parts = steps[0], steps[1:]
+        assert torch.equal(torch.cat([p[1] for p in parts]), y)
+        assert torch.equal(torch.cat([p[0] for p in parts]), x)  # same crops and flips too
+
+
+def test_evaluation_covers_every_image_once_in_order_and_shards_split_it():
+    loader = make_loader(n=95, batch=10, train=False)
+    assert torch.equal(torch.cat([y for _, y in loader]), torch.arange(95))
+    shards = [torch.cat([y for _, y in make_loader(n=95, batch=10, train=False, rank=r, world=4)])
+              for r in range(4)]
+    assert torch.equal(torch.cat(shards), torch.arange(95))
+
+
+def test_evaluation_batches_are_not_augmented():
+    images, labels = labelled(20)
+    loader = data.CifarLoader(images, labels, 20, (0, 0, 0), (1, 1, 1), train=False, device="cpu")
+    x, _ = next(iter(loader))
+    torch.testing.assert_close(x, images.float() / 255)
+
+
+# --- reading the batch files -------------------------------------------------
+
+def test_a_split_loads_as_uint8_images_int64_labels_and_class_names(cifar_dir):
+    images, labels, classes = data.load_split(cifar_dir, train=True)
+    assert images.dtype == torch.uint8 and images.shape == (200, 3, 32, 32)
+    assert labels.dtype == torch.int64 and labels.shape == (200,)
+    assert classes[0] == "airplane" and len(classes) == 10
+    test_images, _, _ = data.load_split(cifar_dir, train=False, subset=30)
+    assert test_images.shape == (30, 3, 32, 32)
+
+
+def test_rows_are_read_in_channel_height_width_order(tmp_path):
+    root = write_cifar(tmp_path, n_train=10, n_test=10)
+    images, _, _ = data.load_split(root, train=False)
+    import pickle
+    with open(root / "cifar-10-batches-py" / "test_batch", "rb") as f:
+        row = pickle.load(f)["data"][0]
+    assert images[0, 1, 2, 3] == row[1 * 1024 + 2 * 32 + 3]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "unreadable"),
+    ("shape", "uint8 of shape"),
+    ("labels", "labels outside"),
+])
+def test_a_damaged_batch_file_is_named_in_the_error(tmp_path, damage, message):
+    root = write_cifar(tmp_path, n_train=20, n_test=10)
+    path = root / "cifar-10-batches-py" / "data_batch_2"
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        import pickle
+        batch = pickle.loads(path.read_bytes())
+        if damage == "shape":
+            batch["data"] = batch["data"][:, :100]
+        else:
+            batch["labels"][0] = 10
+        path.write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(data.DataError, match=message) as e:
+        data.load_split(root, train=True)
+    assert "data_batch_2" in str(e.value)
+
+
+def test_a_batch_file_that_would_run_code_is_refused(tmp_path):
+    root = write_cifar(tmp_path, n_train=10, n_test=10)
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    import pickle
+    (root / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({"data": Payload()}, protocol=2))
+    with pytest.raises(data.DataError, match="test_batch"):
+        data.load_split(root, train=False)
+    assert not marker.exists()
+
+
+# --- fetching: archive, MD5, download ----------------------------------------
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    src = write_cifar(tmp_path_factory.mktemp("src"), n_train=20, n_test=10)
+    return make_archive(src, tmp_path_factory.mktemp("archive") / "cifar-10-python.tar.gz")
+
+
+def test_a_good_archive_is_extracted_and_a_second_prepare_does_nothing(tmp_path, archive):
+    path, md5 = archive
+    out = data.prepare(tmp_path / "d", archive=path, md5=md5)
+    assert data.is_prepared(tmp_path / "d") and out == tmp_path / "d" / "cifar-10-batches-py"
+    stamp = (out / "test_batch").stat().st_mtime_ns
+    data.prepare(tmp_path / "d", archive=tmp_path / "not-there.tar.gz", md5=md5)
+    assert (out / "test_batch").stat().st_mtime_ns == stamp
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["cifar-10-batches-py"]
+
+
+def test_the_official_md5_is_checked_and_a_mismatch_leaves_no_dataset(tmp_path, archive):
+    path, _ = archive
+    assert data.CIFAR10_MD5 == "c58f30108f718f92721af3b95e74349a"
+    with pytest.raises(data.DataError, match="MD5"):
+        data.prepare(tmp_path / "d", archive=path)
+    assert not data.is_prepared(tmp_path / "d")
+
+
+def test_an_archive_missing_batch_files_leaves_no_dataset(tmp_path):
+    src = write_cifar(tmp_path / "src", n_train=10, n_test=10)
+    (src / "cifar-10-batches-py" / "data_batch_5").unlink()
+    path, md5 = make_archive(src, tmp_path / "partial.tar.gz")
+    with pytest.raises(data.DataError, match="does not hold"):
+        data.prepare(tmp_path / "d", archive=path, md5=md5)
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+class Server:
+    """Serves one directory on 127.0.0.1; `lie_about_length` sends fewer bytes than it announces."""
+
+    def __init__(self, directory, lie_about_length=False):
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def copyfile(self, source, outputfile):
+                body = source.read()
+                outputfile.write(body[:len(body) // 2] if lie_about_length else body)
+
+        handler = functools.partial(Handler, directory=str(directory))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_download_from_a_url_then_verify_and_extract(tmp_path, archive):
+    path, md5 = archive
+    server = Server(path.parent)
+    try:
+        data.prepare(tmp_path / "d", url=server.url + path.name, md5=md5)
+    finally:
+        server.close()
+    assert data.is_prepared(tmp_path / "d")
+    assert not list((tmp_path / "d").glob("*.part"))
+
+
+def test_the_url_can_come_from_the_cifar_url_environment_variable(tmp_path, archive, monkeypatch):
+    path, md5 = archive
+    server = Server(path.parent)
+    monkeypatch.setenv("CIFAR_URL", server.url + path.name)
+    try:
+        data.prepare(tmp_path / "d", md5=md5)
+    finally:
+        server.close()
+    assert data.is_prepared(tmp_path / "d")
+
+
+def test_a_download_cut_off_halfway_leaves_nothing_that_looks_finished(tmp_path, archive):
+    path, md5 = archive
+    server = Server(path.parent, lie_about_length=True)
+    try:
+        with pytest.raises(data.DataError):
+            data.prepare(tmp_path / "d", url=server.url + path.name, md5=md5)
+    finally:
+        server.close()
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+def test_offline_gives_one_line_that_says_to_pass_archive_or_cifar_url(tmp_path):
+    proc = run("data.py", "--data-dir", tmp_path / "d", "--url", "http://127.0.0.1:9/cifar-10-python.tar.gz",
+               cwd=tmp_path, check=False)
+    line = one_line_error(proc)
+    assert "ARCHIVE=" in line and "CIFAR_URL=" in line
+
+
+def test_data_py_extracts_an_archive_and_writes_sample_pictures(tmp_path, archive):
+    path, md5 = archive
+    proc = run("data.py", "--data-dir", "d", "--archive", path, "--md5", md5, cwd=tmp_path)
+    assert "0_3.jpg" in proc.stdout
+    assert data.is_prepared(tmp_path / "d")
+    # the tiny archive's test split holds one picture per class
+    assert sorted(p.name for p in (tmp_path / "test").iterdir()) == [f"{c}_0.jpg" for c in range(10)]
+
+
+def test_samples_are_the_first_ten_test_pictures_of_each_class_named_label_index(tmp_path, cifar_dir):
+    from PIL import Image
+    images, labels, _ = data.load_split(cifar_dir, train=False)
+    data.write_samples(images, labels, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{c}_{k}.jpg" for c in range(10) for k in range(10))
+    fourth_airplane = int((labels == 0).nonzero()[3])
+    picture = np.asarray(Image.open(tmp_path / "0_3.jpg")).astype(int)
+    assert picture.shape == (32, 32, 3)
+    distances = [np.abs(picture - im.permute(1, 2, 0).numpy()).mean() for im in images]
+    assert int(np.argmin(distances)) == fourth_airplane  # JPEG is lossy, but this is the one
+
+
+def test_device_npu_without_torch_npu_is_a_one_line_error(tmp_path, cifar_dir):
+    pytest.importorskip("torch")
+    try:
+        import torch_npu  # noqa: F401
+        pytest.skip("torch_npu is installed here")
+    except ImportError:
+        pass
+    proc = run("train.py", "--device", "npu", "--data-dir", cifar_dir, cwd=tmp_path, check=False)
+    assert "torch_npu" in one_line_error(proc)
+
+
+def test_auto_device_falls_back_to_the_cpu_without_accelerators():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert data.pick_device("auto").type in ("cpu", "mps", "npu")

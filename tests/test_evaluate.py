@@ -1,0 +1,68 @@
+"""test.py: evaluating a checkpoint on the test split."""
+import re
+
+import torch
+
+import data
+import resnet
+from conftest import one_line_error, run
+
+
+def direct_accuracy(checkpoint, cifar_dir):
+    """Accuracy computed by hand: normalize with the checkpoint's numbers, forward, compare."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model = resnet.build_model(ckpt["arch"], ckpt["num_classes"])
+    model.load_state_dict(ckpt["model"])
+    images, labels, _ = data.load_split(cifar_dir, train=False)
+    mean = torch.tensor(ckpt["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(ckpt["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        predicted = model.eval()((images.float() / 255 - mean) / std).argmax(1)
+    return 100.0 * (predicted == labels).sum().item() / len(labels), predicted, labels
+
+
+def test_accuracy_equals_a_direct_computation(trained_run, cifar_dir):
+    run_dir, _ = trained_run
+    proc = run("test.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--device", "cpu",
+               cwd=run_dir)
+    reported = float(re.search(r"^accuracy (\S+)% \((\d+)/100\)", proc.stdout, re.M).group(1))
+    expected, _, _ = direct_accuracy(run_dir / "best.pth", cifar_dir)
+    assert reported == round(expected, 2)
+
+
+def test_per_class_accuracy_and_the_confusion_matrix_are_printed_with_class_names(trained_run, cifar_dir):
+    run_dir, _ = trained_run
+    proc = run("test.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--device", "cpu",
+               cwd=run_dir)
+    _, predicted, labels = direct_accuracy(run_dir / "best.pth", cifar_dir)
+    truck = ((predicted == 9) & (labels == 9)).sum().item()
+    assert re.search(rf"truck +\d+\.\d\d%  \({truck}/10\)", proc.stdout)
+    table = proc.stdout.split("confusion matrix")[1].splitlines()[1:12]
+    assert table[0].split() == ["airpl", "autom", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    rows = {ln.split()[0]: [int(v) for v in ln.split()[1:]] for ln in table[1:]}
+    assert sum(rows["airplane"]) == 10 and rows["truck"][9] == truck
+
+
+def test_the_run_remembers_its_data_folder(trained_run, cifar_dir):
+    run_dir, _ = trained_run  # trained with --data-dir pointing at the tiny set; no --data-dir here
+    proc = run("test.py", "--checkpoint", run_dir / "best.pth", "--device", "cpu", cwd=run_dir.parent.parent)
+    expected, _, _ = direct_accuracy(run_dir / "best.pth", cifar_dir)
+    assert f"accuracy {expected:.2f}% (" in proc.stdout
+
+
+def test_a_bare_state_dict_is_evaluated_when_the_model_is_named(trained_run, cifar_dir, tmp_path):
+    run_dir, _ = trained_run
+    ckpt = torch.load(run_dir / "best.pth", weights_only=True)
+    torch.save(ckpt["model"], tmp_path / "bare.pth")
+    proc = run("test.py", "--checkpoint", tmp_path / "bare.pth", "--model", "resnet18",
+               "--data-dir", cifar_dir, "--device", "cpu", cwd=tmp_path)
+    expected, _, _ = direct_accuracy(run_dir / "best.pth", cifar_dir)
+    assert f"accuracy {expected:.2f}%" in proc.stdout
+
+
+def test_no_checkpoint_or_a_file_that_is_not_one_is_a_one_line_error(tmp_path, cifar_dir):
+    proc = run("test.py", "--data-dir", cifar_dir, cwd=tmp_path, check=False)
+    assert "best.pth" in one_line_error(proc)
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    proc = run("test.py", "--checkpoint", tmp_path / "notes.pth", "--data-dir", cifar_dir, cwd=tmp_path, check=False)
+    assert "notes.pth" in one_line_error(proc)

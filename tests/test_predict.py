@@ -1,0 +1,138 @@
+"""predict.py: the class and confidence of the user's own pictures."""
+import json
+import os
+import re
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import predict
+import resnet
+from conftest import one_line_error, run
+
+LINE = r"{}: (\w+) \((\d+\.\d\d)% confidence\)"
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory, cifar_dir):
+    """One picture per kind a user might have, made from a tiny-set test image (a 'frog'-coloured one)."""
+    d = tmp_path_factory.mktemp("pictures")
+    images, labels, _ = data.load_split(cifar_dir, train=False)
+    rgb = Image.fromarray(images[0].permute(1, 2, 0).numpy())
+    rgb.save(d / "cifar.png")
+    rgb.save(d / "photo.jpg", quality=95)
+    rgb.convert("L").save(d / "gray.png")
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(200)
+    rgba.save(d / "rgba.png")
+    Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257)).save(d / "sixteen.png")
+    rgb.convert("CMYK").save(d / "cmyk.jpg")
+    rgb.convert("P").save(d / "palette.gif")
+    rgb.resize((3000, 2000)).save(d / "large.jpg")
+    (d / "notes.jpg").write_text("this is text, not a picture")
+    return d, images[0], int(labels[0])
+
+
+@pytest.fixture(scope="module")
+def workdir(trained_run):
+    run_dir, _ = trained_run
+    return run_dir.parent.parent  # holds runs/resnet18/best.pth, the default checkpoint
+
+
+def test_a_picture_gets_the_models_class_and_softmax_confidence(workdir, pictures):
+    d, image, _ = pictures
+    proc = run("predict.py", d / "cifar.png", cwd=workdir)
+    name, confidence = re.fullmatch(LINE.format(re.escape(str(d / "cifar.png"))), proc.stdout.strip()).groups()
+    model, ckpt = resnet.load_model(workdir / "runs" / "resnet18" / "best.pth")
+    with torch.no_grad():
+        probs = model(data.normalize(image[None], ckpt["mean"], ckpt["std"])).softmax(1)[0]
+    assert name == ckpt["classes"][int(probs.argmax())]
+    assert float(confidence) == pytest.approx(100 * probs.max().item(), abs=0.006)
+
+
+@pytest.mark.parametrize("name", ["photo.jpg", "gray.png", "rgba.png", "sixteen.png", "cmyk.jpg",
+                                  "palette.gif", "large.jpg"])
+def test_any_picture_pillow_reads_is_classified(workdir, pictures, name):
+    d, _, _ = pictures
+    proc = run("predict.py", d / name, cwd=workdir)
+    assert re.fullmatch(LINE.format(re.escape(str(d / name))), proc.stdout.strip())
+
+
+def test_pictures_become_rgb_at_the_training_size():
+    for mode in ("L", "RGBA", "P", "CMYK", "I;16", "I", "LA"):
+        im = Image.new(mode, (50, 20))
+        assert predict.to_rgb(im).mode == "RGB"
+    assert predict.to_rgb(Image.new("RGBA", (2, 2), (0, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_large_pictures_are_center_cropped_then_resized(tmp_path):
+    im = np.zeros((100, 300, 3), dtype=np.uint8)
+    im[:, 100:200] = 255  # the centre square is white, the sides black
+    Image.fromarray(im).save(tmp_path / "wide.png")
+    out = predict.load_picture(tmp_path / "wide.png", 32)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+    # all white, but for the resampling filter's reach just past the crop's edges
+    assert out[:, :, 1:-1].min() == 255 and out.min() > 200
+
+
+def test_a_bad_picture_gets_one_line_and_the_others_are_still_predicted(workdir, pictures):
+    d, _, _ = pictures
+    proc = run("predict.py", d / "cifar.png", d / "notes.jpg", d / "missing.png", d / "photo.jpg",
+               cwd=workdir, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    errors = proc.stderr.strip().splitlines()
+    assert len(errors) == 2 and "notes.jpg" in errors[0] and "missing.png" in errors[1]
+    assert [ln.split(":")[0] for ln in proc.stdout.splitlines()] == [str(d / "cifar.png"), str(d / "photo.jpg")]
+
+
+def test_a_folder_is_predicted_picture_by_picture(workdir, pictures):
+    d, _, _ = pictures
+    proc = run("predict.py", d, "--json", cwd=workdir, check=False)
+    results = json.loads(proc.stdout)["results"]
+    by_name = {os.path.basename(r["path"]): r for r in results}
+    assert set(by_name) == {"cifar.png", "photo.jpg", "gray.png", "rgba.png", "sixteen.png", "cmyk.jpg",
+                            "palette.gif", "large.jpg", "notes.jpg"}
+    assert "error" in by_name["notes.jpg"] and proc.returncode == 1
+    assert all(0 <= r["confidence"] <= 1 for n, r in by_name.items() if n != "notes.jpg")
+
+
+def test_topk_lists_the_k_most_likely_classes_in_order(workdir, pictures):
+    d, _, _ = pictures
+    proc = run("predict.py", d / "cifar.png", "--topk", "3", "--json", cwd=workdir)
+    top = json.loads(proc.stdout)["results"][0]["top"]
+    assert len(top) == 3 and top[0]["confidence"] >= top[1]["confidence"] >= top[2]["confidence"]
+    assert len({t["class"] for t in top}) == 3
+    text = run("predict.py", d / "cifar.png", "--topk", "3", cwd=workdir).stdout.splitlines()
+    assert len(text) == 3 and text[1].strip().startswith("2. ") and text[2].strip().startswith("3. ")
+
+
+def test_the_default_checkpoint_is_the_newest_runs_best(tmp_path, trained_run):
+    run_dir, _ = trained_run
+    for name, age in (("old", 100), ("new", 0)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        target = tmp_path / "runs" / name / "best.pth"
+        target.write_bytes((run_dir / "best.pth").read_bytes())
+        os.utime(target, (time.time() - age, time.time() - age))
+    assert predict.latest_checkpoint(tmp_path / "runs") == tmp_path / "runs" / "new" / "best.pth"
+
+
+def test_no_checkpoint_yet_says_to_train_first(tmp_path, pictures):
+    d, _, _ = pictures
+    line = one_line_error(run("predict.py", d / "cifar.png", cwd=tmp_path, check=False))
+    assert "make train" in line and "--checkpoint" in line
+
+
+def test_a_bare_state_dict_works_with_model_and_is_refused_without(workdir, pictures, tmp_path):
+    d, _, _ = pictures
+    ckpt = torch.load(workdir / "runs" / "resnet18" / "best.pth", weights_only=True)
+    torch.save(ckpt["model"], tmp_path / "bare.pth")
+    named = run("predict.py", d / "cifar.png", "--checkpoint", tmp_path / "bare.pth", "--model", "resnet18",
+                cwd=workdir)
+    assert re.fullmatch(LINE.format(re.escape(str(d / "cifar.png"))), named.stdout.strip())
+    line = one_line_error(run("predict.py", d / "cifar.png", "--checkpoint", tmp_path / "bare.pth",
+                              cwd=workdir, check=False))
+    assert "--model" in line

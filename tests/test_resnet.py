@@ -1,0 +1,88 @@
+"""resnet.py: the networks, their sizes, and checkpoints turned back into models."""
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resnet
+from tutorial_resnet import ResNet50 as TutorialResNet50
+
+
+@pytest.mark.parametrize("arch", list(resnet.MODELS))
+def test_every_architecture_maps_a_cifar_batch_to_one_logit_per_class(arch):
+    model = resnet.build_model(arch, num_classes=10).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_parameter_counts_match_the_tutorials():
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(resnet.ResNet18()) == 11_173_962
+    assert count(resnet.ResNet50()) == 23_520_842
+
+
+def test_num_classes_sets_the_final_layer():
+    assert resnet.build_model("resnet18", num_classes=100).linear.out_features == 100
+
+
+def test_pooling_equals_the_tutorials_avg_pool_at_32x32_and_works_at_other_sizes():
+    model = resnet.ResNet18().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model.layer4(model.layer3(model.layer2(model.layer1(F.relu(model.bn1(model.conv1(x)))))))
+        tutorial = model.linear(F.avg_pool2d(features, 4).view(2, -1))
+        torch.testing.assert_close(model(x), tutorial)
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+        assert model(torch.randn(2, 3, 24, 24)).shape == (2, 10)
+
+
+def test_unknown_architecture_is_refused_by_name():
+    with pytest.raises(ValueError, match="resnet18"):
+        resnet.build_model("resnet19")
+
+
+def test_a_state_dict_saved_by_the_resnet50_tutorial_loads_as_is():
+    tutorial = TutorialResNet50()
+    model = resnet.model_from_checkpoint(tutorial.state_dict(), arch="resnet50")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), tutorial.eval()(x))
+
+
+def test_prefixes_of_dataparallel_and_compile_are_removed():
+    state = {"module._orig_mod.linear.weight": torch.zeros(1), "linear.bias": torch.zeros(1)}
+    assert set(resnet.clean_state_dict(state)) == {"linear.weight", "linear.bias"}
+
+
+def test_a_bare_state_dict_needs_the_model_named():
+    with pytest.raises(resnet.CheckpointError, match="--model"):
+        resnet.model_from_checkpoint(resnet.ResNet18().state_dict())
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_in_one_line():
+    ckpt = {"arch": "resnet50", "model": resnet.ResNet18().state_dict()}
+    with pytest.raises(resnet.CheckpointError, match="does not fit resnet50") as e:
+        resnet.model_from_checkpoint(ckpt)
+    assert "\n" not in str(e.value)
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"arch": "resnet18", "model": {}, "payload": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(resnet.CheckpointError, match="evil.pth"):
+        resnet.load_checkpoint(tmp_path / "evil.pth")
+    assert not marker.exists()
+
+
+def test_resnet_py_imports_only_torch():
+    tree = ast.parse((Path(resnet.__file__)).read_text())
+    modules = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    modules |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert modules == {"torch"}

@@ -1,0 +1,116 @@
+"""train.py: what a run writes, how it resumes, and that it learns."""
+import re
+
+import pytest
+import torch
+
+import resnet
+import train
+from conftest import QUICK, one_line_error, run, write_cifar
+
+
+def test_each_epoch_writes_the_tutorial_logs_in_their_formats(trained_run):
+    run_dir, _ = trained_run
+    log = (run_dir / "log.txt").read_text().splitlines()
+    # 64 images in steps of 32 with a line every step: iterations 1..4 over two epochs
+    assert [ln[:9] for ln in log] == ["001 00001", "001 00002", "002 00003", "002 00004"]
+    assert all(re.fullmatch(r"\d{3} \d{5} \| Loss: \d+\.\d{3} \| Acc: \d+\.\d{3}%", ln) for ln in log)
+    acc = (run_dir / "acc.txt").read_text().splitlines()
+    assert len(acc) == 2 and all(re.fullmatch(r"EPOCH=00[12], Accuracy= +\d+\.\d{3}%", ln) for ln in acc)
+    best = (run_dir / "best_acc.txt").read_text().strip()
+    assert re.fullmatch(r"EPOCH=[12], best_acc=\d+\.\d{3}%", best)
+    best_epoch, best_value = re.match(r"EPOCH=(\d+), best_acc=(\S+)%", best).groups()
+    assert max(float(ln.split("= ")[1].rstrip("%")) for ln in acc) == float(best_value)
+
+
+def test_each_epoch_writes_a_checkpoint_plus_best_and_last(trained_run):
+    run_dir, _ = trained_run
+    assert {p.name for p in run_dir.glob("*.pth")} == {"net_001.pth", "net_002.pth", "best.pth", "last.pth"}
+    assert not list(run_dir.glob("*.tmp"))
+
+
+def test_a_checkpoint_describes_itself_and_loads_with_weights_only(trained_run):
+    run_dir, _ = trained_run
+    ckpt = torch.load(run_dir / "net_002.pth", map_location="cpu", weights_only=True)
+    assert ckpt["arch"] == "resnet18" and ckpt["num_classes"] == 10 and ckpt["epoch"] == 2
+    assert ckpt["classes"][0] == "airplane" and ckpt["image_size"] == 32
+    assert ckpt["mean"] == [0.4914, 0.4822, 0.4465] and ckpt["std"] == [0.2470, 0.2435, 0.2616]
+    assert 0 <= ckpt["accuracy"] <= 100 and ckpt["args"]["batch_size"] == 32
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    assert "optimizer" not in ckpt
+    last = torch.load(run_dir / "last.pth", map_location="cpu", weights_only=True)
+    assert {"optimizer", "scheduler", "best_accuracy", "best_epoch", "rng_cpu", "args"} <= set(last)
+    model, _ = resnet.load_model(run_dir / "net_002.pth")
+    assert model.linear.out_features == 10
+
+
+def test_progress_without_a_terminal_is_plain_lines_and_the_last_line_sums_up(trained_run):
+    _, proc = trained_run
+    assert "\r" not in proc.stdout
+    assert re.search(r"epoch 1/2 step 2/2 loss \S+ acc \S+% lr \S+ img_s \d+", proc.stdout)
+    assert re.search(r"epoch +2/2 \| train loss .* \| test loss .* acc .*% \|", proc.stdout)
+    assert re.fullmatch(r"best accuracy \d+\.\d\d% at epoch [12], total time \d+\.\ds .*",
+                        proc.stdout.strip().splitlines()[-1])
+
+
+def test_the_schedule_warms_up_then_decays_to_zero_over_exactly_the_requested_steps():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.4)
+    sched = train.make_schedule(opt, total_steps=100, warmup=0.15)
+    lrs = []
+    for _ in range(100):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.4 / 15) and max(lrs) == pytest.approx(0.4)
+    assert lrs.index(max(lrs)) == 14 and lrs[-1] > 0
+    assert sched.get_last_lr()[0] == 0.0  # after the last step of the last epoch
+
+
+def test_a_stopped_and_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_path, cifar_dir):
+    common = ["--data-dir", cifar_dir, "--epochs", "3", "--log-every", "1", *QUICK]
+    run("train.py", *common, "--out-dir", "whole", cwd=tmp_path)
+    stopped = run("train.py", *common, "--out-dir", "parts", "--stop-after", "1", cwd=tmp_path)
+    assert "--resume" in stopped.stdout
+    # As if killed during epoch 2: lines of an unfinished epoch are in the logs.
+    with open(tmp_path / "parts" / "log.txt", "a") as f:
+        f.write("002 00003 | Loss: 9.999 | Acc: 0.000%\n")
+    with open(tmp_path / "parts" / "acc.txt", "a") as f:
+        f.write("EPOCH=002, Accuracy= 0.000%\n")
+    run("train.py", "--resume", tmp_path / "parts" / "last.pth", "--data-dir", cifar_dir, "--device", "cpu",
+        "--log-every", "1", cwd=tmp_path)
+
+    whole = torch.load(tmp_path / "whole" / "last.pth", weights_only=True)
+    parts = torch.load(tmp_path / "parts" / "last.pth", weights_only=True)
+    for key, value in whole["model"].items():
+        assert torch.equal(value, parts["model"][key]), key
+    assert whole["accuracy"] == parts["accuracy"]
+    # every line once, the interrupted epoch's leftovers gone
+    for name in ("log.txt", "acc.txt", "best_acc.txt"):
+        assert (tmp_path / "whole" / name).read_text() == (tmp_path / "parts" / name).read_text()
+
+
+def test_training_learns_a_separable_set_far_beyond_chance(tmp_path):
+    root = write_cifar(tmp_path / "easy", n_train=256, n_test=100, seed=3)
+    proc = run("train.py", "--data-dir", root, "--epochs", "3", "--batch-size", "32", "--lr", "0.01",
+               "--device", "cpu", cwd=tmp_path)
+    final = float((tmp_path / "runs" / "resnet18" / "acc.txt").read_text().splitlines()[-1].split("= ")[1][:-1])
+    assert final > 90.0, proc.stdout
+
+
+def test_a_new_run_never_overwrites_a_finished_one(trained_run, cifar_dir):
+    run_dir, _ = trained_run
+    before = (run_dir / "acc.txt").read_text()
+    proc = run("train.py", "--data-dir", cifar_dir, *QUICK, cwd=run_dir.parent.parent, check=False)
+    assert "--resume" in one_line_error(proc)
+    assert (run_dir / "acc.txt").read_text() == before
+
+
+def test_resuming_a_finished_run_has_nothing_to_do(trained_run, cifar_dir):
+    run_dir, _ = trained_run
+    proc = run("train.py", "--resume", "--data-dir", cifar_dir, "--device", "cpu", cwd=run_dir.parent.parent)
+    assert "nothing to do" in proc.stdout
+
+
+def test_missing_data_is_a_one_line_error_that_says_make_data(tmp_path):
+    proc = run("train.py", "--data-dir", tmp_path / "nothing", "--device", "cpu", cwd=tmp_path, check=False)
+    assert "make data" in one_line_error(proc)
