@@ -37,6 +37,9 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck"]
 
 
+DEVICES = ["auto", "npu", "cuda", "mps", "cpu"]
+
+
 class DataError(Exception):
     """Data that cannot be used; the message is one line for the user."""
 

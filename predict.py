@@ -32,7 +32,7 @@ def get_args_parser():
     p.add_argument("--topk", type=int, default=1, help="show the K most likely classes")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     # One picture is answered fastest on the CPU: starting a GPU or NPU costs seconds.
-    p.add_argument("--device", default="cpu", choices=["auto", "npu", "cuda", "mps", "cpu"], help="where to run")
+    p.add_argument("--device", default="cpu", choices=data.DEVICES, help="where to run")
     p.add_argument("--batch-size", type=int, default=256, help="pictures per forward pass")
     return p
 

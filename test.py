@@ -21,7 +21,7 @@ def get_args_parser():
     p.add_argument("--model", default=None, choices=list(resnet.MODELS),
                    help="network of a bare state dict (checkpoints of train.py say it themselves)")
     p.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/ (default: the run's)")
-    p.add_argument("--device", default="auto", choices=["auto", "npu", "cuda", "mps", "cpu"], help="where to run")
+    p.add_argument("--device", default="auto", choices=data.DEVICES, help="where to run")
     p.add_argument("--subset", type=int, default=None, help="use only the first N test images")
     p.add_argument("--batch-size", type=int, default=1000, help="images per step")
     return p

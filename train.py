@@ -44,7 +44,7 @@ def get_args_parser():
     p.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum of SGD")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty; the classic CIFAR ResNet value")
     p.add_argument("--label-smoothing", type=float, default=0.1, help="softens targets; regularizes short schedules")
-    p.add_argument("--device", default="auto", choices=["auto", "npu", "cuda", "mps", "cpu"],
+    p.add_argument("--device", default="auto", choices=data.DEVICES,
                    help="auto: npu if torch_npu finds one, else cuda, else mps, else cpu")
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/")
     p.add_argument("--out-dir", default=None, help="run directory (default: runs/<model>)")
