@@ -15,6 +15,7 @@ RUN_DIR  ?= runs/$(MODEL)
 IMG      ?= test/0_3.jpg
 ARCHIVE  ?=
 MD5      ?=
+NPROC    ?=
 ARGS     ?=
 
 # Python environment: the active virtualenv or conda env if there is one,
@@ -35,6 +36,8 @@ STAMP := .make/$(subst /,_,$(abspath $(ENV)))
 # Passed to scripts only when set, so each script's own default applies otherwise.
 TRAIN_FLAGS := --model $(MODEL) --device $(DEVICE) --data-dir $(DATA_DIR) --out-dir $(RUN_DIR) \
 	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH),--batch-size $(BATCH))
+# NPROC=N: N processes on this machine under torchrun (DDP), one device each.
+LAUNCH := $(if $(NPROC),$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC),$(PYTHON))
 # test.py evaluates on the data the run trained on unless DATA_DIR is given here.
 EVAL_FLAGS := --checkpoint $(RUN_DIR)/best.pth --device $(DEVICE) \
 	$(if $(filter command line environment,$(origin DATA_DIR)),--data-dir $(DATA_DIR))
@@ -50,7 +53,8 @@ help: ## list the targets and the variables they take
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-12s %s\n", $$1, $$2}'
 	@echo
 	@echo "variables: DEVICE=$(DEVICE) (auto|npu|cuda|mps|cpu)  MODEL=$(MODEL)  EPOCHS=$(EPOCHS)  BATCH=$(BATCH)"
-	@echo "           DATA_DIR=$(DATA_DIR)  RUN_DIR=$(RUN_DIR)  IMG=$(IMG)  ARCHIVE=$(ARCHIVE)  MD5=$(MD5)  ARGS=\"$(ARGS)\""
+	@echo "           NPROC=$(NPROC)  DATA_DIR=$(DATA_DIR)  RUN_DIR=$(RUN_DIR)  IMG=$(IMG)  ARCHIVE=$(ARCHIVE)  MD5=$(MD5)"
+	@echo "           ARGS=\"$(ARGS)\" (extra flags for the script)"
 
 $(ENV)/bin/python:
 	python3 -m venv $(ENV)
@@ -70,8 +74,8 @@ install-dev: $(STAMP).dev ## install, plus what the tests need
 data: install ## fetch and verify CIFAR-10 into DATA_DIR (offline: ARCHIVE=path, MD5=); samples in test/
 	$(PYTHON) data.py --data-dir $(DATA_DIR) $(if $(ARCHIVE),--archive $(ARCHIVE)) $(if $(MD5),--md5 $(MD5))
 
-train: install data ## train MODEL on DEVICE into RUN_DIR (EPOCHS, BATCH; ARGS="--resume" continues)
-	$(PYTHON) train.py $(TRAIN_FLAGS) $(ARGS)
+train: install data ## train MODEL on DEVICE into RUN_DIR (EPOCHS, BATCH, NPROC; ARGS="--resume" continues)
+	$(LAUNCH) train.py $(TRAIN_FLAGS) $(ARGS)
 
 eval: install ## evaluate RUN_DIR/best.pth on the test split: accuracy, per class, confusion matrix
 	$(PYTHON) test.py $(EVAL_FLAGS) $(ARGS)

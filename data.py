@@ -299,7 +299,8 @@ class CifarLoader:
     """
 
     def __init__(self, images, labels, batch_size, mean, std, train, device,
-                 seed=0, rank=0, world_size=1, pad=4):
+                 seed=0, rank=0, world_size=1, pad=4, memory_format=torch.contiguous_format):
+        self.memory_format = memory_format
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size, self.train, self.pad = batch_size, train, pad
@@ -326,7 +327,7 @@ class CifarLoader:
             share = self._eval_share()
             for i in range(share.start, share.stop, self.batch_size):
                 j = min(i + self.batch_size, share.stop)
-                yield normalize(self.images[i:j], self.mean, self.std), self.labels[i:j]
+                yield self._finish(self.images[i:j]), self.labels[i:j]
             return
         n = len(self.labels)
         g = torch.Generator().manual_seed((self.seed << 20) + self.epoch)
@@ -344,7 +345,10 @@ class CifarLoader:
             idx_d = idx.to(device, non_blocking=True)
             x = random_crop(self.images[idx_d], dy[idx].to(device), dx[idx].to(device), self.pad)
             x = flip(x, mirror[idx].to(device))
-            yield normalize(x, self.mean, self.std), self.labels[idx_d]
+            yield self._finish(x), self.labels[idx_d]
+
+    def _finish(self, images):
+        return normalize(images, self.mean, self.std).contiguous(memory_format=self.memory_format)
 
 
 # ---------------------------------------------------------------------------

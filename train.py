@@ -4,6 +4,7 @@
     python train.py --model resnet50 --device npu --epochs 60
     python train.py --resume                             # continue runs/resnet18/last.pth
     python train.py --subset 2000 --epochs 1 --device cpu   # a quick look
+    torchrun --standalone --nproc_per_node=8 train.py --device npu   # 8 NPUs/GPUs, one process each
 
 Into --out-dir (default runs/<model>) it writes, every epoch:
     log.txt       every --log-every steps: `001 00100 | Loss: 1.234 | Acc: 56.789%`
@@ -11,14 +12,21 @@ Into --out-dir (default runs/<model>) it writes, every epoch:
     best_acc.txt  rewritten when the best improves: `EPOCH=12, best_acc=93.210%`
     net_001.pth   weights and metadata; best.pth the best of them;
     last.pth      the full training state, for --resume
+
+Under torchrun every process trains on its share of each global batch
+(DistributedDataParallel); process 0 alone prints and writes files.
 """
 import argparse
+import datetime
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 import data
@@ -27,7 +35,10 @@ import resnet
 # Settings that define a run. --resume continues with the checkpoint's values
 # of these, whatever the command line says, so the schedule stays the same.
 RECIPE = ("model", "epochs", "batch_size", "lr", "warmup", "momentum", "weight_decay",
-          "label_smoothing", "seed", "subset")
+          "label_smoothing", "seed", "subset", "sync_bn")
+# A collective that waits longer than this means a peer process is gone: fail
+# instead of hanging. Generous, because process 0 writes checkpoints meanwhile.
+DIST_TIMEOUT = datetime.timedelta(minutes=10)
 
 
 def get_args_parser():
@@ -36,7 +47,7 @@ def get_args_parser():
     p.add_argument("--model", default="resnet18", choices=list(resnet.MODELS), help="network")
     p.add_argument("--epochs", type=int, default=30, help="passes over the training set; the schedule spans exactly these")
     p.add_argument("--batch-size", type=int, default=512,
-                   help="images per step (global, over all processes); large batches keep GPUs/NPUs busy")
+                   help="images per step, global: split between the processes of a torchrun job")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: 0.1 x batch-size/128, the linear scaling rule; 0.4 at 512)")
     p.add_argument("--warmup", type=float, default=0.15,
@@ -46,6 +57,15 @@ def get_args_parser():
     p.add_argument("--label-smoothing", type=float, default=0.1, help="softens targets; regularizes short schedules")
     p.add_argument("--device", default="auto", choices=data.DEVICES,
                    help="auto: npu if torch_npu finds one, else cuda, else mps, else cpu")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="mixed precision; auto: bf16 on CUDA GPUs and NPUs that have it, fp16 on older ones, "
+                        "off on CPU and MPS")
+    p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
+                   help="NHWC memory layout; auto: on for CUDA and CPU (faster convolutions), off for NPU and MPS")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (for CUDA); the one-off compile time is reported apart")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun, BatchNorm statistics over the global batch instead of each process's share")
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/")
     p.add_argument("--out-dir", default=None, help="run directory (default: runs/<model>)")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
@@ -112,6 +132,81 @@ def acc_epoch(line):      # `EPOCH=001, Accuracy= ...`
 
 
 # ---------------------------------------------------------------------------
+# Device, precision, processes
+
+def resolve_amp(choice, device):
+    """The autocast dtype for --amp on this device, or None for full fp32."""
+    if choice == "off" or (choice == "auto" and device.type not in ("cuda", "npu")):
+        return None
+    if choice == "fp16":
+        return torch.float16
+    if choice == "bf16":
+        return torch.bfloat16
+    # auto on a GPU or NPU: bf16 needs no loss scaling; chips without it get fp16 plus a GradScaler.
+    return torch.bfloat16 if getattr(torch, device.type).is_bf16_supported() else torch.float16
+
+
+def use_channels_last(choice, device):
+    # torch_npu keeps its own internal layouts and MPS gains nothing: NHWC only where it pays.
+    return choice == "on" or (choice == "auto" and device.type in ("cuda", "cpu"))
+
+
+def synchronize(device):
+    if device.type in ("cuda", "npu", "mps"):
+        getattr(torch, device.type).synchronize()
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics cover the global batch of all processes.
+
+    nn.SyncBatchNorm does the same on GPUs and NPUs but refuses CPU tensors; this
+    one works with any backend (gloo included). Same parameters and buffers as
+    BatchNorm2d, so checkpoints do not change.
+    """
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce  # sums, and sums gradients back
+        c = x.shape[1]
+        count = torch.full((1,), x.numel() / c, dtype=x.dtype, device=x.device)
+        sums = all_reduce(torch.cat([x.sum((0, 2, 3)), count]))
+        n = sums[-1]
+        mean = sums[:c] / n
+        # Two passes (mean first, then squared deviations) as BatchNorm itself does:
+        # E[x^2] - E[x]^2 loses digits in fp32 and drifts away from a single process.
+        var = all_reduce((x - mean.view(1, c, 1, 1)).square().sum((0, 2, 3))) / n
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return x * scale.view(1, c, 1, 1) + (self.bias - mean * scale).view(1, c, 1, 1)
+
+
+def convert_sync_bn(module, device):
+    if device.type in ("cuda", "npu"):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    # Deprecated in favour of a private successor, yet still the public autograd-aware all_reduce.
+    warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_reduce", FutureWarning)
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            new = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum).to(child.weight.device)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
+        else:
+            convert_sync_bn(child, device)
+    return module
+
+
+def all_sum(tensor):
+    """Sum over all processes (identity in a single process)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+# ---------------------------------------------------------------------------
 # Training
 
 def make_schedule(optimizer, total_steps, warmup):
@@ -128,13 +223,14 @@ def make_schedule(optimizer, total_steps, warmup):
 
 
 class Progress:
-    """A tqdm bar on a terminal; plain lines every --log-every steps otherwise (CI, log files)."""
+    """A tqdm bar on a terminal; plain lines every --log-every steps otherwise (CI, log files).
+    Silent in every process of a torchrun job but the first."""
 
-    def __init__(self, total, desc):
+    def __init__(self, total, desc, enabled=True):
         from tqdm import tqdm
-        self.tty = sys.stdout.isatty()
-        self.bar = tqdm(total=total, desc=desc, file=sys.stdout, leave=False, disable=not self.tty,
-                        dynamic_ncols=True)
+        self.tty, self.enabled = sys.stdout.isatty(), enabled
+        self.bar = tqdm(total=total, desc=desc, file=sys.stdout, leave=False,
+                        disable=not (self.tty and enabled), dynamic_ncols=True)
         self.desc, self.done, self.total = desc, 0, total
 
     def update(self, done, **stats):
@@ -143,40 +239,66 @@ class Progress:
         text = " ".join(f"{k} {v}" for k, v in stats.items())
         if self.tty:
             self.bar.set_postfix_str(text)
-        else:
+        elif self.enabled:
             print(f"{self.desc} step {done}/{self.total} {text}", flush=True)
 
     def close(self):
         self.bar.close()
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, epoch, args, log_path):
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, epoch, args, log_path, master):
+    """One pass over the training set. Returns loss, accuracy, images, seconds, and the
+    seconds of the first step (which holds torch.compile's one-off compilation)."""
+    device = loader.images.device
     model.train()
-    loss_sum = torch.zeros((), device=loader.images.device)
-    correct = torch.zeros((), dtype=torch.int64, device=loader.images.device)
-    seen, steps, start = 0, len(loader), time.perf_counter()
-    progress = Progress(steps, f"epoch {epoch}/{args.epochs}")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    global_batch = min(args.batch_size, len(loader.labels))
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
+    steps, start, first_step = len(loader), time.perf_counter(), 0.0
+    progress = Progress(steps, f"epoch {epoch}/{args.epochs}", enabled=master)
     for step, (images, labels) in enumerate(loader):
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images)
+        loss_sum = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing, reduction="sum")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        # DDP averages gradients over processes; scaling by world/global batch makes
+        # that the mean over the global batch, even when shares differ by an image.
+        scaler.scale(loss_sum * (world / global_batch)).backward()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         # Accumulated on the device: reading a value (.item()) waits for the
         # device, so that happens only every --log-every steps.
-        loss_sum += loss.detach() * len(labels)
-        correct += (logits.argmax(1) == labels).sum()
-        seen += len(labels)
+        totals += torch.stack([loss_sum.detach().double(), (logits.argmax(1) == labels).sum().double(),
+                               torch.tensor(len(labels), dtype=torch.float64, device=device)])
+        if step == 0:
+            synchronize(device)
+            first_step = time.perf_counter() - start
         if (step + 1) % args.log_every == 0 or step + 1 == steps:
-            avg_loss, acc = loss_sum.item() / seen, 100.0 * correct.item() / seen
-            iteration = (epoch - 1) * steps + step + 1
-            append_line(log_path, f"{epoch:03d} {iteration:05d} | Loss: {avg_loss:.3f} | Acc: {acc:.3f}%")
+            loss_total, correct, seen = all_sum(totals.clone()).tolist()
+            avg_loss, acc = loss_total / seen, 100.0 * correct / seen
+            if master:
+                iteration = (epoch - 1) * steps + step + 1
+                append_line(log_path, f"{epoch:03d} {iteration:05d} | Loss: {avg_loss:.3f} | Acc: {acc:.3f}%")
             rate = seen / (time.perf_counter() - start)
-            progress.update(step + 1, loss=f"{avg_loss:.3f}",
-                            acc=f"{acc:.2f}%", lr=f"{scheduler.get_last_lr()[0]:.4f}", img_s=f"{rate:.0f}")
+            progress.update(step + 1, loss=f"{avg_loss:.3f}", acc=f"{acc:.2f}%",
+                            lr=f"{scheduler.get_last_lr()[0]:.4f}", img_s=f"{rate:.0f}")
     progress.close()
-    return loss_sum.item() / seen, 100.0 * correct.item() / seen, seen
+    synchronize(device)
+    return avg_loss, acc, int(seen), time.perf_counter() - start, first_step
+
+
+def evaluate(model, loader, num_classes, amp_dtype):
+    """Test loss and accuracy over the whole test split; each process scores its
+    share, the sums are added up, and every process gets the same answer."""
+    device = loader.images.device
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss, confusion = resnet.evaluate(model, loader, num_classes)
+    totals = torch.cat([confusion.flatten().double(), torch.tensor([loss * confusion.sum().item()],
+                                                                    dtype=torch.float64)]).to(device)
+    totals = all_sum(totals).cpu()
+    confusion = totals[:-1].view(num_classes, num_classes)
+    return totals[-1].item() / confusion.sum().item(), 100.0 * confusion.diag().sum().item() / confusion.sum().item()
 
 
 def checkpoint_dict(model, classes, epoch, accuracy, args):
@@ -194,7 +316,7 @@ def checkpoint_dict(model, classes, epoch, accuracy, args):
     }
 
 
-def restore(args, out_dir):
+def restore(args, out_dir, master):
     """Read the state to resume from; the run's recipe replaces the command line's."""
     path = Path(args.resume) if args.resume else out_dir / "last.pth"
     state = resnet.load_checkpoint(path)
@@ -202,100 +324,147 @@ def restore(args, out_dir):
         raise resnet.CheckpointError(f"{path}: holds weights only; --resume needs a last.pth")
     defaults = get_args_parser().parse_args([])
     for key in RECIPE:
-        saved, given = state["args"].get(key), getattr(args, key)
-        if given != saved and given != getattr(defaults, key):
+        saved, given = state["args"].get(key, getattr(defaults, key)), getattr(args, key)
+        if given != saved and given != getattr(defaults, key) and master:
             print(f"note: ignoring --{key.replace('_', '-')} {given}; the run keeps its own ({saved})")
         setattr(args, key, saved)
-    print(f"resuming {path} after epoch {state['epoch']} of {args.epochs}")
+    if master:
+        print(f"resuming {path} after epoch {state['epoch']} of {args.epochs}")
     return state
 
 
 def main(args):
+    # torchrun sets these; a plain `python train.py` is process 0 of 1.
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank, master = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("RANK", 0)) == 0
+    device = data.pick_device(args.device, local_rank)
+    if world > 1:
+        backend = {"npu": "hccl", "cuda": "nccl"}.get(device.type, "gloo")
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=DIST_TIMEOUT)
+    try:
+        return train(args, device, master)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args, device, master):
     # A run lives in one folder: --resume PATH continues in PATH's folder.
     out_dir = Path(args.out_dir or (Path(args.resume).parent if args.resume else f"runs/{args.model}"))
     state = None
     if args.resume is not None:
-        state = restore(args, out_dir)
+        state = restore(args, out_dir, master)
     elif (out_dir / "last.pth").exists():
         raise resnet.CheckpointError(f"{out_dir} already holds a run: continue it with --resume, "
                                      "or choose another --out-dir (RUN_DIR=)")
     if args.lr is None:
         args.lr = 0.1 * args.batch_size / 128
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = data.pick_device(args.device)
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
+    amp_dtype = resolve_amp(args.amp, device)
+    memory_format = torch.channels_last if use_channels_last(args.channels_last, device) else torch.contiguous_format
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
     t0 = time.perf_counter()
     train_x, train_y, classes = data.load_split(args.data_dir, train=True, subset=args.subset)
     test_x, test_y, _ = data.load_split(args.data_dir, train=False, subset=args.subset)
     mean, std = data.CIFAR10_MEAN, data.CIFAR10_STD
-    train_loader = data.CifarLoader(train_x, train_y, args.batch_size, mean, std, train=True,
-                                    device=device, seed=args.seed)
-    test_loader = data.CifarLoader(test_x, test_y, args.eval_batch_size, mean, std, train=False, device=device)
+    train_loader = data.CifarLoader(train_x, train_y, args.batch_size, mean, std, train=True, device=device,
+                                    seed=args.seed, rank=rank, world_size=world, memory_format=memory_format)
+    test_loader = data.CifarLoader(test_x, test_y, args.eval_batch_size, mean, std, train=False, device=device,
+                                   rank=rank, world_size=world, memory_format=memory_format)
     load_seconds = time.perf_counter() - t0
 
-    model = resnet.build_model(args.model, len(classes)).to(device)
+    model = resnet.build_model(args.model, len(classes)).to(device, memory_format=memory_format)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    if world > 1 and args.sync_bn:
+        model = convert_sync_bn(model, device)
+    # `model` stays the plain network: evaluated and saved as is (no `module.` or
+    # `_orig_mod.` prefixes). `net` is what trains: compiled and/or DDP-wrapped.
+    net = torch.compile(model) if args.compile else model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.index is not None else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 nesterov=args.momentum > 0, weight_decay=args.weight_decay)
     scheduler = make_schedule(optimizer, args.epochs * len(train_loader), args.warmup)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_epoch, best_acc, best_epoch = 1, 0.0, 0
     if state is not None:
-        model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
         start_epoch, best_acc, best_epoch = state["epoch"] + 1, state["best_accuracy"], state["best_epoch"]
-        drop_epochs_after(out_dir / "log.txt", state["epoch"], log_epoch)
-        drop_epochs_after(out_dir / "acc.txt", state["epoch"], acc_epoch)
-        if best_epoch:
-            save_atomic(f"EPOCH={best_epoch}, best_acc={best_acc:.3f}%\n", out_dir / "best_acc.txt")
+        if master:
+            drop_epochs_after(out_dir / "log.txt", state["epoch"], log_epoch)
+            drop_epochs_after(out_dir / "acc.txt", state["epoch"], acc_epoch)
+            if best_epoch:
+                save_atomic(f"EPOCH={best_epoch}, best_acc={best_acc:.3f}%\n", out_dir / "best_acc.txt")
     if start_epoch > args.epochs:
-        print(f"nothing to do: the run already finished its {args.epochs} epochs "
-              f"(best {best_acc:.2f}% at epoch {best_epoch})")
+        if master:
+            print(f"nothing to do: the run already finished its {args.epochs} epochs "
+                  f"(best {best_acc:.2f}% at epoch {best_epoch})")
         return best_acc
 
-    print(f"{args.model} on {device}: {len(train_y)} training / {len(test_y)} test images, "
-          f"{len(train_loader)} steps of {min(args.batch_size, len(train_y))} per epoch, "
-          f"data loaded in {load_seconds:.1f}s; writing to {out_dir}")
+    if master:
+        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+        print(f"{args.model} on {device}{f' x {world} processes' if world > 1 else ''}, {precision}"
+              f"{', channels_last' if memory_format == torch.channels_last else ''}"
+              f"{', compiled' if args.compile else ''}: {len(train_y)} training / {len(test_y)} test images, "
+              f"{len(train_loader)} steps of {min(args.batch_size, len(train_y))} per epoch, "
+              f"data loaded in {load_seconds:.1f}s; writing to {out_dir}")
     train_seconds = eval_seconds = 0.0
     last_epoch = min(args.epochs, args.stop_after or args.epochs)
     for epoch in range(start_epoch, last_epoch + 1):
         train_loader.set_epoch(epoch)
-        t = time.perf_counter()
-        train_loss, train_acc, seen = train_one_epoch(model, train_loader, optimizer, scheduler,
-                                                      epoch, args, out_dir / "log.txt")
-        epoch_seconds = time.perf_counter() - t
-        t = time.perf_counter()
-        test_loss, confusion = resnet.evaluate(model, test_loader, len(classes))
-        acc = 100.0 * confusion.diag().sum().item() / confusion.sum().item()
-        eval_seconds += time.perf_counter() - t
+        train_loss, train_acc, seen, epoch_seconds, first_step = train_one_epoch(
+            net, train_loader, optimizer, scheduler, scaler, amp_dtype, epoch, args, out_dir / "log.txt", master)
         train_seconds += epoch_seconds
+        t = time.perf_counter()
+        if world > 1:  # every process evaluates, and saves, the weights process 0 has
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
+        test_loss, acc = evaluate(model, test_loader, len(classes), amp_dtype)
+        eval_seconds += time.perf_counter() - t
+        is_best = acc > best_acc
+        if is_best:
+            best_acc, best_epoch = acc, epoch
+        if not master:
+            continue
 
         # Write order matters for --resume after a crash: everything of this
         # epoch first, last.pth (the commit point) at the end.
         ckpt = checkpoint_dict(model, classes, epoch, acc, args)
         save_atomic(ckpt, out_dir / f"net_{epoch:03d}.pth")
-        is_best = acc > best_acc
         if is_best:
-            best_acc, best_epoch = acc, epoch
             save_atomic(ckpt, out_dir / "best.pth")
             save_atomic(f"EPOCH={epoch}, best_acc={acc:.3f}%\n", out_dir / "best_acc.txt")
         append_line(out_dir / "acc.txt", f"EPOCH={epoch:03d}, Accuracy= {acc:.3f}%")
         save_atomic({**ckpt,
                      "optimizer": to_cpu(optimizer.state_dict()),
                      "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(),
                      "best_accuracy": best_acc,
                      "best_epoch": best_epoch,
                      "rng_cpu": torch.get_rng_state()}, out_dir / "last.pth")
+        speed = f"{seen / epoch_seconds:.0f} img/s"
+        if args.compile and epoch == start_epoch:  # compilation happens in the first step
+            first_images = min(args.batch_size, len(train_y))
+            speed = (f"{(seen - first_images) / max(epoch_seconds - first_step, 1e-9):.0f} "
+                     f"img/s after a {first_step:.1f}s first step (compilation)")
         print(f"epoch {epoch:3d}/{args.epochs} | train loss {train_loss:.3f} acc {train_acc:6.2f}% | "
               f"test loss {test_loss:.3f} acc {acc:6.2f}% | lr {scheduler.get_last_lr()[0]:.4f} | "
-              f"{epoch_seconds:.1f}s {seen / epoch_seconds:.0f} img/s{' | best' if is_best else ''}", flush=True)
+              f"{epoch_seconds:.1f}s {speed}{' | best' if is_best else ''}", flush=True)
 
-    if last_epoch < args.epochs:
-        print(f"stopped after epoch {last_epoch} of {args.epochs}; continue with: python train.py "
-              f"--resume {out_dir / 'last.pth'}")
-    print(f"best accuracy {best_acc:.2f}% at epoch {best_epoch}, total time "
-          f"{time.perf_counter() - t0:.1f}s (training {train_seconds:.1f}s, evaluation {eval_seconds:.1f}s)")
+    if master:
+        if last_epoch < args.epochs:
+            print(f"stopped after epoch {last_epoch} of {args.epochs}; continue with: python train.py "
+                  f"--resume {out_dir / 'last.pth'}")
+        print(f"best accuracy {best_acc:.2f}% at epoch {best_epoch}, total time "
+              f"{time.perf_counter() - t0:.1f}s (training {train_seconds:.1f}s, evaluation {eval_seconds:.1f}s)")
     return best_acc
 
 
@@ -303,7 +472,8 @@ if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
     except (data.DataError, data.DeviceError, resnet.CheckpointError) as e:
-        sys.exit(f"error: {e}")
+        where = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        sys.exit(f"{where}error: {e}")
     except KeyboardInterrupt:
         print("\ninterrupted; every finished epoch is saved: continue with --resume", file=sys.stderr)
         sys.exit(130)
