@@ -145,6 +145,7 @@ def prepare(data_dir, archive=None, url=None, md5=CIFAR10_MD5):
     if is_prepared(data_dir):
         return data_dir / BATCHES_DIR
     data_dir.mkdir(parents=True, exist_ok=True)
+    downloaded = archive is None
     if archive is None:
         archive = data_dir / "cifar-10-python.tar.gz"
         if not archive.is_file():
@@ -155,7 +156,10 @@ def prepare(data_dir, archive=None, url=None, md5=CIFAR10_MD5):
     if not archive.is_file():
         raise DataError(f"{archive}: no such archive")
     if md5 and md5sum(archive) != md5:
-        raise DataError(f"{archive}: MD5 is {md5sum(archive)}, expected {md5}; "
+        found = md5sum(archive)
+        if downloaded:  # a bad download must not block the next try
+            archive.unlink()
+        raise DataError(f"{archive}: MD5 is {found}, expected {md5}; "
                         "the file is corrupt or not the official CIFAR-10 archive")
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=data_dir))
     try:
@@ -323,6 +327,10 @@ class CifarLoader:
         return range(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size)
 
     def __iter__(self):
+        return self.batches()
+
+    def batches(self, start_step=0):
+        """The epoch's batches from start_step on (training: to resume a stopped epoch)."""
         if not self.train:
             share = self._eval_share()
             for i in range(share.start, share.stop, self.batch_size):
@@ -339,7 +347,7 @@ class CifarLoader:
         mirror = torch.rand(n, generator=g) < 0.5
         batch = min(self.batch_size, n)
         device = self.images.device
-        for step in range(len(self)):
+        for step in range(start_step, len(self)):
             idx = perm[step * batch:(step + 1) * batch]
             idx = torch.tensor_split(idx, self.world_size)[self.rank]
             idx_d = idx.to(device, non_blocking=True)

@@ -13,6 +13,7 @@ how sure the model is, not how often it is right.
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -66,14 +67,16 @@ def load_picture(path, size):
     import numpy as np
     from PIL import Image, ImageOps
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings(), Image.open(path) as im:
+            # Pillow only warns between 1x and 2x its pixel limit; refuse those too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             im.draft("RGB", (size * 2, size * 2))  # JPEG: decode big photos at reduced scale
             im = ImageOps.exif_transpose(im)
             im = to_rgb(im)
     except FileNotFoundError:
         raise PictureError(f"{path}: no such file") from None
-    except Image.DecompressionBombError:
-        raise PictureError(f"{path}: too many pixels to decode safely") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise PictureError(f"{path}: too many pixels to decode safely (a decompression bomb?)") from None
     except Exception as e:  # not a picture, truncated, unsupported
         detail = (str(e).splitlines() or [type(e).__name__])[0]
         raise PictureError(f"{path}: cannot read picture ({detail})") from None

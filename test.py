@@ -39,8 +39,12 @@ def format_confusion(confusion, classes):
 
 def main(args):
     model, ckpt = resnet.load_model(args.checkpoint, args.model)
-    # Evaluate on the data the run trained with unless told otherwise.
+    # Evaluate on the data the run trained with unless told otherwise. (Checkpoints
+    # keep that folder only when it is a relative path inside the working directory.)
     data_dir = args.data_dir or ckpt.get("args", {}).get("data_dir") or "data"
+    if args.data_dir is None and not data.is_prepared(data_dir):
+        raise data.DataError(f"no CIFAR-10 in {data_dir!r}, the run's data folder as the checkpoint "
+                             "remembers it: pass --data-dir (DATA_DIR= with make)")
     images, labels, data_classes = data.load_split(data_dir, train=False, subset=args.subset)
     classes = ckpt.get("classes") or data_classes
     if model.linear.out_features != len(data_classes):

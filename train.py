@@ -18,7 +18,9 @@ Under torchrun every process trains on its share of each global batch
 """
 import argparse
 import datetime
+import math
 import os
+import signal
 import sys
 import time
 import warnings
@@ -82,9 +84,13 @@ def get_args_parser():
 # ---------------------------------------------------------------------------
 # Files
 
+class TrainingError(Exception):
+    """Training that cannot go on; the message is one line for the user."""
+
+
 def to_cpu(obj):
-    """Tensors anywhere in a state dict moved to the CPU, so a checkpoint written
-    on an NPU or GPU opens on a machine without one."""
+    """Tensors anywhere in a (nested) state dict moved to the CPU, so a checkpoint
+    written on an NPU or GPU opens on a machine without one."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu()
     if isinstance(obj, dict):
@@ -94,16 +100,19 @@ def to_cpu(obj):
     return obj
 
 
-def save_atomic(obj, path):
+def save_checkpoint(ckpt, path):
     """Write to a temporary file, flush it to disk, then rename: a crash at any
     moment leaves either the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    if isinstance(obj, str):
-        tmp.write_text(obj)
-    else:
-        torch.save(obj, tmp)
+    tmp = f"{path}.tmp"
+    torch.save(to_cpu(ckpt), tmp)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text_atomic(text, path):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -112,23 +121,26 @@ def append_line(path, line):
         f.write(line + "\n")
 
 
-def drop_epochs_after(path, epoch, epoch_of_line):
-    """On resume, remove the lines an interrupted epoch left behind, so that each
-    finished epoch appears exactly once once it is trained again."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines()
-    kept = [ln for ln in lines if ln.strip() and epoch_of_line(ln) <= epoch]
-    if len(kept) != len(lines):
-        save_atomic("".join(ln + "\n" for ln in kept), path)
+def keep_lines(path, keep):
+    """Drop the lines an interrupted run wrote after its last saved state, so that
+    once that work is redone every epoch and step appears exactly once."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        kept = [ln for ln in lines if keep(ln)]
+        if len(kept) != len(lines):
+            write_text_atomic("".join(ln + "\n" for ln in kept), path)
 
 
-def log_epoch(line):      # `001 00100 | Loss: ...`
-    return int(line.split()[0])
-
-
-def acc_epoch(line):      # `EPOCH=001, Accuracy= ...`
-    return int(line.split(",")[0].split("=")[1])
+def shareable_args(args):
+    """The arguments, with paths that would reveal this machine's layout (absolute,
+    or outside the working directory) cut to their last part. The environment,
+    which may hold secrets, is never stored."""
+    out = dict(vars(args))
+    for key in ("data_dir", "out_dir", "resume"):
+        value = out.get(key)
+        if value and (os.path.isabs(value) or os.path.relpath(value).startswith("..")):
+            out[key] = os.path.basename(os.path.normpath(value))
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -185,6 +197,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
 
 
 def convert_sync_bn(module, device):
+    """BatchNorm layers made to normalize over the global batch of a multi-process run."""
     if device.type in ("cuda", "npu"):
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     # Deprecated in favour of a private successor, yet still the public autograd-aware all_reduce.
@@ -206,12 +219,10 @@ def all_sum(tensor):
     return tensor
 
 
-# ---------------------------------------------------------------------------
-# Training
-
-def make_schedule(optimizer, total_steps, warmup):
+def make_schedule(optimizer, total_steps, warmup, done_steps=0):
     """Linear warm-up from 0 to the peak lr, then linear decay to 0, spanning
-    exactly total_steps (a OneCycle-style triangle, as in the fast-CIFAR recipes)."""
+    exactly total_steps (a OneCycle-style triangle, as in the fast-CIFAR recipes).
+    done_steps starts it part-way, for a run resumed from weights alone."""
     warm = max(1, round(total_steps * warmup))
 
     def factor(step):
@@ -219,19 +230,25 @@ def make_schedule(optimizer, total_steps, warmup):
             return (step + 1) / warm
         return max(0.0, (total_steps - step) / max(1, total_steps - warm))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if done_steps:
+        scheduler.last_epoch = done_steps - 1
+        with warnings.catch_warnings():  # "scheduler stepped before optimizer": on purpose here
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()
+    return scheduler
 
 
 class Progress:
     """A tqdm bar on a terminal; plain lines every --log-every steps otherwise (CI, log files).
     Silent in every process of a torchrun job but the first."""
 
-    def __init__(self, total, desc, enabled=True):
+    def __init__(self, total, desc, enabled=True, initial=0):
         from tqdm import tqdm
         self.tty, self.enabled = sys.stdout.isatty(), enabled
-        self.bar = tqdm(total=total, desc=desc, file=sys.stdout, leave=False,
+        self.bar = tqdm(total=total, desc=desc, file=sys.stdout, leave=False, initial=initial,
                         disable=not (self.tty and enabled), dynamic_ncols=True)
-        self.desc, self.done, self.total = desc, 0, total
+        self.desc, self.done, self.total = desc, initial, total
 
     def update(self, done, **stats):
         self.bar.update(done - self.done)
@@ -246,17 +263,47 @@ class Progress:
         self.bar.close()
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, epoch, args, log_path, master):
-    """One pass over the training set. Returns loss, accuracy, images, seconds, and the
-    seconds of the first step (which holds torch.compile's one-off compilation)."""
+# ---------------------------------------------------------------------------
+# Training
+
+class StopRequest:
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's kill) asks the run to stop at the
+    next safe point, the end of a step, and save; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, epoch, args, log_path, master,
+                    stop, start_step=0, totals=None):
+    """One pass over the training set (from start_step, for a run stopped mid-epoch).
+
+    Returns a dict: loss, acc, images, seconds, first_step (the first step's seconds,
+    which hold torch.compile's one-off compilation), and, if a stop was requested,
+    stopped_at (steps done) and totals (the running sums to resume with)."""
     device = loader.images.device
     model.train()
     world = dist.get_world_size() if dist.is_initialized() else 1
     global_batch = min(args.batch_size, len(loader.labels))
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
+    # Running sums, kept on the device: loss, correct, images, and the first step
+    # whose loss was not finite (-1: none). Reading them (.item()) waits for the
+    # device, so that happens only every --log-every steps.
+    totals = torch.tensor(totals or [0.0, 0.0, 0.0], dtype=torch.float64, device=device)
+    bad_step = torch.full((), -1, dtype=torch.int64, device=device)
     steps, start, first_step = len(loader), time.perf_counter(), 0.0
-    progress = Progress(steps, f"epoch {epoch}/{args.epochs}", enabled=master)
-    for step, (images, labels) in enumerate(loader):
+    progress = Progress(steps, f"epoch {epoch}/{args.epochs}", enabled=master, initial=start_step)
+    result = {}
+    for step, (images, labels) in enumerate(loader.batches(start_step), start=start_step):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
         loss_sum = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing, reduction="sum")
@@ -267,25 +314,42 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, epoc
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        # Accumulated on the device: reading a value (.item()) waits for the
-        # device, so that happens only every --log-every steps.
         totals += torch.stack([loss_sum.detach().double(), (logits.argmax(1) == labels).sum().double(),
                                torch.tensor(len(labels), dtype=torch.float64, device=device)])
-        if step == 0:
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss_sum.detach()), step, bad_step)
+        if step == start_step:
             synchronize(device)
             first_step = time.perf_counter() - start
-        if (step + 1) % args.log_every == 0 or step + 1 == steps:
-            loss_total, correct, seen = all_sum(totals.clone()).tolist()
+        # In one process a stop is honoured after any step; under torchrun the
+        # processes must agree, so they compare notes at logging points.
+        at_log = (step + 1) % args.log_every == 0 or step + 1 == steps
+        if at_log or (stop.signum and world == 1):
+            summed = all_sum(torch.cat([totals, (bad_step >= 0).double().view(1),
+                                        torch.tensor([float(stop.signum > 0)], dtype=torch.float64, device=device)]))
+            loss_total, correct, seen, any_bad, stopping = summed.tolist()
+            if any_bad:
+                first_bad = torch.where(bad_step >= 0, bad_step, steps).view(1)
+                if dist.is_initialized():
+                    dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+                raise TrainingError(f"the loss became {'NaN' if math.isnan(loss_total) else 'infinite'} at epoch "
+                                    f"{epoch}, step {first_bad.item() + 1} of {steps}; nothing of epoch {epoch} "
+                                    f"was saved ({f'last.pth still holds epoch {epoch - 1}' if epoch > 1 else 'no epoch had finished'}). "
+                                    "Lower --lr, or try --amp off")
             avg_loss, acc = loss_total / seen, 100.0 * correct / seen
-            if master:
-                iteration = (epoch - 1) * steps + step + 1
-                append_line(log_path, f"{epoch:03d} {iteration:05d} | Loss: {avg_loss:.3f} | Acc: {acc:.3f}%")
-            rate = seen / (time.perf_counter() - start)
-            progress.update(step + 1, loss=f"{avg_loss:.3f}", acc=f"{acc:.2f}%",
-                            lr=f"{scheduler.get_last_lr()[0]:.4f}", img_s=f"{rate:.0f}")
+            if at_log:
+                if master:
+                    iteration = (epoch - 1) * steps + step + 1
+                    append_line(log_path, f"{epoch:03d} {iteration:05d} | Loss: {avg_loss:.3f} | Acc: {acc:.3f}%")
+                rate = seen / (time.perf_counter() - start)
+                progress.update(step + 1, loss=f"{avg_loss:.3f}", acc=f"{acc:.2f}%",
+                                lr=f"{scheduler.get_last_lr()[0]:.4f}", img_s=f"{rate:.0f}")
+            if stopping and step + 1 < steps:
+                result = {"stopped_at": step + 1, "totals": totals.tolist()}
+                break
     progress.close()
     synchronize(device)
-    return avg_loss, acc, int(seen), time.perf_counter() - start, first_step
+    return {"loss": avg_loss, "acc": acc, "images": int(seen), "seconds": time.perf_counter() - start,
+            "first_step": first_step, **result}
 
 
 def evaluate(model, loader, num_classes, amp_dtype):
@@ -311,17 +375,37 @@ def checkpoint_dict(model, classes, epoch, accuracy, args):
         "image_size": 32,
         "epoch": epoch,
         "accuracy": accuracy,
-        "model": to_cpu(resnet.clean_state_dict(model.state_dict())),
-        "args": dict(vars(args)),
+        "model": resnet.clean_state_dict(model.state_dict()),
+        "args": shareable_args(args),
     }
 
 
+def good_epoch_checkpoints(out_dir):
+    """net_XXX.pth files of a run that load, newest first."""
+    for path in sorted(out_dir.glob("net_*.pth"), reverse=True):
+        try:
+            resnet.load_checkpoint(path)
+            yield path
+        except resnet.CheckpointError:
+            continue
+
+
 def restore(args, out_dir, master):
-    """Read the state to resume from; the run's recipe replaces the command line's."""
+    """Read the state to resume from (None: nothing saved yet, start afresh); the
+    run's recipe replaces the command line's."""
     path = Path(args.resume) if args.resume else out_dir / "last.pth"
-    state = resnet.load_checkpoint(path)
-    if "optimizer" not in state or "args" not in state:
-        raise resnet.CheckpointError(f"{path}: holds weights only; --resume needs a last.pth")
+    if not args.resume and not path.exists():
+        if master:
+            print(f"note: {path} does not exist yet; starting the run from the beginning")
+        return None
+    try:
+        state = resnet.load_checkpoint(path)
+    except resnet.CheckpointError as e:
+        fallback = next(good_epoch_checkpoints(path.parent), None)
+        hint = f"; resume from the newest good epoch instead: --resume {fallback}" if fallback else ""
+        raise resnet.CheckpointError(f"{e}{hint}") from None
+    if "args" not in state or "epoch" not in state or "model" not in state:
+        raise resnet.CheckpointError(f"{path}: not a checkpoint of train.py; --resume needs last.pth or net_XXX.pth")
     defaults = get_args_parser().parse_args([])
     for key in RECIPE:
         saved, given = state["args"].get(key, getattr(defaults, key)), getattr(args, key)
@@ -329,7 +413,9 @@ def restore(args, out_dir, master):
             print(f"note: ignoring --{key.replace('_', '-')} {given}; the run keeps its own ({saved})")
         setattr(args, key, saved)
     if master:
-        print(f"resuming {path} after epoch {state['epoch']} of {args.epochs}")
+        where = f"epoch {state['epoch']}" + (f", step {state['step']}" if state.get("step") else "")
+        print(f"resuming {path} after {where} of {args.epochs}"
+              + ("" if "optimizer" in state else " (weights only: the optimizer's momentum starts afresh)"))
     return state
 
 
@@ -341,14 +427,16 @@ def main(args):
     if world > 1:
         backend = {"npu": "hccl", "cuda": "nccl"}.get(device.type, "gloo")
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=DIST_TIMEOUT)
+    stop = StopRequest()
     try:
-        return train(args, device, master)
+        return train(args, device, master, stop)
     finally:
+        stop.restore()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def train(args, device, master):
+def train(args, device, master, stop):
     # A run lives in one folder: --resume PATH continues in PATH's folder.
     out_dir = Path(args.out_dir or (Path(args.resume).parent if args.resume else f"runs/{args.model}"))
     state = None
@@ -375,6 +463,7 @@ def train(args, device, master):
     test_loader = data.CifarLoader(test_x, test_y, args.eval_batch_size, mean, std, train=False, device=device,
                                    rank=rank, world_size=world, memory_format=memory_format)
     load_seconds = time.perf_counter() - t0
+    steps = len(train_loader)
 
     model = resnet.build_model(args.model, len(classes)).to(device, memory_format=memory_format)
     if state is not None:
@@ -388,41 +477,65 @@ def train(args, device, master):
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.index is not None else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 nesterov=args.momentum > 0, weight_decay=args.weight_decay)
-    scheduler = make_schedule(optimizer, args.epochs * len(train_loader), args.warmup)
+    done_epochs = state["epoch"] if state else 0
+    done_steps = state.get("step", 0) if state else 0
+    full_state = state is not None and "optimizer" in state
+    scheduler = make_schedule(optimizer, args.epochs * steps, args.warmup,
+                              0 if full_state else done_epochs * steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    start_epoch, best_acc, best_epoch = 1, 0.0, 0
-    if state is not None:
+    best_acc, best_epoch = 0.0, 0
+    if full_state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
-        start_epoch, best_acc, best_epoch = state["epoch"] + 1, state["best_accuracy"], state["best_epoch"]
-        if master:
-            drop_epochs_after(out_dir / "log.txt", state["epoch"], log_epoch)
-            drop_epochs_after(out_dir / "acc.txt", state["epoch"], acc_epoch)
-            if best_epoch:
-                save_atomic(f"EPOCH={best_epoch}, best_acc={best_acc:.3f}%\n", out_dir / "best_acc.txt")
-    if start_epoch > args.epochs:
+        best_acc, best_epoch = state["best_accuracy"], state["best_epoch"]
+    elif state is not None:  # weights only: the best so far comes from acc.txt
+        for line in (out_dir / "acc.txt").read_text().splitlines() if (out_dir / "acc.txt").exists() else []:
+            epoch, acc = int(line.split(",")[0].split("=")[1]), float(line.split("= ")[1].rstrip("%"))
+            if epoch <= done_epochs and acc > best_acc:
+                best_acc, best_epoch = acc, epoch
+    if master:  # what an interrupted run wrote after its saved state goes; the rest stays
+        keep_lines(out_dir / "log.txt", lambda ln: int(ln.split()[1]) <= done_epochs * steps + done_steps)
+        keep_lines(out_dir / "acc.txt", lambda ln: int(ln.split(",")[0].split("=")[1]) <= done_epochs)
+        if best_epoch:
+            write_text_atomic(f"EPOCH={best_epoch}, best_acc={best_acc:.3f}%\n", out_dir / "best_acc.txt")
+    if done_epochs >= args.epochs:
         if master:
             print(f"nothing to do: the run already finished its {args.epochs} epochs "
                   f"(best {best_acc:.2f}% at epoch {best_epoch})")
-        return best_acc
+        return 0
 
     if master:
         precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
         print(f"{args.model} on {device}{f' x {world} processes' if world > 1 else ''}, {precision}"
               f"{', channels_last' if memory_format == torch.channels_last else ''}"
               f"{', compiled' if args.compile else ''}: {len(train_y)} training / {len(test_y)} test images, "
-              f"{len(train_loader)} steps of {min(args.batch_size, len(train_y))} per epoch, "
+              f"{steps} step{'s' if steps > 1 else ''} of {min(args.batch_size, len(train_y))} per epoch, "
               f"data loaded in {load_seconds:.1f}s; writing to {out_dir}")
     train_seconds = eval_seconds = 0.0
     last_epoch = min(args.epochs, args.stop_after or args.epochs)
-    for epoch in range(start_epoch, last_epoch + 1):
+    for epoch in range(done_epochs + 1, last_epoch + 1):
         train_loader.set_epoch(epoch)
-        train_loss, train_acc, seen, epoch_seconds, first_step = train_one_epoch(
-            net, train_loader, optimizer, scheduler, scaler, amp_dtype, epoch, args, out_dir / "log.txt", master)
-        train_seconds += epoch_seconds
+        resume_here = epoch == done_epochs + 1 and done_steps
+        r = train_one_epoch(net, train_loader, optimizer, scheduler, scaler, amp_dtype, epoch, args,
+                            out_dir / "log.txt", master, stop, start_step=done_steps if resume_here else 0,
+                            totals=state.get("totals") if resume_here else None)
+        train_seconds += r["seconds"]
+        ckpt = checkpoint_dict(model, classes, epoch - 1, None, args)
+        training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "scaler": scaler.state_dict(), "best_accuracy": best_acc, "best_epoch": best_epoch,
+                          "rng_cpu": torch.get_rng_state()}
+        if "stopped_at" in r:  # a stop was requested: save mid-epoch and leave
+            if master:
+                save_checkpoint({**ckpt, **training_state, "step": r["stopped_at"], "totals": r["totals"]},
+                                       out_dir / "last.pth")
+                print(f"stopped by {signal.Signals(stop.signum).name} at epoch {epoch}, step {r['stopped_at']} "
+                      f"of {steps}; saved {out_dir / 'last.pth'}. Continue with: python train.py --resume "
+                      f"{out_dir / 'last.pth'}", flush=True)
+            return 128 + stop.signum
+
         t = time.perf_counter()
         if world > 1:  # every process evaluates, and saves, the weights process 0 has
             for buffer in model.buffers():
@@ -437,27 +550,22 @@ def train(args, device, master):
 
         # Write order matters for --resume after a crash: everything of this
         # epoch first, last.pth (the commit point) at the end.
-        ckpt = checkpoint_dict(model, classes, epoch, acc, args)
-        save_atomic(ckpt, out_dir / f"net_{epoch:03d}.pth")
+        ckpt.update(epoch=epoch, accuracy=acc)
+        save_checkpoint(ckpt, out_dir / f"net_{epoch:03d}.pth")
         if is_best:
-            save_atomic(ckpt, out_dir / "best.pth")
-            save_atomic(f"EPOCH={epoch}, best_acc={acc:.3f}%\n", out_dir / "best_acc.txt")
+            save_checkpoint(ckpt, out_dir / "best.pth")
+            write_text_atomic(f"EPOCH={epoch}, best_acc={acc:.3f}%\n", out_dir / "best_acc.txt")
         append_line(out_dir / "acc.txt", f"EPOCH={epoch:03d}, Accuracy= {acc:.3f}%")
-        save_atomic({**ckpt,
-                     "optimizer": to_cpu(optimizer.state_dict()),
-                     "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(),
-                     "best_accuracy": best_acc,
-                     "best_epoch": best_epoch,
-                     "rng_cpu": torch.get_rng_state()}, out_dir / "last.pth")
-        speed = f"{seen / epoch_seconds:.0f} img/s"
-        if args.compile and epoch == start_epoch:  # compilation happens in the first step
+        training_state.update(best_accuracy=best_acc, best_epoch=best_epoch)
+        save_checkpoint({**ckpt, **training_state}, out_dir / "last.pth")
+        speed = f"{r['images'] / r['seconds']:.0f} img/s"
+        if args.compile and epoch == done_epochs + 1:  # compilation happens in the first step
             first_images = min(args.batch_size, len(train_y))
-            speed = (f"{(seen - first_images) / max(epoch_seconds - first_step, 1e-9):.0f} "
-                     f"img/s after a {first_step:.1f}s first step (compilation)")
-        print(f"epoch {epoch:3d}/{args.epochs} | train loss {train_loss:.3f} acc {train_acc:6.2f}% | "
+            speed = (f"{(r['images'] - first_images) / max(r['seconds'] - r['first_step'], 1e-9):.0f} "
+                     f"img/s after a {r['first_step']:.1f}s first step (compilation)")
+        print(f"epoch {epoch:3d}/{args.epochs} | train loss {r['loss']:.3f} acc {r['acc']:6.2f}% | "
               f"test loss {test_loss:.3f} acc {acc:6.2f}% | lr {scheduler.get_last_lr()[0]:.4f} | "
-              f"{epoch_seconds:.1f}s {speed}{' | best' if is_best else ''}", flush=True)
+              f"{r['seconds']:.1f}s {speed}{' | best' if is_best else ''}", flush=True)
 
     if master:
         if last_epoch < args.epochs:
@@ -465,15 +573,16 @@ def train(args, device, master):
                   f"--resume {out_dir / 'last.pth'}")
         print(f"best accuracy {best_acc:.2f}% at epoch {best_epoch}, total time "
               f"{time.perf_counter() - t0:.1f}s (training {train_seconds:.1f}s, evaluation {eval_seconds:.1f}s)")
-    return best_acc
+    return 0
 
 
 if __name__ == "__main__":
     try:
-        main(get_args_parser().parse_args())
-    except (data.DataError, data.DeviceError, resnet.CheckpointError) as e:
+        sys.exit(main(get_args_parser().parse_args()))
+    except (data.DataError, data.DeviceError, resnet.CheckpointError, TrainingError) as e:
         where = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
         sys.exit(f"{where}error: {e}")
     except KeyboardInterrupt:
-        print("\ninterrupted; every finished epoch is saved: continue with --resume", file=sys.stderr)
+        print("\ninterrupted at once; the last finished epoch is in last.pth: continue with --resume",
+              file=sys.stderr)
         sys.exit(130)

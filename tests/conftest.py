@@ -59,10 +59,10 @@ def make_archive(data_root, path):
     return path, hashlib.md5(Path(path).read_bytes()).hexdigest()
 
 
-def run(script, *args, cwd, check=True, timeout=600):
+def run(script, *args, cwd, check=True, timeout=600, env=None):
     """Run one of the project's scripts as a user would, in cwd; returns the CompletedProcess."""
     proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode}\n"
                              f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")

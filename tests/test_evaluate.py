@@ -5,7 +5,7 @@ import torch
 
 import data
 import resnet
-from conftest import one_line_error, run
+from conftest import QUICK, one_line_error, run
 
 
 def direct_accuracy(checkpoint, cifar_dir):
@@ -43,10 +43,12 @@ def test_per_class_accuracy_and_the_confusion_matrix_are_printed_with_class_name
     assert sum(rows["airplane"]) == 10 and rows["truck"][9] == truck
 
 
-def test_the_run_remembers_its_data_folder(trained_run, cifar_dir):
-    run_dir, _ = trained_run  # trained with --data-dir pointing at the tiny set; no --data-dir here
-    proc = run("test.py", "--checkpoint", run_dir / "best.pth", "--device", "cpu", cwd=run_dir.parent.parent)
-    expected, _, _ = direct_accuracy(run_dir / "best.pth", cifar_dir)
+def test_the_run_remembers_its_data_folder(trained_run, cifar_dir, tmp_path):
+    # a run trained on ./data (a relative path, kept in the checkpoint); no --data-dir here
+    (tmp_path / "data").symlink_to(cifar_dir)
+    run("train.py", "--data-dir", "data", "--epochs", "1", *QUICK, cwd=tmp_path)
+    proc = run("test.py", "--checkpoint", "runs/resnet18/best.pth", "--device", "cpu", cwd=tmp_path)
+    expected, _, _ = direct_accuracy(tmp_path / "runs" / "resnet18" / "best.pth", cifar_dir)
     assert f"accuracy {expected:.2f}% (" in proc.stdout
 
 

@@ -1,0 +1,350 @@
+"""Faults injected for real: processes killed at any moment, signals, damaged files,
+hostile checkpoints and pictures. Nothing finished is lost; nothing ends in a traceback."""
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+import resnet
+from conftest import QUICK, ROOT, make_archive, one_line_error, run, write_cifar
+
+EPOCHS = 4
+# 64 images in steps of 32: two steps an epoch, a log line each
+ARGS = ["--epochs", str(EPOCHS), "--log-every", "1", *QUICK]
+
+
+def start(args, cwd, env=None):
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def assert_every_checkpoint_loads(run_dir):
+    for path in run_dir.glob("*.pth"):
+        resnet.load_checkpoint(path)  # raises on a half-written file
+
+
+def assert_each_epoch_logged_once(run_dir, epochs=EPOCHS, steps=2):
+    acc = [ln.split(",")[0] for ln in (run_dir / "acc.txt").read_text().splitlines()]
+    assert acc == [f"EPOCH={e:03d}" for e in range(1, epochs + 1)]
+    log = [ln[:9] for ln in (run_dir / "log.txt").read_text().splitlines()]
+    assert log == [f"{(i - 1) // steps + 1:03d} {i:05d}" for i in range(1, epochs * steps + 1)]
+
+
+@pytest.fixture(scope="module")
+def reference(cifar_dir, tmp_path_factory):
+    """An uninterrupted run to compare every interrupted one with."""
+    work = tmp_path_factory.mktemp("reference")
+    run("train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", "run", cwd=work)
+    return work / "run"
+
+
+def test_kill_9_at_random_moments_then_resume_loses_nothing(tmp_path, cifar_dir, reference):
+    """Runs are killed at random moments (fixed seed) and resumed until they finish;
+    rounds repeat until at least ten kills have landed inside a run."""
+    rng = random.Random(1234)
+    kills, rounds = 0, 0
+    while kills < 10:
+        rounds += 1
+        run_dir = tmp_path / f"run{rounds}"
+        for attempt in range(30):
+            done_before = len((run_dir / "acc.txt").read_text().splitlines()) if (run_dir / "acc.txt").exists() else 0
+            proc = start(["--data-dir", cifar_dir, *ARGS, "--out-dir", run_dir, "--resume"], tmp_path)
+            try:
+                proc.wait(timeout=rng.uniform(1.0, 6.0))
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+            out = proc.communicate()[0]
+            assert "Traceback" not in out, out
+            if "resuming" in out:  # at most the epoch in progress is redone
+                assert int(out.split("after epoch ")[1].split()[0]) >= done_before - 1
+            if run_dir.exists():
+                assert_every_checkpoint_loads(run_dir)
+            if proc.returncode == 0:
+                break
+        assert proc.returncode == 0, "the run never finished"
+        assert_each_epoch_logged_once(run_dir)
+        assert_same_weights(run_dir / "last.pth", reference / "last.pth")
+        assert (run_dir / "best_acc.txt").read_text() == (reference / "best_acc.txt").read_text()
+
+
+def test_kill_9_in_the_middle_of_writing_a_checkpoint(tmp_path, cifar_dir, reference):
+    # Process-level injection: the third torch.save writes half its bytes, then the process dies.
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(
+        "import io, os, signal, torch\n"
+        "save, calls = torch.save, []\n"
+        "def dying_save(obj, f, *a, **k):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) < 3:\n"
+        "        return save(obj, f, *a, **k)\n"
+        "    buffer = io.BytesIO()\n"
+        "    save(obj, buffer)\n"
+        "    with open(f, 'wb') as out:\n"
+        "        out.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "torch.save = dying_save\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "inject")}
+    proc = run("train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", "run", cwd=tmp_path, check=False,
+               env=env)
+    assert proc.returncode == -signal.SIGKILL
+    assert_every_checkpoint_loads(tmp_path / "run")  # the half-written one is a .tmp, never read
+    run("train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", "run", "--resume", cwd=tmp_path)
+    assert_each_epoch_logged_once(tmp_path / "run")
+    assert_same_weights(tmp_path / "run" / "last.pth", reference / "last.pth")
+
+
+def test_kill_9_during_evaluation(tmp_path, cifar_dir, reference):
+    proc = start(["--data-dir", cifar_dir, *ARGS, "--out-dir", "run"], tmp_path)
+    for line in proc.stdout:  # the last training step of epoch 2 is logged, evaluation follows
+        if line.startswith("epoch 2/4 step 2/2"):
+            time.sleep(0.05)
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.communicate()
+    run("train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", "run", "--resume", cwd=tmp_path)
+    assert_each_epoch_logged_once(tmp_path / "run")
+    assert_same_weights(tmp_path / "run" / "last.pth", reference / "last.pth")
+
+
+SIGNAL_ARGS = ["--epochs", "2", "--log-every", "1", "--device", "cpu", "--batch-size", "16", "--subset", "64",
+               "--eval-batch-size", "100"]
+
+
+@pytest.fixture(scope="module")
+def reference_of_four_steps(cifar_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("reference4")
+    run("train.py", "--data-dir", cifar_dir, *SIGNAL_ARGS, "--out-dir", "whole", cwd=work)
+    return work / "whole"
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_or_sigint_stops_after_the_step_saves_and_says_how_to_resume(tmp_path, cifar_dir, signum, code,
+                                                                           reference_of_four_steps):
+    args = ["--data-dir", cifar_dir, *SIGNAL_ARGS]
+    proc = start([*args, "--out-dir", "parts"], tmp_path)
+    for line in proc.stdout:
+        if line.startswith("epoch 1/2 step 1/4"):
+            proc.send_signal(signum)
+            break
+    out = proc.communicate()[0]
+    assert proc.returncode == code, out
+    assert "--resume" in out and "Traceback" not in out
+    state = torch.load(tmp_path / "parts" / "last.pth", weights_only=True)
+    assert state["epoch"] == 0 and 1 <= state["step"] < 4
+    run("train.py", *args, "--out-dir", "parts", "--resume", cwd=tmp_path)
+    assert_same_weights(tmp_path / "parts" / "last.pth", reference_of_four_steps / "last.pth")
+    for name in ("log.txt", "acc.txt"):
+        assert (tmp_path / "parts" / name).read_text() == (reference_of_four_steps / name).read_text()
+
+
+def test_a_truncated_last_pth_names_the_file_and_an_earlier_epoch_to_resume_from(tmp_path, reference, cifar_dir):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for f in reference.iterdir():
+        (run_dir / f.name).write_bytes(f.read_bytes())
+    (run_dir / "last.pth").write_bytes((run_dir / "last.pth").read_bytes()[:5000])
+    (run_dir / "net_004.pth").write_bytes(b"\0" * 100)  # corrupt too: the hint skips it
+    line = one_line_error(run("train.py", "--resume", "--out-dir", "run", "--data-dir", cifar_dir,
+                              cwd=tmp_path, check=False))
+    assert "last.pth" in line and "net_003.pth" in line
+    proc = run("train.py", "--resume", run_dir / "net_003.pth", "--data-dir", cifar_dir, "--device", "cpu",
+               "--log-every", "1", cwd=tmp_path)
+    assert "weights only" in proc.stdout
+    assert_each_epoch_logged_once(run_dir)
+
+
+@pytest.mark.parametrize("script", ["test.py", "predict.py"])
+def test_a_truncated_checkpoint_is_a_one_line_error_naming_it(tmp_path, reference, cifar_dir, script):
+    (tmp_path / "best.pth").write_bytes((reference / "best.pth").read_bytes()[:3000])
+    args = ["--data-dir", cifar_dir] if script == "test.py" else ["picture.png"]
+    line = one_line_error(run(script, *args, "--checkpoint", tmp_path / "best.pth", cwd=tmp_path, check=False))
+    assert "best.pth" in line
+
+
+@pytest.mark.parametrize("script", ["test.py", "predict.py", "train.py"])
+def test_a_pth_that_would_run_code_is_refused_without_running_it(tmp_path, cifar_dir, script):
+    marker = tmp_path / "pwned"
+    (tmp_path / "make_evil.py").write_text(
+        "import os, sys, torch\n"
+        "class Evil:\n"
+        "    def __reduce__(self):\n"
+        f"        return (os.system, ('touch {marker}',))\n"
+        "torch.save({'arch': 'resnet18', 'model': {}, 'args': {}, 'epoch': 1, 'x': Evil()}, sys.argv[1])\n")
+    subprocess.run([sys.executable, tmp_path / "make_evil.py", tmp_path / "evil.pth"], check=True)
+    if script == "train.py":
+        args = ["--resume", tmp_path / "evil.pth", "--data-dir", cifar_dir]
+    elif script == "test.py":
+        args = ["--checkpoint", tmp_path / "evil.pth", "--data-dir", cifar_dir]
+    else:
+        args = ["--checkpoint", tmp_path / "evil.pth", "picture.png"]
+    line = one_line_error(run(script, *args, cwd=tmp_path, check=False))
+    assert "evil.pth" in line
+    assert not marker.exists()
+
+
+def test_a_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path, cifar_dir):
+    # The third training step (epoch 2, step 1) produces a NaN loss.
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(
+        "import torch.nn.functional as F\n"
+        "ce, calls = F.cross_entropy, []\n"
+        "def nan_ce(input, *a, **k):\n"
+        "    loss = ce(input, *a, **k)\n"
+        "    if input.requires_grad:\n"
+        "        calls.append(1)\n"
+        "        if len(calls) == 3:\n"
+        "            return loss * float('nan')\n"
+        "    return loss\n"
+        "F.cross_entropy = nan_ce\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "inject")}
+    proc = run("train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", "run", cwd=tmp_path, check=False, env=env)
+    line = one_line_error(proc)
+    assert "NaN" in line and "epoch 2, step 1" in line
+    state = resnet.load_checkpoint(tmp_path / "run" / "last.pth")
+    assert state["epoch"] == 1 and torch.isfinite(torch.cat([v.flatten().float() for v in state["model"].values()])).all()
+    assert (tmp_path / "run" / "acc.txt").read_text().startswith("EPOCH=001")
+
+
+def test_an_extraction_that_fails_part_way_leaves_no_dataset(tmp_path):
+    src = write_cifar(tmp_path / "src", n_train=50, n_test=20)
+    path, _ = make_archive(src, tmp_path / "cifar-10-python.tar.gz")
+    path.write_bytes(path.read_bytes()[:-4000])  # the gzip stream ends early
+    import hashlib
+    md5 = hashlib.md5(path.read_bytes()).hexdigest()
+    with pytest.raises(data.DataError, match="cannot extract"):
+        data.prepare(tmp_path / "d", archive=path, md5=md5)
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+def test_a_downloaded_archive_with_the_wrong_md5_is_removed_so_the_next_try_downloads_again(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "cifar-10-python.tar.gz").write_bytes(b"not the archive")
+    with pytest.raises(data.DataError, match="MD5"):
+        data.prepare(tmp_path / "d")
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+@pytest.mark.parametrize("script", ["test.py", "predict.py"])
+def test_a_checkpoint_of_another_architecture_or_a_non_checkpoint_is_one_line(tmp_path, reference, cifar_dir,
+                                                                             script):
+    ckpt = torch.load(reference / "best.pth", weights_only=True)
+    torch.save({**ckpt, "arch": "resnet50"}, tmp_path / "wrong_arch.pth")
+    torch.save([1, 2, 3], tmp_path / "a_list.pth")
+    (tmp_path / "text.pth").write_text("hello")
+    args = ["--data-dir", cifar_dir] if script == "test.py" else ["picture.png"]
+    for name in ("wrong_arch.pth", "a_list.pth", "text.pth"):
+        line = one_line_error(run(script, *args, "--checkpoint", tmp_path / name, cwd=tmp_path, check=False))
+        assert name in line
+
+
+def test_test_py_refuses_a_checkpoint_whose_class_count_differs_from_the_data(tmp_path, reference, cifar_dir):
+    model = resnet.build_model("resnet18", num_classes=100)
+    ckpt = torch.load(reference / "best.pth", weights_only=True)
+    torch.save({**ckpt, "num_classes": 100, "classes": [str(i) for i in range(100)], "model": model.state_dict()},
+               tmp_path / "c100.pth")
+    line = one_line_error(run("test.py", "--checkpoint", tmp_path / "c100.pth", "--data-dir", cifar_dir,
+                              cwd=tmp_path, check=False))
+    assert "100 classes" in line
+
+
+def bomb_png(path, side=30000):
+    """A small PNG whose header claims side x side pixels (Pillow refuses it before decoding)."""
+    Image.new("L", (8, 8)).save(path)
+    raw = bytearray(path.read_bytes())
+    raw[16:24] = struct.pack(">II", side, side)
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
+    path.write_bytes(bytes(raw))
+
+
+@pytest.fixture(scope="module")
+def battery(tmp_path_factory):
+    """Broken and odd pictures, each with what predict.py must do with it."""
+    d = tmp_path_factory.mktemp("battery")
+    base = Image.new("RGB", (64, 48), (200, 30, 30))
+    base.save(d / "good.jpg")
+    (d / "truncated.jpg").write_bytes((d / "good.jpg").read_bytes()[:300])
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "text.jpg").write_text("not a picture")
+    frames = [Image.new("P", (40, 40), i * 40) for i in range(3)]
+    frames[0].save(d / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    Image.new("I;16", (40, 40), 40000).save(d / "sixteen.png")
+    base.convert("CMYK").save(d / "cmyk.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+    base.save(d / "rotated.jpg", exif=exif)
+    palette = Image.new("P", (40, 40), 1)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.info["transparency"] = 0
+    palette.save(d / "palette.png", transparency=0)
+    bomb_png(d / "bomb.png")
+    ok = ["good.jpg", "animated.gif", "sixteen.png", "cmyk.jpg", "rotated.jpg", "palette.png"]
+    bad = ["truncated.jpg", "empty.jpg", "text.jpg", "bomb.png"]
+    return d, ok, bad
+
+
+def test_every_odd_picture_is_predicted_and_every_broken_one_gets_its_own_line(tmp_path, reference, battery):
+    d, ok, bad = battery
+    proc = run("predict.py", d, d / "missing.jpg", "--checkpoint", reference / "best.pth", cwd=tmp_path,
+               check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    predicted = {os.path.basename(ln.split(":")[0]) for ln in proc.stdout.splitlines()}
+    assert predicted == set(ok)
+    errors = proc.stderr.strip().splitlines()
+    assert sorted(os.path.basename(e.split(": ")[1]) for e in errors) == sorted(bad + ["missing.jpg"])
+    assert any("too many pixels" in e for e in errors)
+
+
+def test_exif_rotation_is_applied():
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as t:
+        im = Image.new("RGB", (40, 20), (255, 0, 0))
+        im.paste((0, 0, 255), (0, 0, 20, 20))  # left half blue, right half red
+        exif = Image.Exif()
+        exif[0x0112] = 6  # viewer rotates 90 degrees clockwise: blue ends up on top
+        im.save(Path(t) / "r.jpg", exif=exif, quality=95)
+        x = __import__("predict").load_picture(Path(t) / "r.jpg", 32)
+    top, bottom = x[:, :8].float().mean((1, 2)), x[:, -8:].float().mean((1, 2))
+    assert top[2] > 200 and top[0] < 60 and bottom[0] > 200 and bottom[2] < 60
+
+
+def test_a_folder_without_pictures_and_a_missing_path_are_one_line_each(tmp_path, reference):
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "nothing" / "notes.txt").write_text("no pictures here")
+    proc = run("predict.py", tmp_path / "nothing", tmp_path / "gone.png", "--checkpoint", reference / "best.pth",
+               cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    errors = proc.stderr.strip().splitlines()
+    assert len(errors) == 2 and "holds no pictures" in errors[0] and "no such file" in errors[1]
+
+
+def test_checkpoints_and_logs_hold_no_absolute_paths_or_environment(tmp_path, cifar_dir):
+    env = {**os.environ, "API_TOKEN": "s3cr3t-t0k3n-value"}
+    out = tmp_path / "abs-run"
+    run("train.py", "--data-dir", cifar_dir.resolve(), "--out-dir", out.resolve(), "--epochs", "1", *QUICK,
+        cwd=tmp_path, env=env)
+    for f in out.iterdir():
+        content = f.read_bytes()
+        assert b"s3cr3t" not in content and str(tmp_path).encode() not in content, f.name
+        assert str(cifar_dir.resolve()).encode() not in content, f.name
+    args = resnet.load_checkpoint(out / "best.pth")["args"]
+    assert args["data_dir"] == cifar_dir.name and args["batch_size"] == 32
