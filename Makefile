@@ -41,11 +41,13 @@ LAUNCH := $(if $(NPROC),$(PYTHON) -m torch.distributed.run --standalone --nproc_
 # test.py evaluates on the data the run trained on unless DATA_DIR is given here.
 EVAL_FLAGS := --checkpoint $(RUN_DIR)/best.pth --device $(DEVICE) \
 	$(if $(filter command line environment,$(origin DATA_DIR)),--data-dir $(DATA_DIR))
-# predict.py picks the newest run's best.pth unless MODEL or RUN_DIR is given here.
+# predict.py and gui.py pick the newest run's best.pth unless MODEL or RUN_DIR is given here.
 PREDICT_FLAGS := $(if $(filter command line environment,$(origin RUN_DIR) $(origin MODEL)),--checkpoint $(RUN_DIR)/best.pth)
+# gui.py opens a picture at once only when IMG is given.
+GUI_FLAGS := $(PREDICT_FLAGS) $(if $(filter command line,$(origin IMG)),$(IMG))
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev data train eval predict test clean
+.PHONY: help install install-dev install-gui data train eval predict gui test clean
 
 help: ## list the targets and the variables they take
 	@echo "usage: make TARGET [VAR=value ...]"
@@ -67,9 +69,15 @@ $(STAMP).dev: requirements.txt requirements-dev.txt | $(ENV)/bin/python
 	$(PYTHON) -m pip install -r requirements-dev.txt
 	@mkdir -p .make && touch $@ $(STAMP).run
 
+$(STAMP).gui: requirements-gui.txt | $(ENV)/bin/python
+	$(PYTHON) -m pip install -r requirements-gui.txt
+	@mkdir -p .make && touch $@
+
 install: $(STAMP).run ## set up the Python environment (active venv/conda env, else .venv)
 
 install-dev: $(STAMP).dev ## install, plus what the tests need
+
+install-gui: $(STAMP).gui ## install Qt for Python (PySide6) for the desktop window
 
 data: install ## fetch and verify CIFAR-10 into DATA_DIR (offline: ARCHIVE=path, MD5=); samples in test/
 	$(PYTHON) data.py --data-dir $(DATA_DIR) $(if $(ARCHIVE),--archive $(ARCHIVE)) $(if $(MD5),--md5 $(MD5))
@@ -83,7 +91,10 @@ eval: install ## evaluate RUN_DIR/best.pth on the test split: accuracy, per clas
 predict: install ## classify IMG (a picture or a folder) with the newest run's best.pth (or RUN_DIR's)
 	$(PYTHON) predict.py $(IMG) $(PREDICT_FLAGS) $(ARGS)
 
-test: install-dev ## run the test suite
+gui: install install-gui ## open the desktop window (IMG= opens a picture at once; newest run's best.pth)
+	$(PYTHON) gui.py $(GUI_FLAGS) $(ARGS)
+
+test: install-dev install-gui ## run the test suite
 	$(PYTHON) -m pytest tests/ $(ARGS)
 
 clean: ## remove caches and install stamps (keeps data/, runs/, test/ and .venv)

@@ -379,6 +379,7 @@ def write_samples(images, labels, out_dir, per_class=10):
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.print_usage = lambda file=None: None  # a bad flag gets one line, not the usage block
     p.add_argument("--data-dir", default="data", help="where cifar-10-batches-py/ goes")
     p.add_argument("--archive", default=None, help="use this local cifar-10-python.tar.gz instead of downloading")
     p.add_argument("--url", default=os.environ.get("CIFAR_URL", CIFAR10_URL),

@@ -25,6 +25,7 @@ import resnet
 def get_args_parser():
     p = argparse.ArgumentParser(description="Classify pictures with a trained checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.print_usage = lambda file=None: None  # a bad flag gets one line, not the usage block
     p.add_argument("paths", nargs="+", metavar="PATH", help="a picture, or a folder of pictures")
     p.add_argument("--checkpoint", default=None,
                    help="a .pth from train.py (default: best.pth of the most recent run under runs/)")
@@ -62,17 +63,19 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
-def load_picture(path, size):
-    """A picture file as a uint8 tensor (3, size, size), or PictureError."""
-    import numpy as np
+def open_picture(path, draft=None):
+    """A picture file as an upright 8-bit RGB Pillow image, or PictureError.
+
+    draft: (w, h) a JPEG may be decoded at instead of full size (big photos load
+    many times faster; the result is at least that large)."""
     from PIL import Image, ImageOps
     try:
         with warnings.catch_warnings(), Image.open(path) as im:
             # Pillow only warns between 1x and 2x its pixel limit; refuse those too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im.draft("RGB", (size * 2, size * 2))  # JPEG: decode big photos at reduced scale
-            im = ImageOps.exif_transpose(im)
-            im = to_rgb(im)
+            if draft:
+                im.draft("RGB", draft)
+            return to_rgb(ImageOps.exif_transpose(im))
     except FileNotFoundError:
         raise PictureError(f"{path}: no such file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -80,6 +83,13 @@ def load_picture(path, size):
     except Exception as e:  # not a picture, truncated, unsupported
         detail = (str(e).splitlines() or [type(e).__name__])[0]
         raise PictureError(f"{path}: cannot read picture ({detail})") from None
+
+
+def load_picture(path, size):
+    """A picture file as the model sees it: uint8 tensor (3, size, size), center square, or PictureError."""
+    import numpy as np
+    from PIL import Image
+    im = open_picture(path, draft=(size * 2, size * 2))
     w, h = im.size
     side = min(w, h)
     box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)

@@ -17,6 +17,7 @@ import resnet
 def get_args_parser():
     p = argparse.ArgumentParser(description="Evaluate a checkpoint on the CIFAR-10 test split.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.print_usage = lambda file=None: None  # a bad flag gets one line, not the usage block
     p.add_argument("--checkpoint", default="runs/resnet18/best.pth", help="a .pth written by train.py")
     p.add_argument("--model", default=None, choices=list(resnet.MODELS),
                    help="network of a bare state dict (checkpoints of train.py say it themselves)")

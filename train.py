@@ -46,6 +46,7 @@ DIST_TIMEOUT = datetime.timedelta(minutes=10)
 def get_args_parser():
     p = argparse.ArgumentParser(description="Train a ResNet on CIFAR-10.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.print_usage = lambda file=None: None  # a bad flag gets one line, not the usage block
     p.add_argument("--model", default="resnet18", choices=list(resnet.MODELS), help="network")
     p.add_argument("--epochs", type=int, default=30, help="passes over the training set; the schedule spans exactly these")
     p.add_argument("--batch-size", type=int, default=512,

@@ -6,6 +6,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 
@@ -56,6 +57,33 @@ def reference(cifar_dir, tmp_path_factory):
     return work / "run"
 
 
+def run_and_maybe_kill(args, cwd, delay):
+    """Start train.py; `delay` seconds after it has started working (its first line
+    of output, once torch is imported and the data loaded), kill -9 it unless it has
+    finished. Timing from that line keeps the kills inside the run on any machine."""
+    proc = start(args, cwd)
+    lines, started = [], threading.Event()
+
+    def drain():
+        for line in proc.stdout:
+            lines.append(line)
+            started.set()
+        started.set()
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    started.wait(timeout=120)
+    killed = False
+    try:
+        proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        killed = True
+    proc.wait()
+    reader.join()
+    return proc.returncode, "".join(lines), killed
+
+
 def test_kill_9_at_random_moments_then_resume_loses_nothing(tmp_path, cifar_dir, reference):
     """Runs are killed at random moments (fixed seed) and resumed until they finish;
     rounds repeat until at least ten kills have landed inside a run."""
@@ -64,23 +92,19 @@ def test_kill_9_at_random_moments_then_resume_loses_nothing(tmp_path, cifar_dir,
     while kills < 10:
         rounds += 1
         run_dir = tmp_path / f"run{rounds}"
-        for attempt in range(30):
+        for attempt in range(60):
             done_before = len((run_dir / "acc.txt").read_text().splitlines()) if (run_dir / "acc.txt").exists() else 0
-            proc = start(["--data-dir", cifar_dir, *ARGS, "--out-dir", run_dir, "--resume"], tmp_path)
-            try:
-                proc.wait(timeout=rng.uniform(1.0, 6.0))
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
-                kills += 1
-            out = proc.communicate()[0]
+            code, out, killed = run_and_maybe_kill(["--data-dir", cifar_dir, *ARGS, "--out-dir", run_dir, "--resume"],
+                                                   tmp_path, delay=rng.uniform(0.0, 6.0))
+            kills += killed
             assert "Traceback" not in out, out
             if "resuming" in out:  # at most the epoch in progress is redone
                 assert int(out.split("after epoch ")[1].split()[0]) >= done_before - 1
             if run_dir.exists():
                 assert_every_checkpoint_loads(run_dir)
-            if proc.returncode == 0:
+            if code == 0:
                 break
-        assert proc.returncode == 0, "the run never finished"
+        assert code == 0, "the run never finished"
         assert_each_epoch_logged_once(run_dir)
         assert_same_weights(run_dir / "last.pth", reference / "last.pth")
         assert (run_dir / "best_acc.txt").read_text() == (reference / "best_acc.txt").read_text()

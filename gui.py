@@ -1,0 +1,250 @@
+"""A desktop window: pick a picture, see its class and confidence.
+
+    python gui.py                         # the newest run's best.pth
+    python gui.py test/0_3.jpg            # open (and classify) a picture at once
+    python gui.py --checkpoint runs/resnet50/best.pth
+    make gui
+
+Choose a picture with the button, drop one on the window, or name it on the
+command line. The window shows the most likely class with its confidence (the
+model's softmax probability, not an accuracy) and the five most likely as
+bars, in English or Chinese. The model is loaded once per checkpoint; loading
+and preprocessing are predict.py's own.
+
+Scriptable without a user: MainWindow(checkpoint=None), .open_image(path), .run().
+Needs Qt for Python: pip install -r requirements-gui.txt (`make gui` does it).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+try:
+    from PySide6 import QtCore, QtGui, QtWidgets
+except ImportError:
+    QtWidgets = None
+
+import predict
+import resnet
+
+# The tutorial's Chinese class names, by the English names CIFAR-10 uses.
+CHINESE = {"airplane": "飞机", "automobile": "汽车", "bird": "鸟", "cat": "猫", "deer": "鹿",
+           "dog": "狗", "frog": "青蛙", "horse": "马", "ship": "船", "truck": "卡车"}
+TEXT = {  # the few words of the window, in both languages
+    "en": {"title": "CIFAR-10 classifier", "choose": "Choose picture…", "run": "Run", "model": "Checkpoint…",
+           "confidence": "confidence", "drop": "Drop a picture here or choose one",
+           "no_picture": "Choose a picture first.", "train_first": "No trained model yet: train first (make train)."},
+    "zh": {"title": "CIFAR-10 十分类", "choose": "选择图片…", "run": "运行", "model": "选择模型…",
+           "confidence": "置信度", "drop": "把图片拖到这里，或点“选择图片”",
+           "no_picture": "请先选择图片。", "train_first": "还没有训练好的模型：请先训练（make train）。"},
+}
+TOP = 5
+
+
+def default_language():
+    return "zh" if QtCore.QLocale.system().language() == QtCore.QLocale.Language.Chinese else "en"
+
+
+class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
+    def __init__(self, checkpoint=None, language=None):
+        super().__init__()
+        self.language = language or default_language()
+        self.image_path = None
+        self.classifiers = {}  # checkpoint path -> predict.Classifier, each loaded once
+        self.checkpoint = None
+        self.last_result = None
+        self.setAcceptDrops(True)
+
+        self.picture = QtWidgets.QLabel(alignment=QtCore.Qt.AlignmentFlag.AlignCenter)
+        self.picture.setMinimumSize(320, 240)
+        self.picture.setStyleSheet("QLabel { background: #f4f4f4; border: 1px dashed #aaa; }")
+        self.choose_button = QtWidgets.QPushButton(clicked=self.choose_image)
+        self.run_button = QtWidgets.QPushButton(clicked=self.run)
+        self.model_button = QtWidgets.QPushButton(clicked=self.choose_checkpoint)
+        self.language_box = QtWidgets.QComboBox()
+        self.language_box.addItems(["English", "中文"])
+        self.language_box.setCurrentIndex(1 if self.language == "zh" else 0)
+        self.language_box.currentIndexChanged.connect(lambda i: self.set_language("zh" if i else "en"))
+        self.result = QtWidgets.QLabel(alignment=QtCore.Qt.AlignmentFlag.AlignCenter)
+        self.result.setStyleSheet("QLabel { font-size: 20px; font-weight: bold; padding: 6px; }")
+        self.message = QtWidgets.QLabel(alignment=QtCore.Qt.AlignmentFlag.AlignCenter, wordWrap=True)
+        self.message.setStyleSheet("QLabel { color: #b00020; }")
+        self.bar_names, self.bars = [], []
+        bars = QtWidgets.QGridLayout()
+        for i in range(TOP):
+            name, bar = QtWidgets.QLabel(), QtWidgets.QProgressBar(maximum=1000, textVisible=True)
+            bars.addWidget(name, i, 0)
+            bars.addWidget(bar, i, 1)
+            self.bar_names.append(name)
+            self.bars.append(bar)
+
+        buttons = QtWidgets.QHBoxLayout()
+        for w in (self.choose_button, self.run_button, self.model_button, self.language_box):
+            buttons.addWidget(w)
+        layout = QtWidgets.QVBoxLayout()
+        layout.addWidget(self.picture, stretch=1)
+        layout.addLayout(buttons)
+        layout.addWidget(self.result)
+        layout.addLayout(bars)
+        layout.addWidget(self.message)
+        central = QtWidgets.QWidget()
+        central.setLayout(layout)
+        self.setCentralWidget(central)
+        self.resize(520, 600)
+        self.set_language(self.language)
+        self.set_checkpoint(checkpoint or predict.latest_checkpoint())
+
+    # --- the three things a user does -------------------------------------
+
+    def open_image(self, path):
+        """Show a picture (scaled, aspect ratio kept) and make it the one Run classifies."""
+        self.clear_result()
+        try:  # predict.py's reader: what is shown is what is classified (EXIF turn included)
+            im = predict.open_picture(path, draft=(1024, 1024))
+        except predict.PictureError as e:
+            self.show_message(str(e))
+            return False
+        im.thumbnail((1024, 1024))
+        image = QtGui.QImage(im.tobytes(), im.width, im.height, 3 * im.width, QtGui.QImage.Format.Format_RGB888)
+        self.original = QtGui.QPixmap.fromImage(image.copy())  # copy: the bytes object goes away
+        self.image_path = Path(path)
+        self.show_picture()
+        self.setWindowTitle(f"{self.words['title']} — {self.image_path.name}")
+        return True
+
+    def run(self):
+        """Classify the open picture; returns [(class, confidence), ...] or None with a message shown."""
+        if self.image_path is None:
+            return self.show_message(self.words["no_picture"])
+        classifier = self.classifier()
+        if classifier is None:
+            return None
+        try:
+            picture = predict.load_picture(self.image_path, classifier.image_size)
+        except predict.PictureError as e:
+            return self.show_message(str(e))
+        self.last_result = classifier.top(classifier.probabilities(picture[None])[0], TOP)
+        self.show_result()
+        return self.last_result
+
+    def set_checkpoint(self, path):
+        """Use this checkpoint from now on; its network, accuracy and epoch go to the status bar."""
+        self.checkpoint = Path(path) if path else None
+        self.clear_result()
+        classifier = self.classifier()
+        if classifier is not None:
+            ckpt = classifier.ckpt
+            accuracy = f"{ckpt['accuracy']:.2f}% test accuracy" if ckpt.get("accuracy") is not None else ""
+            parts = [ckpt.get("arch", "?"), accuracy, f"epoch {ckpt.get('epoch', '?')}", str(self.checkpoint)]
+            self.statusBar().showMessage(" · ".join(p for p in parts if p))
+        return classifier is not None
+
+    # --- helpers -----------------------------------------------------------
+
+    def classifier(self):
+        if self.checkpoint is None:
+            self.statusBar().showMessage("no checkpoint")
+            return self.show_message(self.words["train_first"])
+        if self.checkpoint not in self.classifiers:
+            if not self.checkpoint.exists():
+                return self.show_message(f"{self.checkpoint}: not found. {self.words['train_first']}")
+            try:
+                self.classifiers[self.checkpoint] = predict.Classifier(self.checkpoint)
+            except resnet.CheckpointError as e:
+                return self.show_message(str(e))
+        return self.classifiers[self.checkpoint]
+
+    def name(self, english):
+        return CHINESE.get(english, english) if self.language == "zh" else english
+
+    def show_result(self):
+        (best, confidence), rest = self.last_result[0], self.last_result
+        self.result.setText(f"{self.name(best)}  ·  {self.words['confidence']} {100 * confidence:.1f}%")
+        for i, (label, bar) in enumerate(zip(self.bar_names, self.bars)):
+            if i < len(rest):
+                label.setText(self.name(rest[i][0]))
+                bar.setValue(round(1000 * rest[i][1]))
+                bar.setFormat(f"{100 * rest[i][1]:.1f}%")
+            label.setVisible(i < len(rest))
+            bar.setVisible(i < len(rest))
+        self.message.clear()
+
+    def clear_result(self):
+        self.last_result = None
+        self.result.clear()
+        self.message.clear()
+        for label, bar in zip(self.bar_names, self.bars):
+            label.clear()
+            bar.setValue(0)
+            bar.setFormat("")
+
+    def show_message(self, text):
+        self.message.setText(text)
+        return None
+
+    def show_picture(self):
+        if self.image_path is None:
+            return
+        self.picture.setPixmap(self.original.scaled(self.picture.size(), QtCore.Qt.AspectRatioMode.KeepAspectRatio,
+                                                    QtCore.Qt.TransformationMode.SmoothTransformation))
+
+    def set_language(self, language):
+        self.language, self.words = language, TEXT[language]
+        self.setWindowTitle(self.words["title"] + (f" — {self.image_path.name}" if self.image_path else ""))
+        self.choose_button.setText(self.words["choose"])
+        self.run_button.setText(self.words["run"])
+        self.model_button.setText(self.words["model"])
+        if self.image_path is None:
+            self.picture.setText(self.words["drop"])
+        if self.last_result:
+            self.show_result()
+
+    def choose_image(self):
+        path, _ = QtWidgets.QFileDialog.getOpenFileName(self, self.words["choose"], "",
+                                                        "Pictures (*.jpg *.jpeg *.png *.bmp *.gif *.webp *.tif *.tiff);;"
+                                                        "All files (*)")
+        if path and self.open_image(path):
+            self.run()
+
+    def choose_checkpoint(self):
+        path, _ = QtWidgets.QFileDialog.getOpenFileName(self, self.words["model"], "runs", "Checkpoints (*.pth)")
+        if path and self.set_checkpoint(path) and self.image_path:
+            self.run()
+
+    def resizeEvent(self, event):
+        super().resizeEvent(event)
+        self.show_picture()
+
+    def dragEnterEvent(self, event):
+        if event.mimeData().hasUrls():
+            event.acceptProposedAction()
+
+    def dropEvent(self, event):
+        files = [u.toLocalFile() for u in event.mimeData().urls() if u.isLocalFile()]
+        if files and self.open_image(files[0]):
+            self.run()
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="A window to classify pictures with a trained checkpoint.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.print_usage = lambda file=None: None  # a bad flag gets one line, not the usage block
+    p.add_argument("picture", nargs="?", default=None, help="a picture to open and classify at once")
+    p.add_argument("--checkpoint", default=None, help="default: best.pth of the newest run under runs/")
+    p.add_argument("--language", choices=["en", "zh"], default=None, help="class names (default: the system's)")
+    return p
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    if QtWidgets is None:
+        sys.exit("gui.py needs Qt for Python: pip install -r requirements-gui.txt (or run `make gui`)")
+    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(sys.argv[:1])
+    window = MainWindow(args.checkpoint, args.language)
+    if args.picture and window.open_image(args.picture):
+        window.run()
+    window.show()
+    return app.exec()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

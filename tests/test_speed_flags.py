@@ -1,0 +1,88 @@
+"""--amp, --channels-last and --compile: accepted, checked, and harmless to the numbers when off."""
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resnet
+import train
+from conftest import QUICK, one_line_error, run
+
+
+def test_auto_precision_is_bf16_where_the_chip_has_it_fp16_where_not_and_fp32_on_cpu(monkeypatch):
+    cpu, cuda, npu, mps = (torch.device(t) for t in ("cpu", "cuda", "npu", "mps"))
+    assert train.resolve_amp("auto", cpu) is None and train.resolve_amp("auto", mps) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert train.resolve_amp("auto", cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert train.resolve_amp("auto", cuda) == torch.float16
+    monkeypatch.setattr(torch, "npu", types.SimpleNamespace(is_bf16_supported=lambda: True), raising=False)
+    assert train.resolve_amp("auto", npu) == torch.bfloat16
+    assert train.resolve_amp("off", cuda) is None
+    assert train.resolve_amp("fp16", cpu) == torch.float16 and train.resolve_amp("bf16", cpu) == torch.bfloat16
+
+
+def test_channels_last_is_used_on_cuda_and_cpu_but_not_forced_on_npu_or_mps():
+    assert train.use_channels_last("auto", torch.device("cpu"))
+    assert train.use_channels_last("auto", torch.device("cuda"))
+    assert not train.use_channels_last("auto", torch.device("npu"))
+    assert not train.use_channels_last("auto", torch.device("mps"))
+    assert not train.use_channels_last("off", torch.device("cuda"))
+    assert train.use_channels_last("on", torch.device("mps"))
+
+
+@pytest.mark.parametrize("flag", [["--amp", "fp8"], ["--channels-last", "maybe"], ["--compile", "yes"]])
+def test_a_bad_value_is_a_one_line_error(tmp_path, flag):
+    line = one_line_error(run("train.py", *flag, cwd=tmp_path, check=False))
+    assert line.startswith("train.py: error:")
+
+
+def test_channels_last_changes_the_layout_not_the_numbers():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(1)
+        model = resnet.ResNet18().to(memory_format=fmt)
+        loss = F.cross_entropy(model(x.contiguous(memory_format=fmt)), y)
+        loss.backward()
+        results.append((loss.detach(), model.conv1.weight.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-3, atol=1e-4)
+
+
+def test_amp_off_is_exactly_what_auto_does_on_the_cpu(tmp_path, cifar_dir):
+    args = ["--data-dir", cifar_dir, "--epochs", "1", *QUICK]
+    run("train.py", *args, "--amp", "off", "--out-dir", "off", cwd=tmp_path)
+    proc = run("train.py", *args, "--amp", "auto", "--out-dir", "auto", cwd=tmp_path)
+    assert ", fp32," in proc.stdout
+    a = torch.load(tmp_path / "off" / "last.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "auto" / "last.pth", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_autocast_trains_and_still_saves_fp32_weights(tmp_path, cifar_dir):
+    proc = run("train.py", "--data-dir", cifar_dir, "--epochs", "1", "--amp", "bf16", "--device", "cpu",
+               "--batch-size", "16", "--subset", "16", "--eval-batch-size", "100", cwd=tmp_path)
+    assert ", bf16," in proc.stdout
+    state = torch.load(tmp_path / "runs" / "resnet18" / "best.pth", weights_only=True)["model"]
+    assert state["conv1.weight"].dtype == torch.float32
+
+
+def test_compile_wraps_the_training_model_and_reports_the_first_step_apart(tmp_path, cifar_dir, monkeypatch, capsys):
+    compiled = []
+
+    def fake_compile(model):  # the real one takes minutes on a 2-core CPU; the wiring is what is tested
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.chdir(tmp_path)
+    args = train.get_args_parser().parse_args(["--data-dir", str(cifar_dir), "--epochs", "1", "--compile", *QUICK])
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert len(compiled) == 1 and isinstance(compiled[0], resnet.ResNet)
+    assert ", compiled" in out and "first step (compilation)" in out
+    assert not any(k.startswith("_orig_mod.") for k in
+                   torch.load(tmp_path / "runs" / "resnet18" / "best.pth", weights_only=True)["model"])
