@@ -16,6 +16,7 @@ IMG      ?= test/0_3.jpg
 ARCHIVE  ?=
 MD5      ?=
 NPROC    ?=
+RUNS     ?=
 ARGS     ?=
 
 # Python environment: the active virtualenv or conda env if there is one,
@@ -39,7 +40,7 @@ TRAIN_FLAGS := --model $(MODEL) --device $(DEVICE) --data-dir $(DATA_DIR) --out-
 # NPROC=N: N processes on this machine under torchrun (DDP), one device each.
 LAUNCH := $(if $(NPROC),$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC),$(PYTHON))
 # test.py evaluates on the data the run trained on unless DATA_DIR is given here.
-EVAL_FLAGS := --checkpoint $(RUN_DIR)/best.pth --device $(DEVICE) \
+EVAL_FLAGS := --checkpoint $(RUN_DIR)/best.pth --device $(DEVICE) --confusion-png $(RUN_DIR)/confusion.png \
 	$(if $(filter command line environment,$(origin DATA_DIR)),--data-dir $(DATA_DIR))
 # predict.py and gui.py pick the newest run's best.pth unless MODEL or RUN_DIR is given here.
 PREDICT_FLAGS := $(if $(filter command line environment,$(origin RUN_DIR) $(origin MODEL)),--checkpoint $(RUN_DIR)/best.pth)
@@ -47,15 +48,16 @@ PREDICT_FLAGS := $(if $(filter command line environment,$(origin RUN_DIR) $(orig
 GUI_FLAGS := $(PREDICT_FLAGS) $(if $(filter command line,$(origin IMG)),$(IMG))
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev install-gui data train eval predict gui test clean
+.PHONY: help install install-dev install-gui install-extra data train eval plot predict gui test clean
 
 help: ## list the targets and the variables they take
 	@echo "usage: make TARGET [VAR=value ...]"
 	@echo
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
 	@echo
 	@echo "variables: DEVICE=$(DEVICE) (auto|npu|cuda|mps|cpu)  MODEL=$(MODEL)  EPOCHS=$(EPOCHS)  BATCH=$(BATCH)"
-	@echo "           NPROC=$(NPROC)  DATA_DIR=$(DATA_DIR)  RUN_DIR=$(RUN_DIR)  IMG=$(IMG)  ARCHIVE=$(ARCHIVE)  MD5=$(MD5)"
+	@echo "           NPROC=$(NPROC)  DATA_DIR=$(DATA_DIR)  RUN_DIR=$(RUN_DIR)  RUNS=$(RUNS)  IMG=$(IMG)"
+	@echo "           ARCHIVE=$(ARCHIVE)  MD5=$(MD5)"
 	@echo "           ARGS=\"$(ARGS)\" (extra flags for the script)"
 
 $(ENV)/bin/python:
@@ -69,6 +71,10 @@ $(STAMP).dev: requirements.txt requirements-dev.txt | $(ENV)/bin/python
 	$(PYTHON) -m pip install -r requirements-dev.txt
 	@mkdir -p .make && touch $@ $(STAMP).run
 
+$(STAMP).extra: requirements-extra.txt | $(ENV)/bin/python
+	$(PYTHON) -m pip install -r requirements-extra.txt
+	@mkdir -p .make && touch $@
+
 $(STAMP).gui: requirements-gui.txt | $(ENV)/bin/python
 	$(PYTHON) -m pip install -r requirements-gui.txt
 	@mkdir -p .make && touch $@
@@ -79,22 +85,27 @@ install-dev: $(STAMP).dev ## install, plus what the tests need
 
 install-gui: $(STAMP).gui ## install Qt for Python (PySide6) for the desktop window
 
+install-extra: $(STAMP).extra ## install the optional extras (matplotlib for plots)
+
 data: install ## fetch and verify CIFAR-10 into DATA_DIR (offline: ARCHIVE=path, MD5=); samples in test/
 	$(PYTHON) data.py --data-dir $(DATA_DIR) $(if $(ARCHIVE),--archive $(ARCHIVE)) $(if $(MD5),--md5 $(MD5))
 
 train: install data ## train MODEL on DEVICE into RUN_DIR (EPOCHS, BATCH, NPROC; ARGS="--resume" continues)
 	$(LAUNCH) train.py $(TRAIN_FLAGS) $(ARGS)
 
-eval: install ## evaluate RUN_DIR/best.pth on the test split: accuracy, per class, confusion matrix
+eval: install ## evaluate RUN_DIR/best.pth: accuracy, per class, confusion matrix (+ confusion.png with matplotlib)
 	$(PYTHON) test.py $(EVAL_FLAGS) $(ARGS)
 
 predict: install ## classify IMG (a picture or a folder) with the newest run's best.pth (or RUN_DIR's)
 	$(PYTHON) predict.py $(IMG) $(PREDICT_FLAGS) $(ARGS)
 
+plot: install install-extra ## draw RUN_DIR/curves.png (RUNS="runs/a runs/b" overlays several runs)
+	$(PYTHON) plot.py $(or $(RUNS),$(RUN_DIR)) $(ARGS)
+
 gui: install install-gui ## open the desktop window (IMG= opens a picture at once; newest run's best.pth)
 	$(PYTHON) gui.py $(GUI_FLAGS) $(ARGS)
 
-test: install-dev install-gui ## run the test suite
+test: install-dev install-gui install-extra ## run the test suite
 	$(PYTHON) -m pytest tests/ $(ARGS)
 
 clean: ## remove caches and install stamps (keeps data/, runs/, test/ and .venv)

@@ -56,6 +56,10 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
 
         self.picture = QtWidgets.QLabel(alignment=QtCore.Qt.AlignmentFlag.AlignCenter)
         self.picture.setMinimumSize(320, 240)
+        # The label takes the room the layout gives it and the picture is scaled into that
+        # room, again whenever the label's size changes (a pixmap-sized label gets cropped).
+        self.picture.setSizePolicy(QtWidgets.QSizePolicy.Policy.Ignored, QtWidgets.QSizePolicy.Policy.Ignored)
+        self.picture.installEventFilter(self)
         self.picture.setStyleSheet("QLabel { background: #f4f4f4; border: 1px dashed #aaa; }")
         self.choose_button = QtWidgets.QPushButton(clicked=self.choose_image)
         self.run_button = QtWidgets.QPushButton(clicked=self.run)
@@ -184,8 +188,11 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
     def show_picture(self):
         if self.image_path is None:
             return
+        # Shrink smoothly; enlarge a tiny CIFAR picture as crisp pixels rather than a blur.
+        enlarge = self.original.width() < self.picture.width() and self.original.height() < self.picture.height()
+        mode = QtCore.Qt.TransformationMode
         self.picture.setPixmap(self.original.scaled(self.picture.size(), QtCore.Qt.AspectRatioMode.KeepAspectRatio,
-                                                    QtCore.Qt.TransformationMode.SmoothTransformation))
+                                                    mode.FastTransformation if enlarge else mode.SmoothTransformation))
 
     def set_language(self, language):
         self.language, self.words = language, TEXT[language]
@@ -210,9 +217,10 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
         if path and self.set_checkpoint(path) and self.image_path:
             self.run()
 
-    def resizeEvent(self, event):
-        super().resizeEvent(event)
-        self.show_picture()
+    def eventFilter(self, watched, event):
+        if watched is self.picture and event.type() == QtCore.QEvent.Type.Resize:
+            self.show_picture()
+        return super().eventFilter(watched, event)
 
     def dragEnterEvent(self, event):
         if event.mimeData().hasUrls():

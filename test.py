@@ -25,6 +25,8 @@ def get_args_parser():
     p.add_argument("--device", default="auto", choices=data.DEVICES, help="where to run")
     p.add_argument("--subset", type=int, default=None, help="use only the first N test images")
     p.add_argument("--batch-size", type=int, default=1000, help="images per step")
+    p.add_argument("--confusion-png", default=None, metavar="PATH",
+                   help="also draw the confusion matrix into this picture (needs matplotlib)")
     return p
 
 
@@ -67,6 +69,13 @@ def main(args):
     print(format_confusion(confusion, classes))
     accuracy = 100.0 * correct / max(total, 1)
     print(f"\naccuracy {accuracy:.2f}% ({correct}/{total}), loss {loss:.4f}")
+    if args.confusion_png:
+        import plot
+        try:
+            plot.plot_confusion(confusion.tolist(), classes, args.confusion_png)
+            print(f"wrote {args.confusion_png}")
+        except plot.PlotError as e:  # the evaluation itself has succeeded: say so, don't fail
+            print(f"note: no {args.confusion_png}: {e}", file=sys.stderr)
     return {"accuracy": accuracy, "loss": loss, "per_class": per_class, "confusion": confusion}
 
 

@@ -9,6 +9,7 @@
 Into --out-dir (default runs/<model>) it writes, every epoch:
     log.txt       every --log-every steps: `001 00100 | Loss: 1.234 | Acc: 56.789%`
     acc.txt       `EPOCH=001, Accuracy= 85.123%`
+    metrics.csv   epoch, train/test loss and accuracy, lr, seconds, img/s (for plot.py)
     best_acc.txt  rewritten when the best improves: `EPOCH=12, best_acc=93.210%`
     net_001.pth   weights and metadata; best.pth the best of them;
     last.pth      the full training state, for --resume
@@ -105,10 +106,15 @@ def save_checkpoint(ckpt, path):
     """Write to a temporary file, flush it to disk, then rename: a crash at any
     moment leaves either the old file or the new one, never half of one."""
     tmp = f"{path}.tmp"
-    torch.save(to_cpu(ckpt), tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        torch.save(to_cpu(ckpt), tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, a quota, a vanished mount
+        Path(tmp).unlink(missing_ok=True)
+        raise TrainingError(f"cannot write {path} ({e.strerror or e}); the previous "
+                            f"{Path(path).name}, if any, is intact") from None
 
 
 def write_text_atomic(text, path):
@@ -122,12 +128,29 @@ def append_line(path, line):
         f.write(line + "\n")
 
 
+METRICS = "epoch,train_loss,train_acc,test_loss,test_acc,lr,epoch_seconds,img_s"
+
+
+def append_metrics(path, values):
+    """One row of metrics.csv per epoch (the header once), for plot.py and spreadsheets."""
+    with open(path, "a") as f:
+        if f.tell() == 0:
+            f.write(METRICS + "\n")
+        f.write(",".join(values) + "\n")
+
+
 def keep_lines(path, keep):
     """Drop the lines an interrupted run wrote after its last saved state, so that
     once that work is redone every epoch and step appears exactly once."""
+    def keeps(line):
+        try:
+            return keep(line)
+        except (ValueError, IndexError):  # half a line, from a kill in the middle of writing it
+            return False
+
     if path.exists():
         lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if keep(ln)]
+        kept = [ln for ln in lines if keeps(ln)]
         if len(kept) != len(lines):
             write_text_atomic("".join(ln + "\n" for ln in kept), path)
 
@@ -500,6 +523,7 @@ def train(args, device, master, stop):
     if master:  # what an interrupted run wrote after its saved state goes; the rest stays
         keep_lines(out_dir / "log.txt", lambda ln: int(ln.split()[1]) <= done_epochs * steps + done_steps)
         keep_lines(out_dir / "acc.txt", lambda ln: int(ln.split(",")[0].split("=")[1]) <= done_epochs)
+        keep_lines(out_dir / "metrics.csv", lambda ln: ln == METRICS or int(ln.split(",")[0]) <= done_epochs)
         if best_epoch:
             write_text_atomic(f"EPOCH={best_epoch}, best_acc={best_acc:.3f}%\n", out_dir / "best_acc.txt")
     if done_epochs >= args.epochs:
@@ -557,6 +581,9 @@ def train(args, device, master, stop):
             save_checkpoint(ckpt, out_dir / "best.pth")
             write_text_atomic(f"EPOCH={epoch}, best_acc={acc:.3f}%\n", out_dir / "best_acc.txt")
         append_line(out_dir / "acc.txt", f"EPOCH={epoch:03d}, Accuracy= {acc:.3f}%")
+        append_metrics(out_dir / "metrics.csv", [str(epoch), f"{r['loss']:.4f}", f"{r['acc']:.3f}", f"{test_loss:.4f}",
+                                                 f"{acc:.3f}", f"{scheduler.get_last_lr()[0]:.6g}",
+                                                 f"{r['seconds']:.2f}", f"{r['images'] / r['seconds']:.1f}"])
         training_state.update(best_accuracy=best_acc, best_epoch=best_epoch)
         save_checkpoint({**ckpt, **training_state}, out_dir / "last.pth")
         speed = f"{r['images'] / r['seconds']:.0f} img/s"
@@ -580,6 +607,8 @@ def train(args, device, master, stop):
 if __name__ == "__main__":
     try:
         sys.exit(main(get_args_parser().parse_args()))
+    except OSError as e:  # writing a log line on a full disk, say
+        sys.exit(f"error: {e}")
     except (data.DataError, data.DeviceError, resnet.CheckpointError, TrainingError) as e:
         where = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
         sys.exit(f"{where}error: {e}")

@@ -372,3 +372,38 @@ def test_checkpoints_and_logs_hold_no_absolute_paths_or_environment(tmp_path, ci
         assert str(cifar_dir.resolve()).encode() not in content, f.name
     args = resnet.load_checkpoint(out / "best.pth")["args"]
     assert args["data_dir"] == cifar_dir.name and args["batch_size"] == 32
+
+
+def test_half_written_log_lines_from_a_kill_are_cleaned_up_on_resume(tmp_path, reference, cifar_dir):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for f in reference.iterdir():
+        (run_dir / f.name).write_bytes(f.read_bytes())
+    for name, half in (("log.txt", "005 0"), ("acc.txt", "EPOCH="), ("metrics.csv", "5,1.2")):
+        with open(run_dir / name, "a") as f:
+            f.write(half)
+    proc = run("train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", run_dir, "--resume", cwd=tmp_path)
+    assert "nothing to do" in proc.stdout
+    for name in ("log.txt", "acc.txt", "metrics.csv"):
+        assert (run_dir / name).read_text() == (reference / name).read_text()
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, cifar_dir):
+    # The fourth torch.save (net_002.pth) fails the way a full disk does, after writing part of the file.
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(
+        "import errno, torch\n"
+        "save, calls = torch.save, []\n"
+        "def full_disk(obj, f, *a, **k):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 4:\n"
+        "        open(f, 'wb').write(b'partial')\n"
+        "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "    return save(obj, f, *a, **k)\n"
+        "torch.save = full_disk\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "inject")}
+    proc = run("train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", "run", cwd=tmp_path, check=False, env=env)
+    line = one_line_error(proc)
+    assert "No space left on device" in line and "net_002.pth" in line
+    assert not list((tmp_path / "run").glob("*.tmp"))
+    assert resnet.load_checkpoint(tmp_path / "run" / "last.pth")["epoch"] == 1

@@ -50,11 +50,20 @@ def test_open_and_run_show_the_class_and_confidence_predict_py_computes(app, che
 
 def test_the_picture_is_scaled_with_its_aspect_ratio_kept(app, checkpoint, tmp_path):
     Image.new("RGB", (400, 100), (10, 200, 10)).save(tmp_path / "wide.png")
+    Image.new("RGB", (32, 32), (10, 10, 200)).save(tmp_path / "small.png")
     window = gui.MainWindow(checkpoint, language="en")
+    window.open_image(tmp_path / "wide.png")  # as `gui.py PICTURE` does: before the window is laid out
     window.resize(600, 700)
-    window.open_image(tmp_path / "wide.png")
-    shown = window.picture.pixmap()
-    assert abs(shown.width() / shown.height() - 4.0) < 0.05
+    window.show()
+    for name, ratio in (("wide.png", 4.0), ("small.png", 1.0)):
+        app.processEvents()
+        window.open_image(tmp_path / name)
+        app.processEvents()
+        shown, room = window.picture.pixmap(), window.picture.size()
+        assert abs(shown.width() / shown.height() - ratio) < 0.05
+        assert shown.width() <= room.width() and shown.height() <= room.height()  # all of it is visible
+        assert max(shown.width() / room.width(), shown.height() / room.height()) > 0.95  # and it fills the room
+    window.close()
 
 
 def test_class_names_switch_to_chinese(app, checkpoint, picture):

@@ -87,6 +87,9 @@ def test_a_stopped_and_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_pa
     # every line once, the interrupted epoch's leftovers gone
     for name in ("log.txt", "acc.txt", "best_acc.txt"):
         assert (tmp_path / "whole" / name).read_text() == (tmp_path / "parts" / name).read_text()
+    # metrics.csv: appended on resume, header once; the same numbers but for the timings
+    numbers = lambda run: [ln.split(",")[:6] for ln in (tmp_path / run / "metrics.csv").read_text().splitlines()]
+    assert numbers("parts") == numbers("whole") and len(numbers("parts")) == 4
 
 
 def test_training_learns_a_separable_set_far_beyond_chance(tmp_path):

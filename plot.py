@@ -1,0 +1,131 @@
+"""Training curves of one or more runs, and the confusion-matrix picture test.py draws.
+
+    python plot.py runs/resnet18                     # runs/resnet18/curves.png
+    python plot.py runs/a runs/b --out compare.png   # two runs overlaid
+    make plot                                        # RUN_DIR, or RUNS="runs/a runs/b"
+
+Reads metrics.csv, the per-epoch table train.py writes into each run directory.
+Needs matplotlib: pip install -r requirements-extra.txt (`make plot` does it).
+"""
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds", "img_s"]
+INSTALL = "pip install -r requirements-extra.txt (or run `make plot`)"
+
+
+class PlotError(Exception):
+    """Something to plot from that is missing or unusable; one line for the user."""
+
+
+def pyplot():
+    """matplotlib's pyplot on a file-only backend (no window, works over ssh and in CI)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise PlotError(f"plotting needs matplotlib: {INSTALL}") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def read_metrics(run_dir):
+    """metrics.csv of a run as a dict of columns (lists of floats)."""
+    path = Path(run_dir) / "metrics.csv"
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise PlotError(f"{path}: not found; train first (make train), or name a run directory") from None
+    if not rows or any(c not in rows[0] for c in COLUMNS):
+        raise PlotError(f"{path}: not a metrics table of train.py")
+    return {c: [float(r[c]) for r in rows] for c in COLUMNS}
+
+
+def plot_runs(run_dirs, out):
+    """Loss, accuracy and learning rate against epoch, one colour per run. Returns the figure."""
+    plt = pyplot()
+    fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(16, 4.8), layout="constrained")
+    for i, run_dir in enumerate(run_dirs):
+        m, color, name = read_metrics(run_dir), f"C{i}", str(run_dir)
+        marker = "o" if len(m["epoch"]) < 30 else None  # a few epochs read better as dots
+        loss_ax.plot(m["epoch"], m["train_loss"], "--", color=color, marker=marker, label=f"{name} train")
+        loss_ax.plot(m["epoch"], m["test_loss"], "-", color=color, marker=marker, label=f"{name} test")
+        acc_ax.plot(m["epoch"], m["train_acc"], "--", color=color, marker=marker, label=f"{name} train")
+        acc_ax.plot(m["epoch"], m["test_acc"], "-", color=color, marker=marker, label=f"{name} test")
+        lr_ax.plot(m["epoch"], m["lr"], "-", color=color, marker=marker, label=name)
+    for ax, title, ylabel in ((loss_ax, "Loss", "cross-entropy"), (acc_ax, "Accuracy", "accuracy (%)"),
+                              (lr_ax, "Learning rate (end of epoch)", "learning rate")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return fig
+
+
+def plot_confusion(confusion, classes, out, normalize=True):
+    """Heatmap of a confusion matrix (rows: true class) with per-class accuracy beside it.
+    normalize: cells show the share of each true class (%), else counts."""
+    import numpy as np
+    plt = pyplot()
+    counts = np.asarray(confusion, dtype=np.float64)
+    per_row = counts.sum(1, keepdims=True).clip(min=1)
+    cells = 100 * counts / per_row if normalize else counts
+    n = len(classes)
+    size = max(6.0, 0.6 * n + 2)
+    fig, (ax, acc_ax) = plt.subplots(1, 2, figsize=(size + 2.5, size), layout="constrained",
+                                     gridspec_kw={"width_ratios": [n, 2.5]})
+    image = ax.imshow(cells, cmap="Blues", vmin=0, vmax=100 if normalize else None)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title("Confusion matrix (% of each true class)" if normalize else "Confusion matrix (images)")
+    if n <= 20:  # numbers in the cells while they still fit
+        for i in range(n):
+            for j in range(n):
+                text = f"{cells[i, j]:.0f}" if normalize else f"{int(counts[i, j])}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                        color="white" if cells[i, j] > 0.6 * cells.max() else "black")
+    fig.colorbar(image, ax=ax, shrink=0.7)
+    accuracy = 100 * np.diag(counts) / per_row[:, 0]
+    acc_ax.barh(range(n), accuracy, color="C0")
+    acc_ax.set_yticks(range(n), classes)
+    acc_ax.invert_yaxis()
+    acc_ax.set_xlim(0, 100)
+    acc_ax.set_xlabel("accuracy (%)")
+    acc_ax.set_title("Per class")
+    for i, a in enumerate(accuracy):
+        acc_ax.text(min(a + 1, 80), i, f"{a:.1f}%", va="center", fontsize=8)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return fig
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Plot the training curves of one or more runs.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.print_usage = lambda file=None: None  # a bad flag gets one line, not the usage block
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories holding metrics.csv")
+    p.add_argument("--out", default=None,
+                   help="picture to write (default: RUN_DIR/curves.png for one run, runs/curves.png for several)")
+    return p
+
+
+def main(args):
+    out = Path(args.out or (Path(args.runs[0]) / "curves.png" if len(args.runs) == 1 else "runs/curves.png"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_runs(args.runs, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except PlotError as e:
+        sys.exit(f"error: {e}")

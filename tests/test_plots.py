@@ -1,0 +1,94 @@
+"""metrics.csv, plot.py's training curves and test.py's confusion-matrix picture."""
+import csv
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+import plot
+from conftest import ROOT, one_line_error, run
+
+
+def rows(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_metrics_csv_has_one_row_per_epoch_matching_acc_txt_and_the_printed_summary(trained_run):
+    run_dir, proc = trained_run
+    table = rows(run_dir)
+    assert (run_dir / "metrics.csv").read_text().splitlines()[0] == \
+        "epoch,train_loss,train_acc,test_loss,test_acc,lr,epoch_seconds,img_s"
+    assert [r["epoch"] for r in table] == ["1", "2"]
+    acc = [float(ln.split("= ")[1].rstrip("%")) for ln in (run_dir / "acc.txt").read_text().splitlines()]
+    assert [float(r["test_acc"]) for r in table] == acc
+    for r in table:
+        summary = re.search(rf"epoch +{r['epoch']}/2 \| train loss (\S+) acc +(\S+)% \| test loss (\S+) acc +(\S+)% "
+                            rf"\| lr (\S+) \| \S+s (\d+) img/s", proc.stdout).groups()
+        assert float(summary[0]) == round(float(r["train_loss"]), 3)
+        assert float(summary[1]) == round(float(r["train_acc"]), 2)
+        assert float(summary[2]) == round(float(r["test_loss"]), 3)
+        assert float(summary[4]) == round(float(r["lr"]), 4)
+        assert float(r["epoch_seconds"]) > 0 and abs(float(r["img_s"]) - int(summary[5])) <= 1
+
+
+def is_png(path, min_width, min_height):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as im:
+        assert im.width >= min_width and im.height >= min_height, im.size
+        assert len(set(im.convert("L").getdata())) > 20  # something was drawn
+
+
+def test_plot_py_draws_loss_accuracy_and_learning_rate_of_a_run(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    proc = run("plot.py", run_dir, "--out", tmp_path / "curves.png", cwd=tmp_path)
+    assert "curves.png" in proc.stdout
+    is_png(tmp_path / "curves.png", 1200, 400)
+
+
+def test_a_plot_of_two_runs_names_both_in_its_legends(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.csv").write_text((run_dir / "metrics.csv").read_text())
+    fig = plot.plot_runs([run_dir, other], tmp_path / "both.png")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["Loss", "Accuracy", "Learning rate (end of epoch)"]
+    for ax in fig.axes:
+        legend = " ".join(t.get_text() for t in ax.get_legend().get_texts())
+        assert str(run_dir) in legend and str(other) in legend
+    is_png(tmp_path / "both.png", 1200, 400)
+
+
+def test_test_py_draws_the_confusion_matrix_with_per_class_accuracy(trained_run, cifar_dir, tmp_path):
+    run_dir, _ = trained_run
+    proc = run("test.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--device", "cpu",
+               "--confusion-png", tmp_path / "confusion.png", cwd=tmp_path)
+    assert "wrote" in proc.stdout
+    is_png(tmp_path / "confusion.png", 700, 500)
+    fig = plot.plot_confusion([[3, 1], [0, 4]], ["cat", "dog"], tmp_path / "small.png")
+    heatmap, accuracy = fig.axes[0], fig.axes[1]
+    assert [t.get_text() for t in heatmap.get_xticklabels()] == ["cat", "dog"]
+    assert [t.get_text() for t in heatmap.texts] == ["75", "25", "0", "100"]  # row-normalized %
+    assert [t.get_text() for t in accuracy.texts] == ["75.0%", "100.0%"]
+
+
+def test_a_run_without_metrics_is_a_one_line_error(tmp_path):
+    assert "metrics.csv" in one_line_error(run("plot.py", tmp_path, cwd=tmp_path, check=False))
+
+
+def test_without_matplotlib_one_line_says_how_to_install_it(tmp_path, trained_run, cifar_dir):
+    run_dir, _ = trained_run
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['matplotlib'] = None\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(ROOT / "plot.py"), str(run_dir), "--out", str(tmp_path / "x.png")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert "requirements-extra.txt" in one_line_error(proc)
+    # test.py still evaluates, and says why there is no picture
+    proc = subprocess.run([sys.executable, str(ROOT / "test.py"), "--checkpoint", str(run_dir / "best.pth"),
+                           "--data-dir", str(cifar_dir), "--device", "cpu", "--confusion-png", str(tmp_path / "c.png")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and "accuracy" in proc.stdout and "requirements-extra.txt" in proc.stderr
