@@ -48,7 +48,7 @@ PREDICT_FLAGS := $(if $(filter command line environment,$(origin RUN_DIR) $(orig
 GUI_FLAGS := $(PREDICT_FLAGS) $(if $(filter command line,$(origin IMG)),$(IMG))
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev install-gui install-extra data train eval plot predict gui test clean
+.PHONY: help install install-dev install-gui install-extra data train eval bench plot predict gui test clean
 
 help: ## list the targets and the variables they take
 	@echo "usage: make TARGET [VAR=value ...]"
@@ -98,6 +98,9 @@ eval: install ## evaluate RUN_DIR/best.pth: accuracy, per class, confusion matri
 
 predict: install ## classify IMG (a picture or a folder) with the newest run's best.pth (or RUN_DIR's)
 	$(PYTHON) predict.py $(IMG) $(PREDICT_FLAGS) $(ARGS)
+
+bench: install ## time training, evaluation and loading against the tutorials' pipeline (MODEL, DEVICE, BATCH)
+	$(PYTHON) bench.py --model $(MODEL) --device $(DEVICE) $(if $(BATCH),--batch-size $(BATCH)) $(ARGS)
 
 plot: install install-extra ## draw RUN_DIR/curves.png (RUNS="runs/a runs/b" overlays several runs)
 	$(PYTHON) plot.py $(or $(RUNS),$(RUN_DIR)) $(ARGS)

@@ -93,6 +93,28 @@ def pick_device(name="auto", index=0):
     raise DeviceError(f"unknown device {name!r}; choose auto, npu, cuda, mps or cpu")
 
 
+def resolve_amp(choice, device):
+    """The autocast dtype for --amp on this device, or None for full fp32."""
+    if choice == "off" or (choice == "auto" and device.type not in ("cuda", "npu")):
+        return None
+    if choice == "fp16":
+        return torch.float16
+    if choice == "bf16":
+        return torch.bfloat16
+    # auto on a GPU or NPU: bf16 needs no loss scaling; chips without it get fp16 plus a GradScaler.
+    return torch.bfloat16 if getattr(torch, device.type).is_bf16_supported() else torch.float16
+
+
+def use_channels_last(choice, device):
+    # torch_npu keeps its own internal layouts and MPS gains nothing: NHWC only where it pays.
+    return choice == "on" or (choice == "auto" and device.type in ("cuda", "cpu"))
+
+
+def synchronize(device):
+    if device.type in ("cuda", "npu", "mps"):
+        getattr(torch, device.type).synchronize()
+
+
 # ---------------------------------------------------------------------------
 # Fetch, verify, extract
 

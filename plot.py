@@ -56,9 +56,14 @@ def plot_runs(run_dirs, out):
         acc_ax.plot(m["epoch"], m["train_acc"], "--", color=color, marker=marker, label=f"{name} train")
         acc_ax.plot(m["epoch"], m["test_acc"], "-", color=color, marker=marker, label=f"{name} test")
         lr_ax.plot(m["epoch"], m["lr"], "-", color=color, marker=marker, label=name)
-    for ax, title, ylabel in ((loss_ax, "Loss", "cross-entropy"), (acc_ax, "Accuracy", "accuracy (%)"),
+    from matplotlib.ticker import MaxNLocator
+    # A log scale keeps an early spike of the test loss (BatchNorm statistics settling)
+    # from flattening the rest of the curve.
+    loss_ax.set_yscale("log")
+    for ax, title, ylabel in ((loss_ax, "Loss", "cross-entropy (log scale)"), (acc_ax, "Accuracy", "accuracy (%)"),
                               (lr_ax, "Learning rate (end of epoch)", "learning rate")):
         ax.set_title(title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

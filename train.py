@@ -168,29 +168,7 @@ def shareable_args(args):
 
 
 # ---------------------------------------------------------------------------
-# Device, precision, processes
-
-def resolve_amp(choice, device):
-    """The autocast dtype for --amp on this device, or None for full fp32."""
-    if choice == "off" or (choice == "auto" and device.type not in ("cuda", "npu")):
-        return None
-    if choice == "fp16":
-        return torch.float16
-    if choice == "bf16":
-        return torch.bfloat16
-    # auto on a GPU or NPU: bf16 needs no loss scaling; chips without it get fp16 plus a GradScaler.
-    return torch.bfloat16 if getattr(torch, device.type).is_bf16_supported() else torch.float16
-
-
-def use_channels_last(choice, device):
-    # torch_npu keeps its own internal layouts and MPS gains nothing: NHWC only where it pays.
-    return choice == "on" or (choice == "auto" and device.type in ("cuda", "cpu"))
-
-
-def synchronize(device):
-    if device.type in ("cuda", "npu", "mps"):
-        getattr(torch, device.type).synchronize()
-
+# Processes
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the global batch of all processes.
@@ -234,6 +212,14 @@ def convert_sync_bn(module, device):
         else:
             convert_sync_bn(child, device)
     return module
+
+
+def agreed_signal(stop, device):
+    """The stop signal any process received (0: none); under torchrun all processes call this together."""
+    signum = torch.tensor([stop.signum], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+    return int(signum.item())
 
 
 def all_sum(tensor):
@@ -342,7 +328,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, epoc
                                torch.tensor(len(labels), dtype=torch.float64, device=device)])
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss_sum.detach()), step, bad_step)
         if step == start_step:
-            synchronize(device)
+            data.synchronize(device)
             first_step = time.perf_counter() - start
         # In one process a stop is honoured after any step; under torchrun the
         # processes must agree, so they compare notes at logging points.
@@ -368,10 +354,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, epoc
                 progress.update(step + 1, loss=f"{avg_loss:.3f}", acc=f"{acc:.2f}%",
                                 lr=f"{scheduler.get_last_lr()[0]:.4f}", img_s=f"{rate:.0f}")
             if stopping and step + 1 < steps:
-                result = {"stopped_at": step + 1, "totals": totals.tolist()}
+                result = {"stopped_at": step + 1, "totals": totals.tolist(), "signum": agreed_signal(stop, device)}
                 break
     progress.close()
-    synchronize(device)
+    data.synchronize(device)
     return {"loss": avg_loss, "acc": acc, "images": int(seen), "seconds": time.perf_counter() - start,
             "first_step": first_step, **result}
 
@@ -402,6 +388,29 @@ def checkpoint_dict(model, classes, epoch, accuracy, args):
         "model": resnet.clean_state_dict(model.state_dict()),
         "args": shareable_args(args),
     }
+
+
+def save_epoch(out_dir, ckpt, training_state, is_best, r, test_loss, lr, args, first):
+    """Write a finished epoch and print its line. The order matters for --resume after
+    a crash: everything of the epoch first, last.pth (the commit point) at the end."""
+    epoch, acc = ckpt["epoch"], ckpt["accuracy"]
+    save_checkpoint(ckpt, out_dir / f"net_{epoch:03d}.pth")
+    if is_best:
+        save_checkpoint(ckpt, out_dir / "best.pth")
+        write_text_atomic(f"EPOCH={epoch}, best_acc={acc:.3f}%\n", out_dir / "best_acc.txt")
+    append_line(out_dir / "acc.txt", f"EPOCH={epoch:03d}, Accuracy= {acc:.3f}%")
+    append_metrics(out_dir / "metrics.csv", [str(epoch), f"{r['loss']:.4f}", f"{r['acc']:.3f}", f"{test_loss:.4f}",
+                                             f"{acc:.3f}", f"{lr:.6g}", f"{r['seconds']:.2f}",
+                                             f"{r['images'] / r['seconds']:.1f}"])
+    save_checkpoint({**ckpt, **training_state}, out_dir / "last.pth")
+    speed = f"{r['images'] / r['seconds']:.0f} img/s"
+    if args.compile and first:  # compilation happens in the first step
+        first_images = min(args.batch_size, r["images"])
+        speed = (f"{(r['images'] - first_images) / max(r['seconds'] - r['first_step'], 1e-9):.0f} "
+                 f"img/s after a {r['first_step']:.1f}s first step (compilation)")
+    print(f"epoch {epoch:3d}/{args.epochs} | train loss {r['loss']:.3f} acc {r['acc']:6.2f}% | "
+          f"test loss {test_loss:.3f} acc {acc:6.2f}% | lr {lr:.4f} | "
+          f"{r['seconds']:.1f}s {speed}{' | best' if is_best else ''}", flush=True)
 
 
 def good_epoch_checkpoints(out_dir):
@@ -474,8 +483,9 @@ def train(args, device, master, stop):
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    amp_dtype = resolve_amp(args.amp, device)
-    memory_format = torch.channels_last if use_channels_last(args.channels_last, device) else torch.contiguous_format
+    amp_dtype = data.resolve_amp(args.amp, device)
+    memory_format = (torch.channels_last if data.use_channels_last(args.channels_last, device)
+                     else torch.contiguous_format)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
     t0 = time.perf_counter()
@@ -555,11 +565,11 @@ def train(args, device, master, stop):
         if "stopped_at" in r:  # a stop was requested: save mid-epoch and leave
             if master:
                 save_checkpoint({**ckpt, **training_state, "step": r["stopped_at"], "totals": r["totals"]},
-                                       out_dir / "last.pth")
-                print(f"stopped by {signal.Signals(stop.signum).name} at epoch {epoch}, step {r['stopped_at']} "
+                                out_dir / "last.pth")
+                print(f"stopped by {signal.Signals(r['signum']).name} at epoch {epoch}, step {r['stopped_at']} "
                       f"of {steps}; saved {out_dir / 'last.pth'}. Continue with: python train.py --resume "
                       f"{out_dir / 'last.pth'}", flush=True)
-            return 128 + stop.signum
+            return 128 + r["signum"]
 
         t = time.perf_counter()
         if world > 1:  # every process evaluates, and saves, the weights process 0 has
@@ -570,30 +580,18 @@ def train(args, device, master, stop):
         is_best = acc > best_acc
         if is_best:
             best_acc, best_epoch = acc, epoch
-        if not master:
-            continue
-
-        # Write order matters for --resume after a crash: everything of this
-        # epoch first, last.pth (the commit point) at the end.
-        ckpt.update(epoch=epoch, accuracy=acc)
-        save_checkpoint(ckpt, out_dir / f"net_{epoch:03d}.pth")
-        if is_best:
-            save_checkpoint(ckpt, out_dir / "best.pth")
-            write_text_atomic(f"EPOCH={epoch}, best_acc={acc:.3f}%\n", out_dir / "best_acc.txt")
-        append_line(out_dir / "acc.txt", f"EPOCH={epoch:03d}, Accuracy= {acc:.3f}%")
-        append_metrics(out_dir / "metrics.csv", [str(epoch), f"{r['loss']:.4f}", f"{r['acc']:.3f}", f"{test_loss:.4f}",
-                                                 f"{acc:.3f}", f"{scheduler.get_last_lr()[0]:.6g}",
-                                                 f"{r['seconds']:.2f}", f"{r['images'] / r['seconds']:.1f}"])
-        training_state.update(best_accuracy=best_acc, best_epoch=best_epoch)
-        save_checkpoint({**ckpt, **training_state}, out_dir / "last.pth")
-        speed = f"{r['images'] / r['seconds']:.0f} img/s"
-        if args.compile and epoch == done_epochs + 1:  # compilation happens in the first step
-            first_images = min(args.batch_size, len(train_y))
-            speed = (f"{(r['images'] - first_images) / max(r['seconds'] - r['first_step'], 1e-9):.0f} "
-                     f"img/s after a {r['first_step']:.1f}s first step (compilation)")
-        print(f"epoch {epoch:3d}/{args.epochs} | train loss {r['loss']:.3f} acc {r['acc']:6.2f}% | "
-              f"test loss {test_loss:.3f} acc {acc:6.2f}% | lr {scheduler.get_last_lr()[0]:.4f} | "
-              f"{r['seconds']:.1f}s {speed}{' | best' if is_best else ''}", flush=True)
+        if master:
+            ckpt.update(epoch=epoch, accuracy=acc)
+            training_state.update(best_accuracy=best_acc, best_epoch=best_epoch)
+            save_epoch(out_dir, ckpt, training_state, is_best, r, test_loss, scheduler.get_last_lr()[0], args,
+                       first=epoch == done_epochs + 1)
+        # A stop that came during evaluation or saving: the epoch is complete, leave now.
+        signum = agreed_signal(stop, device) if world > 1 else stop.signum
+        if signum and epoch < last_epoch:
+            if master:
+                print(f"stopped by {signal.Signals(signum).name} after epoch {epoch}; continue with: "
+                      f"python train.py --resume {out_dir / 'last.pth'}", flush=True)
+            return 128 + signum
 
     if master:
         if last_epoch < args.epochs:

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import resnet
 import train
 from conftest import QUICK, one_line_error, run
@@ -12,24 +13,24 @@ from conftest import QUICK, one_line_error, run
 
 def test_auto_precision_is_bf16_where_the_chip_has_it_fp16_where_not_and_fp32_on_cpu(monkeypatch):
     cpu, cuda, npu, mps = (torch.device(t) for t in ("cpu", "cuda", "npu", "mps"))
-    assert train.resolve_amp("auto", cpu) is None and train.resolve_amp("auto", mps) is None
+    assert data.resolve_amp("auto", cpu) is None and data.resolve_amp("auto", mps) is None
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert train.resolve_amp("auto", cuda) == torch.bfloat16
+    assert data.resolve_amp("auto", cuda) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert train.resolve_amp("auto", cuda) == torch.float16
+    assert data.resolve_amp("auto", cuda) == torch.float16
     monkeypatch.setattr(torch, "npu", types.SimpleNamespace(is_bf16_supported=lambda: True), raising=False)
-    assert train.resolve_amp("auto", npu) == torch.bfloat16
-    assert train.resolve_amp("off", cuda) is None
-    assert train.resolve_amp("fp16", cpu) == torch.float16 and train.resolve_amp("bf16", cpu) == torch.bfloat16
+    assert data.resolve_amp("auto", npu) == torch.bfloat16
+    assert data.resolve_amp("off", cuda) is None
+    assert data.resolve_amp("fp16", cpu) == torch.float16 and data.resolve_amp("bf16", cpu) == torch.bfloat16
 
 
 def test_channels_last_is_used_on_cuda_and_cpu_but_not_forced_on_npu_or_mps():
-    assert train.use_channels_last("auto", torch.device("cpu"))
-    assert train.use_channels_last("auto", torch.device("cuda"))
-    assert not train.use_channels_last("auto", torch.device("npu"))
-    assert not train.use_channels_last("auto", torch.device("mps"))
-    assert not train.use_channels_last("off", torch.device("cuda"))
-    assert train.use_channels_last("on", torch.device("mps"))
+    assert data.use_channels_last("auto", torch.device("cpu"))
+    assert data.use_channels_last("auto", torch.device("cuda"))
+    assert not data.use_channels_last("auto", torch.device("npu"))
+    assert not data.use_channels_last("auto", torch.device("mps"))
+    assert not data.use_channels_last("off", torch.device("cuda"))
+    assert data.use_channels_last("on", torch.device("mps"))
 
 
 @pytest.mark.parametrize("flag", [["--amp", "fp8"], ["--channels-last", "maybe"], ["--compile", "yes"]])
@@ -86,3 +87,18 @@ def test_compile_wraps_the_training_model_and_reports_the_first_step_apart(tmp_p
     assert ", compiled" in out and "first step (compilation)" in out
     assert not any(k.startswith("_orig_mod.") for k in
                    torch.load(tmp_path / "runs" / "resnet18" / "best.pth", weights_only=True)["model"])
+
+
+def test_bench_times_both_pipelines_and_ends_with_one_machine_readable_line(tmp_path):
+    proc = run("bench.py", "--device", "cpu", "--batch-size", "8", "--steps", "1", "--warmup", "1", "--repeats", "1",
+               cwd=tmp_path)
+    last = proc.stdout.strip().splitlines()[-1]
+    fields = dict(kv.split("=") for kv in last.split()[1:])
+    assert last.startswith("bench model=resnet18 device=cpu batch=8 ")
+    for key in ("train_img_s", "tutorial_train_img_s", "train_ratio", "eval_img_s", "tutorial_eval_img_s", "eval_ratio",
+                "loader_img_s", "tutorial_loader_img_s", "matmul_gflops", "train_mfu"):
+        assert float(fields[key]) > 0, key
+    ratio = float(fields["train_img_s"]) / float(fields["tutorial_train_img_s"])
+    assert abs(ratio - float(fields["train_ratio"])) < 0.01
+    # ResNet18: 0.56 GMAC forward per 32x32 image, so about 3.3 GFLOP to train on it
+    assert abs(float(fields["train_gflop_per_img"]) - 3.34) < 0.05

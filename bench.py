@@ -1,0 +1,178 @@
+"""How fast this project's pipeline trains, evaluates and loads, next to the tutorials' pipeline.
+
+    python bench.py                                   # ResNet18, best device found, batch 128
+    python bench.py --model resnet50 --device cuda --batch-size 256
+    make bench MODEL=resnet18 DEVICE=cpu BATCH=128
+
+Both pipelines run the same network on the same random images of CIFAR's shape:
+  this project   uint8 data on the device, crops/flips/normalization as batch
+                 tensor operations, channels_last and mixed precision as --amp /
+                 --channels-last auto choose (train.py's defaults);
+  the tutorials  a Dataset of PIL images with RandomCrop/RandomHorizontalFlip/
+                 ToTensor/Normalize, a DataLoader with 2 workers, fp32, default layout.
+Warm-up steps are not timed (oneDNN and cuDNN pick their kernels then); the two
+pipelines take turns over several repeats and the median is reported. The last
+line is one machine-readable line. train_mfu is the training FLOP rate over the
+fp32 2048x2048 matrix-multiply rate measured in the same run: how close training
+comes to what this device's arithmetic can do.
+"""
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import data
+import resnet
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Benchmark this pipeline against the tutorials'.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.print_usage = lambda file=None: None  # a bad flag gets one line, not the usage block
+    p.add_argument("--model", default="resnet18", choices=list(resnet.MODELS), help="network")
+    p.add_argument("--device", default="auto", choices=data.DEVICES, help="where to run")
+    p.add_argument("--batch-size", type=int, default=128, help="images per step (the tutorials use 128)")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per repeat")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per pipeline (median reported)")
+    return p
+
+
+def timed(fn, device, steps, warmup):
+    """Seconds per call of fn, after warm-up, waiting for the device at both ends."""
+    for _ in range(warmup):
+        fn()
+    data.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    data.synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def matmul_gflops(device, steps, warmup):
+    a, b = (torch.randn(2048, 2048, device=device) for _ in range(2))
+    return 2 * 2048 ** 3 / timed(lambda: a @ b, device, steps, warmup) / 1e9
+
+
+def training_flops_per_image(model):
+    """Forward FLOPs of one 32x32 image, times 3 (backward costs about twice the forward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.eval()(torch.randn(1, 3, 32, 32))
+    return 3 * counter.get_total_flops()
+
+
+class TutorialImages(torch.utils.data.Dataset):
+    """What torchvision.datasets.CIFAR10 does per image: a PIL image, then the transform."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images.permute(0, 2, 3, 1).numpy(), labels.tolist(), transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def tutorial_loader(images, labels, batch_size, train_split):
+    import torchvision.transforms as T
+    normalize = T.Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # the tutorials' numbers
+    steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train_split else []
+    dataset = TutorialImages(images, labels, T.Compose(steps + [T.ToTensor(), normalize]))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=train_split, num_workers=2,
+                                       persistent_workers=True, drop_last=train_split)
+
+
+def forever(loader):
+    while True:
+        yield from loader
+
+
+def main(args):
+    device = data.pick_device(args.device)
+    n = args.batch_size * (args.steps + args.warmup) * 2
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (n,))
+    amp_dtype = data.resolve_amp("auto", device)
+    layout = torch.channels_last if data.use_channels_last("auto", device) else torch.contiguous_format
+
+    ours_model = resnet.build_model(args.model).to(device, memory_format=layout)
+    tutorial_model = resnet.build_model(args.model).to(device)
+    ours_train = data.CifarLoader(images, labels, args.batch_size, data.CIFAR10_MEAN, data.CIFAR10_STD, train=True,
+                                  device=device, memory_format=layout)
+    ours_eval = data.CifarLoader(images, labels, args.batch_size, data.CIFAR10_MEAN, data.CIFAR10_STD, train=False,
+                                 device=device, memory_format=layout)
+    tutorial_train = tutorial_loader(images, labels, args.batch_size, True)
+    tutorial_eval = tutorial_loader(images, labels, args.batch_size, False)
+    batches = {"ours_train": forever(ours_train), "ours_eval": forever(ours_eval),
+               "tutorial_train": forever(tutorial_train), "tutorial_eval": forever(tutorial_eval)}
+    optimizers = {m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+                  for m in (ours_model, tutorial_model)}
+
+    def train_step(model, source, amp):
+        x, y = next(batches[source])
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        model.train()
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = F.cross_entropy(model(x).float(), y)
+        optimizers[model].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers[model].step()
+
+    @torch.no_grad()
+    def eval_step(model, source, amp):
+        x, _ = next(batches[source])
+        model.eval()
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            model(x.to(device, non_blocking=True))
+
+    def load_step(source):
+        x, y = next(batches[source])
+        x.to(device, non_blocking=True)
+
+    tests = {
+        "train_img_s": lambda: train_step(ours_model, "ours_train", amp_dtype),
+        "tutorial_train_img_s": lambda: train_step(tutorial_model, "tutorial_train", None),
+        "eval_img_s": lambda: eval_step(ours_model, "ours_eval", amp_dtype),
+        "tutorial_eval_img_s": lambda: eval_step(tutorial_model, "tutorial_eval", None),
+        "loader_img_s": lambda: load_step("ours_train"),
+        "tutorial_loader_img_s": lambda: load_step("tutorial_train"),
+    }
+    results = {name: [] for name in tests}
+    gflops = []
+    print(f"{args.model} on {device}, batch {args.batch_size}: {args.repeats} repeats of {args.steps} steps "
+          f"after {args.warmup} warm-up steps, the two pipelines taking turns", flush=True)
+    for repeat in range(args.repeats):
+        gflops.append(matmul_gflops(device, args.steps, args.warmup))
+        for name, fn in tests.items():
+            steps = args.steps * (20 if "loader" in name else 1)  # loading alone is quick: time more of it
+            results[name].append(args.batch_size / timed(fn, device, steps, args.warmup))
+        print(f"repeat {repeat + 1}: " + " ".join(f"{k}={v[-1]:.1f}" for k, v in results.items()), flush=True)
+
+    med = {k: statistics.median(v) for k, v in results.items()}
+    flops = training_flops_per_image(resnet.build_model(args.model))
+    matmul = statistics.median(gflops)
+    line = (f"bench model={args.model} device={device.type} batch={args.batch_size} "
+            f"train_img_s={med['train_img_s']:.1f} tutorial_train_img_s={med['tutorial_train_img_s']:.1f} "
+            f"train_ratio={med['train_img_s'] / med['tutorial_train_img_s']:.2f} "
+            f"eval_img_s={med['eval_img_s']:.1f} tutorial_eval_img_s={med['tutorial_eval_img_s']:.1f} "
+            f"eval_ratio={med['eval_img_s'] / med['tutorial_eval_img_s']:.2f} "
+            f"loader_img_s={med['loader_img_s']:.0f} tutorial_loader_img_s={med['tutorial_loader_img_s']:.0f} "
+            f"matmul_gflops={matmul:.1f} train_gflop_per_img={flops / 1e9:.2f} "
+            f"train_mfu={med['train_img_s'] * flops / (matmul * 1e9):.2f}")
+    print(line)
+    return line
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except data.DeviceError as e:
+        sys.exit(f"error: {e}")
