@@ -21,6 +21,7 @@ import argparse
 import datetime
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -139,19 +140,19 @@ def append_metrics(path, values):
         f.write(",".join(values) + "\n")
 
 
-def keep_lines(path, keep):
-    """Drop the lines an interrupted run wrote after its last saved state, so that
-    once that work is redone every epoch and step appears exactly once."""
-    def keeps(line):
-        try:
-            return keep(line)
-        except (ValueError, IndexError):  # half a line, from a kill in the middle of writing it
-            return False
+def keep_lines(path, pattern, last, header=None):
+    """Keep the lines of a log that match its pattern with a number (the pattern's first
+    group: epoch or step) up to `last`, and the header. What goes: lines an interrupted
+    run wrote after its last saved state (so that, once that work is redone, every
+    epoch and step appears exactly once) and half a line from a kill mid-write."""
+    def keep(line):
+        match = re.fullmatch(pattern, line)
+        return line == header or (match is not None and int(match.group(1)) <= last)
 
     if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if keeps(ln)]
-        if len(kept) != len(lines):
+        lines = path.read_text().splitlines()
+        kept = [ln for ln in lines if keep(ln)]
+        if kept != lines:
             write_text_atomic("".join(ln + "\n" for ln in kept), path)
 
 
@@ -531,9 +532,9 @@ def train(args, device, master, stop):
             if epoch <= done_epochs and acc > best_acc:
                 best_acc, best_epoch = acc, epoch
     if master:  # what an interrupted run wrote after its saved state goes; the rest stays
-        keep_lines(out_dir / "log.txt", lambda ln: int(ln.split()[1]) <= done_epochs * steps + done_steps)
-        keep_lines(out_dir / "acc.txt", lambda ln: int(ln.split(",")[0].split("=")[1]) <= done_epochs)
-        keep_lines(out_dir / "metrics.csv", lambda ln: ln == METRICS or int(ln.split(",")[0]) <= done_epochs)
+        keep_lines(out_dir / "log.txt", r"\d{3} (\d{5}) \| Loss: \S+ \| Acc: \S+%", done_epochs * steps + done_steps)
+        keep_lines(out_dir / "acc.txt", r"EPOCH=(\d+), Accuracy= *\S+%", done_epochs)
+        keep_lines(out_dir / "metrics.csv", r"(\d+)(,[^,]+){7}", done_epochs, header=METRICS)
         if best_epoch:
             write_text_atomic(f"EPOCH={best_epoch}, best_acc={best_acc:.3f}%\n", out_dir / "best_acc.txt")
     if done_epochs >= args.epochs:

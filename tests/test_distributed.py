@@ -36,7 +36,7 @@ def test_two_processes_train_and_write_exactly_one_set_of_files(tmp_path):
     proc = torchrun("--data-dir", root, *COMMON, "--out-dir", "run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "run"
-    assert {p.name for p in run.iterdir()} == {"log.txt", "acc.txt", "best_acc.txt", "net_001.pth",
+    assert {p.name for p in run.iterdir()} == {"log.txt", "acc.txt", "best_acc.txt", "metrics.csv", "net_001.pth",
                                                "net_002.pth", "best.pth", "last.pth"}
     assert [ln[:9] for ln in (run / "log.txt").read_text().splitlines()] == ["001 00002", "002 00004"]
     assert len((run / "acc.txt").read_text().splitlines()) == 2

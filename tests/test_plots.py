@@ -39,7 +39,7 @@ def is_png(path, min_width, min_height):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(path) as im:
         assert im.width >= min_width and im.height >= min_height, im.size
-        assert len(set(im.convert("L").getdata())) > 20  # something was drawn
+        assert len(im.convert("L").getcolors(maxcolors=65536) or []) > 20  # something was drawn
 
 
 def test_plot_py_draws_loss_accuracy_and_learning_rate_of_a_run(trained_run, tmp_path):

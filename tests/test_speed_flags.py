@@ -12,7 +12,8 @@ from conftest import QUICK, one_line_error, run
 
 
 def test_auto_precision_is_bf16_where_the_chip_has_it_fp16_where_not_and_fp32_on_cpu(monkeypatch):
-    cpu, cuda, npu, mps = (torch.device(t) for t in ("cpu", "cuda", "npu", "mps"))
+    # stand-ins: torch.device("npu") exists only where torch_npu is installed
+    cpu, cuda, npu, mps = (types.SimpleNamespace(type=t) for t in ("cpu", "cuda", "npu", "mps"))
     assert data.resolve_amp("auto", cpu) is None and data.resolve_amp("auto", mps) is None
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert data.resolve_amp("auto", cuda) == torch.bfloat16
@@ -25,12 +26,10 @@ def test_auto_precision_is_bf16_where_the_chip_has_it_fp16_where_not_and_fp32_on
 
 
 def test_channels_last_is_used_on_cuda_and_cpu_but_not_forced_on_npu_or_mps():
-    assert data.use_channels_last("auto", torch.device("cpu"))
-    assert data.use_channels_last("auto", torch.device("cuda"))
-    assert not data.use_channels_last("auto", torch.device("npu"))
-    assert not data.use_channels_last("auto", torch.device("mps"))
-    assert not data.use_channels_last("off", torch.device("cuda"))
-    assert data.use_channels_last("on", torch.device("mps"))
+    cpu, cuda, npu, mps = (types.SimpleNamespace(type=t) for t in ("cpu", "cuda", "npu", "mps"))
+    assert data.use_channels_last("auto", cpu) and data.use_channels_last("auto", cuda)
+    assert not data.use_channels_last("auto", npu) and not data.use_channels_last("auto", mps)
+    assert not data.use_channels_last("off", cuda) and data.use_channels_last("on", mps)
 
 
 @pytest.mark.parametrize("flag", [["--amp", "fp8"], ["--channels-last", "maybe"], ["--compile", "yes"]])
@@ -40,17 +39,19 @@ def test_a_bad_value_is_a_one_line_error(tmp_path, flag):
 
 
 def test_channels_last_changes_the_layout_not_the_numbers():
+    # In float64 the two layouts agree to rounding; in float32 the gradients of a
+    # fresh network (BatchNorm over a small batch) amplify rounding to ~1%.
     torch.manual_seed(0)
-    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    x, y = torch.randn(16, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (16,))
     results = []
     for fmt in (torch.contiguous_format, torch.channels_last):
         torch.manual_seed(1)
-        model = resnet.ResNet18().to(memory_format=fmt)
+        model = resnet.ResNet18().to(dtype=torch.float64, memory_format=fmt)
         loss = F.cross_entropy(model(x.contiguous(memory_format=fmt)), y)
         loss.backward()
-        results.append((loss.detach(), model.conv1.weight.grad.clone()))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-3, atol=1e-4)
+        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-9, atol=1e-11)
 
 
 def test_amp_off_is_exactly_what_auto_does_on_the_cpu(tmp_path, cifar_dir):
