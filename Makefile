@@ -109,7 +109,7 @@ gui: install install-gui ## open the desktop window (IMG= opens a picture at onc
 	$(PYTHON) gui.py $(GUI_FLAGS) $(ARGS)
 
 test: install-dev install-gui install-extra ## run the test suite
-	$(PYTHON) -m pytest -n 2 --durations=10 tests/ $(ARGS)
+	$(PYTHON) -m pytest --durations=10 tests/ $(ARGS)
 
 clean: ## remove caches and install stamps (keeps data/, runs/, test/ and .venv)
 	rm -rf .make .pytest_cache

@@ -53,7 +53,9 @@ def assert_each_epoch_logged_once(run_dir, epochs=EPOCHS, steps=2):
 def reference(cifar_dir, tmp_path_factory):
     """An uninterrupted run to compare every interrupted one with."""
     work = tmp_path_factory.mktemp("reference")
+    start_time = time.monotonic()
     run("train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", "run", cwd=work)
+    (work / "seconds").write_text(str(time.monotonic() - start_time))  # a whole run on this machine, now
     return work / "run"
 
 
@@ -88,6 +90,7 @@ def test_kill_9_at_random_moments_then_resume_loses_nothing(tmp_path, cifar_dir,
     """Runs are killed at random moments (fixed seed) and resumed until they finish;
     rounds repeat until at least ten kills have landed inside a run."""
     rng = random.Random(1234)
+    reference_seconds = float((reference.parent / "seconds").read_text())  # kill windows scale with the machine
     kills, rounds = 0, 0
     while kills < 10:
         rounds += 1
@@ -95,7 +98,7 @@ def test_kill_9_at_random_moments_then_resume_loses_nothing(tmp_path, cifar_dir,
         for attempt in range(60):
             done_before = len((run_dir / "acc.txt").read_text().splitlines()) if (run_dir / "acc.txt").exists() else 0
             code, out, killed = run_and_maybe_kill(["--data-dir", cifar_dir, *ARGS, "--out-dir", run_dir, "--resume"],
-                                                   tmp_path, delay=rng.uniform(0.0, 6.0))
+                                                   tmp_path, delay=rng.uniform(0.0, 0.6 * reference_seconds))
             kills += killed
             assert "Traceback" not in out, out
             if "resuming" in out:  # at most the epoch in progress is redone
