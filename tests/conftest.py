@@ -4,6 +4,7 @@ The tiny dataset is easy on purpose: each class has its own colour, so a
 network that learns at all separates it quickly, while chance stays at 10%.
 """
 import hashlib
+import os
 import pickle
 import subprocess
 import sys
@@ -67,6 +68,15 @@ def run(script, *args, cwd, check=True, timeout=600, env=None):
         raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode}\n"
                              f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def injected(tmp_path, code):
+    """An environment whose Python processes first run `code` (as sitecustomize): fault
+    injection from outside the project, in the real subprocess."""
+    folder = tmp_path / "inject"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(code)
+    return {**os.environ, "PYTHONPATH": str(folder)}
 
 
 def one_line_error(proc):

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from conftest import ROOT, write_cifar
+from conftest import injected, ROOT, write_cifar
 
 COMMON = ["--device", "cpu", "--batch-size", "32", "--lr", "0.01", "--subset", "64", "--epochs", "2",
           "--eval-batch-size", "100", "--log-every", "2"]
@@ -78,8 +78,7 @@ def test_a_failing_process_ends_the_whole_job_promptly_with_an_error(tmp_path):
     root = write_cifar(tmp_path / "data", n_train=64, n_test=50)
     # Fault injection from outside the project: process 1 crashes in its second
     # optimizer step, while process 0 carries on into the next collective.
-    (tmp_path / "inject").mkdir()
-    (tmp_path / "inject" / "sitecustomize.py").write_text(
+    env = injected(tmp_path,
         "import os\n"
         "if os.environ.get('RANK') == '1':\n"
         "    import torch\n"
@@ -90,8 +89,6 @@ def test_a_failing_process_ends_the_whole_job_promptly_with_an_error(tmp_path):
         "            raise RuntimeError('injected failure')\n"
         "        return step(self, *a, **k)\n"
         "    torch.optim.SGD.step = failing\n")
-    import os
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "inject")}
     start = time.monotonic()
     proc = torchrun("--data-dir", root, *COMMON, "--out-dir", "run", cwd=tmp_path, env=env, timeout=240)
     assert proc.returncode != 0

@@ -16,7 +16,7 @@ from PIL import Image
 
 import data
 import resnet
-from conftest import QUICK, ROOT, make_archive, one_line_error, run, write_cifar
+from conftest import injected, QUICK, ROOT, make_archive, one_line_error, run, write_cifar
 
 EPOCHS = 4
 # 64 images in steps of 32: two steps an epoch, a log line each
@@ -115,8 +115,7 @@ def test_kill_9_at_random_moments_then_resume_loses_nothing(tmp_path, cifar_dir,
 
 def test_kill_9_in_the_middle_of_writing_a_checkpoint(tmp_path, cifar_dir, reference):
     # Process-level injection: the third torch.save writes half its bytes, then the process dies.
-    (tmp_path / "inject").mkdir()
-    (tmp_path / "inject" / "sitecustomize.py").write_text(
+    env = injected(tmp_path,
         "import io, os, signal, torch\n"
         "save, calls = torch.save, []\n"
         "def dying_save(obj, f, *a, **k):\n"
@@ -129,7 +128,6 @@ def test_kill_9_in_the_middle_of_writing_a_checkpoint(tmp_path, cifar_dir, refer
         "        out.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "torch.save = dying_save\n")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "inject")}
     proc = run("train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", "run", cwd=tmp_path, check=False,
                env=env)
     assert proc.returncode == -signal.SIGKILL
@@ -230,8 +228,7 @@ def test_a_pth_that_would_run_code_is_refused_without_running_it(tmp_path, cifar
 
 def test_a_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path, cifar_dir):
     # The third training step (epoch 2, step 1) produces a NaN loss.
-    (tmp_path / "inject").mkdir()
-    (tmp_path / "inject" / "sitecustomize.py").write_text(
+    env = injected(tmp_path,
         "import torch.nn.functional as F\n"
         "ce, calls = F.cross_entropy, []\n"
         "def nan_ce(input, *a, **k):\n"
@@ -242,7 +239,6 @@ def test_a_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_che
         "            return loss * float('nan')\n"
         "    return loss\n"
         "F.cross_entropy = nan_ce\n")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "inject")}
     proc = run("train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", "run", cwd=tmp_path, check=False, env=env)
     line = one_line_error(proc)
     assert "NaN" in line and "epoch 2, step 1" in line
@@ -393,8 +389,7 @@ def test_half_written_log_lines_from_a_kill_are_cleaned_up_on_resume(tmp_path, r
 
 def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, cifar_dir):
     # The fourth torch.save (net_002.pth) fails the way a full disk does, after writing part of the file.
-    (tmp_path / "inject").mkdir()
-    (tmp_path / "inject" / "sitecustomize.py").write_text(
+    env = injected(tmp_path,
         "import errno, torch\n"
         "save, calls = torch.save, []\n"
         "def full_disk(obj, f, *a, **k):\n"
@@ -404,7 +399,6 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
         "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
         "    return save(obj, f, *a, **k)\n"
         "torch.save = full_disk\n")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "inject")}
     proc = run("train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", "run", cwd=tmp_path, check=False, env=env)
     line = one_line_error(proc)
     assert "No space left on device" in line and "net_002.pth" in line

@@ -12,7 +12,7 @@ from PySide6 import QtCore, QtGui, QtWidgets  # noqa: E402
 import data  # noqa: E402
 import gui  # noqa: E402
 import predict  # noqa: E402
-from conftest import ROOT  # noqa: E402
+from conftest import injected, ROOT  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +150,7 @@ def test_a_picture_on_the_command_line_opens_and_the_window_runs(app, checkpoint
 
 
 def test_without_pyside6_one_line_says_how_to_install_it(tmp_path):
-    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['PySide6'] = None\n")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env = injected(tmp_path, "import sys\nsys.modules['PySide6'] = None\n")
     proc = subprocess.run([sys.executable, str(ROOT / "gui.py")], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0
     assert "requirements-gui.txt" in proc.stderr

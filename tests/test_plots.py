@@ -1,15 +1,13 @@
 """metrics.csv, plot.py's training curves and test.py's confusion-matrix picture."""
 import csv
-import os
 import re
 import subprocess
 import sys
 
-import pytest
 from PIL import Image
 
 import plot
-from conftest import ROOT, one_line_error, run
+from conftest import injected, ROOT, one_line_error, run
 
 
 def rows(run_dir):
@@ -82,8 +80,7 @@ def test_a_run_without_metrics_is_a_one_line_error(tmp_path):
 
 def test_without_matplotlib_one_line_says_how_to_install_it(tmp_path, trained_run, cifar_dir):
     run_dir, _ = trained_run
-    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['matplotlib'] = None\n")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env = injected(tmp_path, "import sys\nsys.modules['matplotlib'] = None\n")
     proc = subprocess.run([sys.executable, str(ROOT / "plot.py"), str(run_dir), "--out", str(tmp_path / "x.png")],
                           capture_output=True, text=True, env=env, timeout=120)
     assert "requirements-extra.txt" in one_line_error(proc)
