@@ -177,8 +177,8 @@ def prepare(data_dir, archive=None, url=None, md5=CIFAR10_MD5):
     archive = Path(archive)
     if not archive.is_file():
         raise DataError(f"{archive}: no such archive")
-    if md5 and md5sum(archive) != md5:
-        found = md5sum(archive)
+    found = md5sum(archive) if md5 else None
+    if md5 and found != md5:
         if downloaded:  # a bad download must not block the next try
             archive.unlink()
         raise DataError(f"{archive}: MD5 is {found}, expected {md5}; "

@@ -550,6 +550,11 @@ def train(args, device, master, stop):
               f"{', compiled' if args.compile else ''}: {len(train_y)} training / {len(test_y)} test images, "
               f"{steps} step{'s' if steps > 1 else ''} of {min(args.batch_size, len(train_y))} per epoch, "
               f"data loaded in {load_seconds:.1f}s; writing to {out_dir}")
+    def training_state():  # what last.pth adds to a checkpoint; built only by the process that saves
+        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "best_accuracy": best_acc, "best_epoch": best_epoch,
+                "rng_cpu": torch.get_rng_state()}
+
     train_seconds = eval_seconds = 0.0
     last_epoch = min(args.epochs, args.stop_after or args.epochs)
     for epoch in range(done_epochs + 1, last_epoch + 1):
@@ -559,14 +564,10 @@ def train(args, device, master, stop):
                             out_dir / "log.txt", master, stop, start_step=done_steps if resume_here else 0,
                             totals=state.get("totals") if resume_here else None)
         train_seconds += r["seconds"]
-        ckpt = checkpoint_dict(model, classes, epoch - 1, None, args)
-        training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "scaler": scaler.state_dict(), "best_accuracy": best_acc, "best_epoch": best_epoch,
-                          "rng_cpu": torch.get_rng_state()}
         if "stopped_at" in r:  # a stop was requested: save mid-epoch and leave
             if master:
-                save_checkpoint({**ckpt, **training_state, "step": r["stopped_at"], "totals": r["totals"]},
-                                out_dir / "last.pth")
+                save_checkpoint({**checkpoint_dict(model, classes, epoch - 1, None, args), **training_state(),
+                                 "step": r["stopped_at"], "totals": r["totals"]}, out_dir / "last.pth")
                 print(f"stopped by {signal.Signals(r['signum']).name} at epoch {epoch}, step {r['stopped_at']} "
                       f"of {steps}; saved {out_dir / 'last.pth'}. Continue with: python train.py --resume "
                       f"{out_dir / 'last.pth'}", flush=True)
@@ -582,10 +583,8 @@ def train(args, device, master, stop):
         if is_best:
             best_acc, best_epoch = acc, epoch
         if master:
-            ckpt.update(epoch=epoch, accuracy=acc)
-            training_state.update(best_accuracy=best_acc, best_epoch=best_epoch)
-            save_epoch(out_dir, ckpt, training_state, is_best, r, test_loss, scheduler.get_last_lr()[0], args,
-                       first=epoch == done_epochs + 1)
+            save_epoch(out_dir, checkpoint_dict(model, classes, epoch, acc, args), training_state(), is_best, r,
+                       test_loss, scheduler.get_last_lr()[0], args, first=epoch == done_epochs + 1)
         # A stop that came during evaluation or saving: the epoch is complete, leave now.
         signum = agreed_signal(stop, device) if world > 1 else stop.signum
         if signum and epoch < last_epoch:
