@@ -1,7 +1,7 @@
 """How fast this project's pipeline trains, evaluates and loads, next to the tutorials' pipeline.
 
     python bench.py                                   # ResNet18, best device found, batch 128
-    python bench.py --model resnet50 --device cuda --batch-size 256
+    python bench.py --model resnet50 --device cuda --batch-size 512 --compile
     make bench MODEL=resnet18 DEVICE=cpu BATCH=128
 
 Both pipelines run the same network on the same random images of CIFAR's shape:
@@ -13,10 +13,12 @@ Both pipelines run the same network on the same random images of CIFAR's shape:
 Warm-up steps are not timed (oneDNN and cuDNN pick their kernels then); the two
 pipelines take turns over several repeats and the median is reported. The last
 line is one machine-readable line. train_mfu is the training FLOP rate over the
-fp32 2048x2048 matrix-multiply rate measured in the same run: how close training
+matrix-multiply rate measured in the same run in the same precision (fp32
+2048x2048 on a CPU, bf16/fp16 8192x8192 on a GPU or NPU): how close training
 comes to what this device's arithmetic can do.
 """
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -38,6 +40,8 @@ def get_args_parser():
     p.add_argument("--steps", type=int, default=4, help="timed steps per repeat")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per pipeline (median reported)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile this project's networks, as train.py --compile does (compilation is in the warm-up)")
     return p
 
 
@@ -53,9 +57,12 @@ def timed(fn, device, steps, warmup):
     return (time.perf_counter() - start) / steps
 
 
-def matmul_gflops(device, steps, warmup):
-    a, b = (torch.randn(2048, 2048, device=device) for _ in range(2))
-    return 2 * 2048 ** 3 / timed(lambda: a @ b, device, steps, warmup) / 1e9
+def matmul_gflops(device, dtype, steps, warmup):
+    """Matrix-multiply rate in the precision training computes in: 2048x2048 on a CPU,
+    8192x8192 on an accelerator (smaller ones do not fill a GPU)."""
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / timed(lambda: a @ b, device, steps, warmup) / 1e9
 
 
 def training_flops_per_image(model):
@@ -104,6 +111,10 @@ def main(args):
     layout = torch.channels_last if data.use_channels_last("auto", device) else torch.contiguous_format
 
     ours_model = resnet.build_model(args.model).to(device, memory_format=layout)
+    # what test.py and train.py score with
+    ours_inference = resnet.fold_batchnorm(copy.deepcopy(ours_model)).to(memory_format=layout)
+    if args.compile:
+        ours_model, ours_inference = torch.compile(ours_model), torch.compile(ours_inference)
     tutorial_model = resnet.build_model(args.model).to(device)
     ours_train = data.CifarLoader(images, labels, args.batch_size, data.CIFAR10_MEAN, data.CIFAR10_STD, train=True,
                                   device=device, memory_format=layout)
@@ -140,7 +151,7 @@ def main(args):
     tests = {
         "train_img_s": lambda: train_step(ours_model, "ours_train", amp_dtype),
         "tutorial_train_img_s": lambda: train_step(tutorial_model, "tutorial_train", None),
-        "eval_img_s": lambda: eval_step(ours_model, "ours_eval", amp_dtype),
+        "eval_img_s": lambda: eval_step(ours_inference, "ours_eval", amp_dtype),
         "tutorial_eval_img_s": lambda: eval_step(tutorial_model, "tutorial_eval", None),
         "loader_img_s": lambda: load_step("ours_train"),
         "tutorial_loader_img_s": lambda: load_step("tutorial_train"),
@@ -150,7 +161,7 @@ def main(args):
     print(f"{args.model} on {device}, batch {args.batch_size}: {args.repeats} repeats of {args.steps} steps "
           f"after {args.warmup} warm-up steps, the two pipelines taking turns", flush=True)
     for repeat in range(args.repeats):
-        gflops.append(matmul_gflops(device, args.steps, args.warmup))
+        gflops.append(matmul_gflops(device, amp_dtype or torch.float32, args.steps, args.warmup))
         for name, fn in tests.items():
             steps = args.steps * (20 if "loader" in name else 1)  # loading alone is quick: time more of it
             results[name].append(args.batch_size / timed(fn, device, steps, args.warmup))
@@ -159,7 +170,8 @@ def main(args):
     med = {k: statistics.median(v) for k, v in results.items()}
     flops = training_flops_per_image(resnet.build_model(args.model))
     matmul = statistics.median(gflops)
-    line = (f"bench model={args.model} device={device.type} batch={args.batch_size} "
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+    line = (f"bench model={args.model} device={device.type} batch={args.batch_size} precision={precision} "
             f"train_img_s={med['train_img_s']:.1f} tutorial_train_img_s={med['tutorial_train_img_s']:.1f} "
             f"train_ratio={med['train_img_s'] / med['tutorial_train_img_s']:.2f} "
             f"eval_img_s={med['eval_img_s']:.1f} tutorial_eval_img_s={med['tutorial_eval_img_s']:.1f} "

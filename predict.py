@@ -128,7 +128,7 @@ class Classifier:
         self.std = self.ckpt.get("std", data.CIFAR10_STD)
         self.image_size = self.ckpt.get("image_size", 32)
         self.device = torch.device(device)
-        self.model.to(self.device)
+        self.model = resnet.fold_batchnorm(self.model).to(self.device)
 
     @torch.no_grad()
     def probabilities(self, pictures):

@@ -14,6 +14,7 @@ This file imports only torch: copy it alone into another project.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
 def shortcut(in_planes, out_planes, stride):
@@ -125,6 +126,28 @@ def build_model(arch, num_classes=10):
     return MODELS[arch](num_classes)
 
 
+def fold_batchnorm(model):
+    """Turn model, in place, into its inference form: each BatchNorm folded into the
+    convolution before it. Returns model, in eval mode.
+
+    In eval mode a BatchNorm is a fixed per-channel scale and shift, which the
+    convolution's weights and a bias can absorb: the same outputs (to float
+    rounding) with one pass over the activations fewer per layer. The folded
+    model's state dict has other keys (conv biases, no bn*) and it cannot train:
+    fold a copy (copy.deepcopy) of a model that is still training or to be saved.
+    """
+    model.eval()
+    for block in model.modules():  # the stem (the model itself) and every block
+        for conv, bn in (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")):
+            if isinstance(getattr(block, bn, None), nn.modules.batchnorm._BatchNorm):
+                setattr(block, conv, fuse_conv_bn_eval(getattr(block, conv), getattr(block, bn)))
+                setattr(block, bn, nn.Identity())
+        shortcut = getattr(block, "shortcut", None)
+        if isinstance(shortcut, nn.Sequential) and len(shortcut) == 2:
+            block.shortcut = nn.Sequential(fuse_conv_bn_eval(shortcut[0], shortcut[1]))
+    return model
+
+
 # ---------------------------------------------------------------------------
 # Checkpoints. A checkpoint is a plain dict that describes itself:
 #   arch, num_classes, classes, mean, std, image_size, epoch, accuracy, model
@@ -198,13 +221,20 @@ def load_model(path, arch=None):
 
 
 @torch.no_grad()
-def evaluate(model, loader, num_classes):
-    """Mean cross-entropy and the confusion matrix (rows: true class, columns: predicted)."""
+def evaluate(model, loader, num_classes, tta=False):
+    """Mean cross-entropy and the confusion matrix (rows: true class, columns: predicted).
+
+    tta: average the logits of each image and its mirror image (flip test-time
+    augmentation): the network saw both during training, and the two views'
+    errors partly cancel.
+    """
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for images, labels in loader:
         logits = model(images).float()
+        if tta:
+            logits = (logits + model(images.flip(3)).float()) / 2
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double().cpu()
         pairs = labels * num_classes + logits.argmax(1)
         confusion += torch.bincount(pairs, minlength=num_classes**2).cpu().view(num_classes, num_classes)

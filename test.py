@@ -10,6 +10,8 @@ import it by path; `import test` finds the standard library's.)
 import argparse
 import sys
 
+import torch
+
 import data
 import resnet
 
@@ -25,6 +27,8 @@ def get_args_parser():
     p.add_argument("--device", default="auto", choices=data.DEVICES, help="where to run")
     p.add_argument("--subset", type=int, default=None, help="use only the first N test images")
     p.add_argument("--batch-size", type=int, default=1000, help="images per step")
+    p.add_argument("--tta", action="store_true",
+                   help="average each image's logits with its mirror image's (flip test-time augmentation)")
     p.add_argument("--confusion-png", default=None, metavar="PATH",
                    help="also draw the confusion matrix into this picture (needs matplotlib)")
     return p
@@ -54,14 +58,16 @@ def main(args):
         raise resnet.CheckpointError(f"{args.checkpoint}: predicts {model.linear.out_features} classes, "
                                      f"but the data in {data_dir} has {len(data_classes)}")
     device = data.pick_device(args.device)
+    layout = torch.channels_last if data.use_channels_last("auto", device) else torch.contiguous_format
     loader = data.CifarLoader(images, labels, args.batch_size, ckpt.get("mean", data.CIFAR10_MEAN),
-                              ckpt.get("std", data.CIFAR10_STD), train=False, device=device)
-    loss, confusion = resnet.evaluate(model.to(device), loader, len(classes))
+                              ckpt.get("std", data.CIFAR10_STD), train=False, device=device, memory_format=layout)
+    model = resnet.fold_batchnorm(model).to(device, memory_format=layout)
+    loss, confusion = resnet.evaluate(model, loader, len(classes), tta=args.tta)
 
     correct, total = int(confusion.diag().sum()), int(confusion.sum())
     per_class = (100.0 * confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
     print(f"{args.checkpoint}: {ckpt.get('arch', args.model)}, epoch {ckpt.get('epoch', '?')}, "
-          f"{total} test images from {data_dir} on {device}")
+          f"{total} test images from {data_dir} on {device}{', with flip TTA' if args.tta else ''}")
     print("\nper-class accuracy:")
     for i, (name, acc) in enumerate(zip(classes, per_class)):
         print(f"  {name:>12} {acc:6.2f}%  ({int(confusion[i, i])}/{int(confusion[i].sum())})")

@@ -18,6 +18,7 @@ Under torchrun every process trains on its share of each global batch
 (DistributedDataParallel); process 0 alone prints and writes files.
 """
 import argparse
+import copy
 import datetime
 import math
 import os
@@ -78,6 +79,8 @@ def get_args_parser():
     p.add_argument("--seed", type=int, default=0, help="seeds the weights, the shuffling and the augmentation")
     p.add_argument("--subset", type=int, default=None, help="use only the first N images of each split")
     p.add_argument("--eval-batch-size", type=int, default=1000, help="images per evaluation step")
+    p.add_argument("--tta", action="store_true",
+                   help="score each test image together with its mirror image (about +0.3%%, twice the evaluation time)")
     p.add_argument("--log-every", type=int, default=20, help="write a log.txt line every N steps")
     p.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
                    help="stop after this epoch (the schedule still spans --epochs); continue later with --resume")
@@ -363,12 +366,13 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, epoc
             "first_step": first_step, **result}
 
 
-def evaluate(model, loader, num_classes, amp_dtype):
+def evaluate(model, loader, num_classes, amp_dtype, tta, memory_format):
     """Test loss and accuracy over the whole test split; each process scores its
     share, the sums are added up, and every process gets the same answer."""
     device = loader.images.device
+    inference = resnet.fold_batchnorm(copy.deepcopy(model)).to(memory_format=memory_format)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        loss, confusion = resnet.evaluate(model, loader, num_classes)
+        loss, confusion = resnet.evaluate(inference, loader, num_classes, tta=tta)
     totals = torch.cat([confusion.flatten().double(), torch.tensor([loss * confusion.sum().item()],
                                                                     dtype=torch.float64)]).to(device)
     totals = all_sum(totals).cpu()
@@ -577,7 +581,7 @@ def train(args, device, master, stop):
         if world > 1:  # every process evaluates, and saves, the weights process 0 has
             for buffer in model.buffers():
                 dist.broadcast(buffer, 0)
-        test_loss, acc = evaluate(model, test_loader, len(classes), amp_dtype)
+        test_loss, acc = evaluate(model, test_loader, len(classes), amp_dtype, args.tta, memory_format)
         eval_seconds += time.perf_counter() - t
         is_best = acc > best_acc
         if is_best:

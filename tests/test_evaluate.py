@@ -8,16 +8,19 @@ import resnet
 from conftest import QUICK, one_line_error, run
 
 
-def direct_accuracy(checkpoint, cifar_dir):
-    """Accuracy computed by hand: normalize with the checkpoint's numbers, forward, compare."""
+def direct_accuracy(checkpoint, cifar_dir, tta=False):
+    """Accuracy computed by hand: normalize with the checkpoint's numbers, forward, compare
+    (tta: the mean of the logits of each image and its mirror image)."""
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model = resnet.build_model(ckpt["arch"], ckpt["num_classes"])
     model.load_state_dict(ckpt["model"])
     images, labels, _ = data.load_split(cifar_dir, train=False)
     mean = torch.tensor(ckpt["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(ckpt["std"]).view(1, 3, 1, 1)
+    x = (images.float() / 255 - mean) / std
     with torch.no_grad():
-        predicted = model.eval()((images.float() / 255 - mean) / std).argmax(1)
+        logits = model.eval()(x)
+        predicted = (logits + model(x.flip(3)) if tta else logits).argmax(1)
     return 100.0 * (predicted == labels).sum().item() / len(labels), predicted, labels
 
 
@@ -28,6 +31,15 @@ def test_accuracy_equals_a_direct_computation(trained_run, cifar_dir):
     reported = float(re.search(r"^accuracy (\S+)% \((\d+)/100\)", proc.stdout, re.M).group(1))
     expected, _, _ = direct_accuracy(run_dir / "best.pth", cifar_dir)
     assert reported == round(expected, 2)
+
+
+def test_tta_scores_each_image_together_with_its_mirror_image(trained_run, cifar_dir):
+    run_dir, _ = trained_run
+    proc = run("test.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--device", "cpu",
+               "--tta", cwd=run_dir)
+    reported = float(re.search(r"^accuracy (\S+)% \((\d+)/100\)", proc.stdout, re.M).group(1))
+    assert "with flip TTA" in proc.stdout
+    assert reported == round(direct_accuracy(run_dir / "best.pth", cifar_dir, tta=True)[0], 2)
 
 
 def test_per_class_accuracy_and_the_confusion_matrix_are_printed_with_class_names(trained_run, cifar_dir):
@@ -68,3 +80,11 @@ def test_no_checkpoint_or_a_file_that_is_not_one_is_a_one_line_error(tmp_path, c
     (tmp_path / "notes.pth").write_text("not a checkpoint")
     proc = run("test.py", "--checkpoint", tmp_path / "notes.pth", "--data-dir", cifar_dir, cwd=tmp_path, check=False)
     assert "notes.pth" in one_line_error(proc)
+
+
+def test_training_with_tta_logs_what_test_py_tta_reports_for_that_epoch(tmp_path, cifar_dir):
+    run("train.py", "--data-dir", cifar_dir, "--epochs", "1", "--tta", *QUICK, cwd=tmp_path)
+    logged = (tmp_path / "runs" / "resnet18" / "acc.txt").read_text().split("= ")[1].strip()
+    proc = run("test.py", "--checkpoint", "runs/resnet18/net_001.pth", "--data-dir", cifar_dir, "--device", "cpu",
+               "--subset", "64", "--tta", cwd=tmp_path)
+    assert re.search(r"^accuracy (\S+)%", proc.stdout, re.M).group(1) == f"{float(logged[:-1]):.2f}"

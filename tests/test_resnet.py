@@ -38,6 +38,22 @@ def test_pooling_equals_the_tutorials_avg_pool_at_32x32_and_works_at_other_sizes
         assert model(torch.randn(2, 3, 24, 24)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_folding_batchnorm_into_the_convolutions_gives_the_same_outputs(arch):
+    torch.manual_seed(0)
+    model = resnet.build_model(arch).eval()
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # statistics unlike the defaults
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.uniform_(-0.5, 0.5)
+    model = model.double()  # in float64 the folding is exact to rounding far below any float32 effect
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+        folded = resnet.fold_batchnorm(model)
+        torch.testing.assert_close(folded(x), expected, rtol=1e-9, atol=1e-9)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+
+
 def test_unknown_architecture_is_refused_by_name():
     with pytest.raises(ValueError, match="resnet18"):
         resnet.build_model("resnet19")
