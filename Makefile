@@ -4,10 +4,13 @@
 #   make data train DEVICE=npu MODEL=resnet50 EPOCHS=60
 #   make eval                                    # test.py on $(RUN_DIR)/best.pth
 #   make predict IMG=test/0_3.jpg
+#   make data train DATASET=folder DATA_DIR=photos RUN_DIR=runs/photos   # your own pictures
+#   make export                                  # $(RUN_DIR)/model.onnx, for onnxruntime or Ascend's ATC
 #   make test
 
 DEVICE   ?= auto
 MODEL    ?= resnet18
+DATASET  ?= cifar10
 EPOCHS   ?=
 BATCH    ?=
 DATA_DIR ?= data
@@ -35,20 +38,21 @@ PYTHON := $(ENV)/bin/python
 STAMP := .make/$(subst /,_,$(abspath $(ENV)))
 
 # Passed to scripts only when set, so each script's own default applies otherwise.
-TRAIN_FLAGS := --model $(MODEL) --device $(DEVICE) --data-dir $(DATA_DIR) --out-dir $(RUN_DIR) \
+TRAIN_FLAGS := --model $(MODEL) --dataset $(DATASET) --device $(DEVICE) --data-dir $(DATA_DIR) --out-dir $(RUN_DIR) \
 	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH),--batch-size $(BATCH))
 # NPROC=N: N processes on this machine under torchrun (DDP), one device each.
 LAUNCH := $(if $(NPROC),$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC),$(PYTHON))
-# test.py evaluates on the data the run trained on unless DATA_DIR is given here.
+# test.py evaluates on the data the run trained on unless DATASET or DATA_DIR is given here.
 EVAL_FLAGS := --checkpoint $(RUN_DIR)/best.pth --device $(DEVICE) --confusion-png $(RUN_DIR)/confusion.png \
-	$(if $(filter command line environment,$(origin DATA_DIR)),--data-dir $(DATA_DIR))
+	$(if $(filter command line environment,$(origin DATA_DIR)),--data-dir $(DATA_DIR)) \
+	$(if $(filter command line environment,$(origin DATASET)),--dataset $(DATASET))
 # predict.py and gui.py pick the newest run's best.pth unless MODEL or RUN_DIR is given here.
 PREDICT_FLAGS := $(if $(filter command line environment,$(origin RUN_DIR) $(origin MODEL)),--checkpoint $(RUN_DIR)/best.pth)
 # gui.py opens a picture at once only when IMG is given.
 GUI_FLAGS := $(PREDICT_FLAGS) $(if $(filter command line,$(origin IMG)),$(IMG))
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev install-gui install-extra data train eval bench plot predict gui test clean
+.PHONY: help install install-dev install-gui install-extra data train eval bench plot predict gui export test clean
 
 help: ## list the targets and the variables they take
 	@echo "usage: make TARGET [VAR=value ...]"
@@ -56,6 +60,7 @@ help: ## list the targets and the variables they take
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
 	@echo
 	@echo "variables: DEVICE=$(DEVICE) (auto|npu|cuda|mps|cpu)  MODEL=$(MODEL)  EPOCHS=$(EPOCHS)  BATCH=$(BATCH)"
+	@echo "           DATASET=$(DATASET) (cifar10|cifar100|folder)"
 	@echo "           NPROC=$(NPROC)  DATA_DIR=$(DATA_DIR)  RUN_DIR=$(RUN_DIR)  RUNS=$(RUNS)  IMG=$(IMG)"
 	@echo "           ARCHIVE=$(ARCHIVE)  MD5=$(MD5)"
 	@echo "           ARGS=\"$(ARGS)\" (extra flags for the script)"
@@ -87,8 +92,9 @@ install-gui: $(STAMP).gui ## install Qt for Python (PySide6) for the desktop win
 
 install-extra: $(STAMP).extra ## install the optional extras (matplotlib for plots)
 
-data: install ## fetch and verify CIFAR-10 into DATA_DIR (offline: ARCHIVE=path, MD5=); samples in test/
-	$(PYTHON) data.py --data-dir $(DATA_DIR) $(if $(ARCHIVE),--archive $(ARCHIVE)) $(if $(MD5),--md5 $(MD5))
+data: install ## fetch and verify DATASET into DATA_DIR (offline: ARCHIVE=path, MD5=); samples in test/
+	$(PYTHON) data.py --dataset $(DATASET) --data-dir $(DATA_DIR) $(if $(ARCHIVE),--archive $(ARCHIVE)) \
+		$(if $(MD5),--md5 $(MD5))
 
 train: install data ## train MODEL on DEVICE into RUN_DIR (EPOCHS, BATCH, NPROC; ARGS="--resume" continues)
 	$(LAUNCH) train.py $(TRAIN_FLAGS) $(ARGS)
@@ -107,6 +113,9 @@ plot: install install-extra ## draw RUN_DIR/curves.png (RUNS="runs/a runs/b" ove
 
 gui: install install-gui ## open the desktop window (IMG= opens a picture at once; newest run's best.pth)
 	$(PYTHON) gui.py $(GUI_FLAGS) $(ARGS)
+
+export: install install-extra ## write RUN_DIR/model.onnx from RUN_DIR/best.pth, checked against PyTorch with onnxruntime
+	$(PYTHON) export.py --checkpoint $(RUN_DIR)/best.pth $(ARGS)
 
 test: install-dev install-gui install-extra ## run the test suite
 	$(PYTHON) -m pytest --durations=10 tests/ $(ARGS)

@@ -2,6 +2,7 @@
 
     python bench.py                                   # ResNet18, best device found, batch 128
     python bench.py --model resnet50 --device cuda --batch-size 512 --compile
+    python bench.py --cold-start test/0_3.jpg            # predict.py's start-up against the tutorials'
     make bench MODEL=resnet18 DEVICE=cpu BATCH=128
 
 Both pipelines run the same network on the same random images of CIFAR's shape:
@@ -40,6 +41,9 @@ def get_args_parser():
     p.add_argument("--steps", type=int, default=4, help="timed steps per repeat")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per pipeline (median reported)")
+    p.add_argument("--cold-start", metavar="PICTURE", default=None,
+                   help="instead: time `python predict.py PICTURE` from a cold start against the tutorials' "
+                        "predict flow (tests/tutorial_predict.py), each started --repeats x 2 times, alternating")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile this project's networks, as train.py --compile does (compilation is in the warm-up)")
     return p
@@ -102,7 +106,42 @@ def forever(loader):
         yield from loader
 
 
+def cold_start(picture, repeats):
+    """Median wall time of a fresh `python predict.py PICTURE` and of the tutorials' predict
+    flow, on the same ResNet18 weights (random: only the time matters here)."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+    root = Path(__file__).resolve().parent
+    if not Path(picture).is_file():
+        raise data.DataError(f"{picture}: no such picture (`make data` writes test/0_3.jpg)")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = resnet.build_model("resnet18")
+        torch.save(model.state_dict(), f"{tmp}/tutorial.pth")  # what the tutorials save: a bare state dict
+        torch.save({"arch": "resnet18", "num_classes": 10, "classes": data.CIFAR10_CLASSES,
+                    "mean": list(data.CIFAR10_MEAN), "std": list(data.CIFAR10_STD), "image_size": 32,
+                    "model": model.state_dict()}, f"{tmp}/ours.pth")
+        commands = {"predict_s": [sys.executable, str(root / "predict.py"), picture, "--checkpoint", f"{tmp}/ours.pth"],
+                    "tutorial_predict_s": [sys.executable, str(root / "tests" / "tutorial_predict.py"), picture,
+                                           f"{tmp}/tutorial.pth"]}
+        times = {name: [] for name in commands}
+        for repeat in range(2 * repeats):
+            for name, command in commands.items():
+                start = time.perf_counter()
+                subprocess.run(command, check=True, capture_output=True)
+                times[name].append(time.perf_counter() - start)
+            print(f"start {repeat + 1}: " + " ".join(f"{k}={v[-1]:.2f}" for k, v in times.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    line = (f"bench cold_start picture={picture} predict_s={med['predict_s']:.2f} "
+            f"tutorial_predict_s={med['tutorial_predict_s']:.2f} "
+            f"predict_ratio={med['predict_s'] / med['tutorial_predict_s']:.2f}")
+    print(line)
+    return line
+
+
 def main(args):
+    if args.cold_start:
+        return cold_start(args.cold_start, args.repeats)
     device = data.pick_device(args.device)
     n = args.batch_size * (args.steps + args.warmup) * 2
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
@@ -186,5 +225,5 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
-    except data.DeviceError as e:
+    except (data.DeviceError, data.DataError) as e:
         sys.exit(f"error: {e}")

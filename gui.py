@@ -23,6 +23,7 @@ try:
 except ImportError:
     QtWidgets = None
 
+import data
 import predict
 import resnet
 
@@ -103,8 +104,8 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
         """Show a picture (scaled, aspect ratio kept) and make it the one Run classifies."""
         self.clear_result()
         try:  # predict.py's reader: what is shown is what is classified (EXIF turn included)
-            im = predict.open_picture(path, draft=(1024, 1024))
-        except predict.PictureError as e:
+            im = data.open_picture(path, draft=(1024, 1024))
+        except data.PictureError as e:
             self.show_message(str(e))
             return False
         im.thumbnail((1024, 1024))
@@ -123,8 +124,8 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
         if classifier is None:
             return None
         try:
-            picture = predict.load_picture(self.image_path, classifier.image_size)
-        except predict.PictureError as e:
+            picture = data.load_picture(self.image_path, classifier.image_size)
+        except data.PictureError as e:
             return self.show_message(str(e))
         self.last_result = classifier.top(classifier.probabilities(picture[None])[0], TOP)
         self.show_result()

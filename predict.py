@@ -13,7 +13,6 @@ how sure the model is, not how often it is right.
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -43,58 +42,6 @@ def latest_checkpoint(runs_dir="runs"):
     """best.pth of the most recently written run under runs/, or None."""
     found = sorted(Path(runs_dir).glob("*/best.pth"), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
-
-
-class PictureError(Exception):
-    """A picture that cannot be classified; the message is one line for the user."""
-
-
-def to_rgb(im):
-    """Any Pillow mode as 8-bit RGB; transparency is laid on white."""
-    import numpy as np
-    from PIL import Image
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16/32-bit grayscale
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
-        im = Image.fromarray((arr * 255.0 / top).clip(0, 255).astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")
-        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
-    return im.convert("RGB")
-
-
-def open_picture(path, draft=None):
-    """A picture file as an upright 8-bit RGB Pillow image, or PictureError.
-
-    draft: (w, h) a JPEG may be decoded at instead of full size (big photos load
-    many times faster; the result is at least that large)."""
-    from PIL import Image, ImageOps
-    try:
-        with warnings.catch_warnings(), Image.open(path) as im:
-            # Pillow only warns between 1x and 2x its pixel limit; refuse those too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if draft:
-                im.draft("RGB", draft)
-            return to_rgb(ImageOps.exif_transpose(im))
-    except FileNotFoundError:
-        raise PictureError(f"{path}: no such file") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise PictureError(f"{path}: too many pixels to decode safely (a decompression bomb?)") from None
-    except Exception as e:  # not a picture, truncated, unsupported
-        detail = (str(e).splitlines() or [type(e).__name__])[0]
-        raise PictureError(f"{path}: cannot read picture ({detail})") from None
-
-
-def load_picture(path, size):
-    """A picture file as the model sees it: uint8 tensor (3, size, size), center square, or PictureError."""
-    import numpy as np
-    from PIL import Image
-    im = open_picture(path, draft=(size * 2, size * 2))
-    w, h = im.size
-    side = min(w, h)
-    box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-    im = im.resize((size, size), Image.BICUBIC, box=box, reducing_gap=3.0)
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
 
 
 def expand_paths(paths):
@@ -152,9 +99,9 @@ def main(args):
         batch, pictures = [], []  # results in the order given; pictures for those that loaded
         for f in files[start:start + args.batch_size]:
             try:
-                pictures.append(load_picture(f, clf.image_size))
+                pictures.append(data.load_picture(f, clf.image_size))
                 batch.append({"path": str(f)})
-            except PictureError as e:
+            except data.PictureError as e:
                 batch.append({"path": str(f), "error": str(e)})
         loaded = [r for r in batch if "error" not in r]
         if pictures:

@@ -1,6 +1,7 @@
-"""Evaluate a checkpoint on the CIFAR-10 test split: accuracy, loss, per-class accuracy, confusion matrix.
+"""Evaluate a checkpoint on its dataset's test split: accuracy, loss, per-class accuracy, confusion matrix.
 
     python test.py                                       # runs/resnet18/best.pth
+    python test.py --checkpoint runs/photos/best.pth     # a folder-trained run: its data, classes and size
     python test.py --checkpoint runs/resnet50/net_030.pth --device cpu
     python test.py --checkpoint tutorial.pth --model resnet50   # a bare state dict
 
@@ -17,16 +18,18 @@ import resnet
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Evaluate a checkpoint on the CIFAR-10 test split.",
+    p = argparse.ArgumentParser(description="Evaluate a checkpoint on its dataset's test split.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.print_usage = lambda file=None: None  # a bad flag gets one line, not the usage block
     p.add_argument("--checkpoint", default="runs/resnet18/best.pth", help="a .pth written by train.py")
     p.add_argument("--model", default=None, choices=list(resnet.MODELS),
                    help="network of a bare state dict (checkpoints of train.py say it themselves)")
-    p.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/ (default: the run's)")
+    p.add_argument("--dataset", default=None, choices=data.DATASETS, help="default: the one the run trained on")
+    p.add_argument("--data-dir", default=None, help="the dataset's folder (default: the run's)")
     p.add_argument("--device", default="auto", choices=data.DEVICES, help="where to run")
     p.add_argument("--subset", type=int, default=None, help="use only the first N test images")
-    p.add_argument("--batch-size", type=int, default=1000, help="images per step")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per step (default: 1000 on a GPU or NPU, 128 on a CPU)")
     p.add_argument("--tta", action="store_true",
                    help="average each image's logits with its mirror image's (flip test-time augmentation)")
     p.add_argument("--confusion-png", default=None, metavar="PATH",
@@ -49,18 +52,24 @@ def main(args):
     # Evaluate on the data the run trained with unless told otherwise. (Checkpoints
     # keep that folder only when it is a relative path inside the working directory.)
     data_dir = args.data_dir or ckpt.get("args", {}).get("data_dir") or "data"
-    if args.data_dir is None and not data.is_prepared(data_dir):
-        raise data.DataError(f"no CIFAR-10 in {data_dir!r}, the run's data folder as the checkpoint "
+    dataset = args.dataset or ckpt.get("dataset", "cifar10")
+    if args.data_dir is None and not data.is_prepared(data_dir, dataset):
+        raise data.DataError(f"no {dataset} data in {data_dir!r}, the run's data folder as the checkpoint "
                              "remembers it: pass --data-dir (DATA_DIR= with make)")
-    images, labels, data_classes = data.load_split(data_dir, train=False, subset=args.subset)
+    images, labels, data_classes = data.load_split(data_dir, train=False, subset=args.subset, dataset=dataset,
+                                                   image_size=ckpt.get("image_size", 32))
     classes = ckpt.get("classes") or data_classes
     if model.linear.out_features != len(data_classes):
         raise resnet.CheckpointError(f"{args.checkpoint}: predicts {model.linear.out_features} classes, "
                                      f"but the data in {data_dir} has {len(data_classes)}")
+    if dataset == "folder" and list(classes) != list(data_classes):
+        raise resnet.CheckpointError(f"{args.checkpoint}: trained on the classes {', '.join(classes[:5])}..., "
+                                     f"but {data_dir} holds {', '.join(data_classes[:5])}...")
     device = data.pick_device(args.device)
     layout = torch.channels_last if data.use_channels_last("auto", device) else torch.contiguous_format
-    loader = data.CifarLoader(images, labels, args.batch_size, ckpt.get("mean", data.CIFAR10_MEAN),
-                              ckpt.get("std", data.CIFAR10_STD), train=False, device=device, memory_format=layout)
+    loader = data.CifarLoader(images, labels, args.batch_size or data.eval_batch_size(device),
+                              ckpt.get("mean", data.CIFAR10_MEAN), ckpt.get("std", data.CIFAR10_STD), train=False,
+                              device=device, memory_format=layout)
     model = resnet.fold_batchnorm(model).to(device, memory_format=layout)
     loss, confusion = resnet.evaluate(model, loader, len(classes), tta=args.tta)
 

@@ -53,10 +53,55 @@ def dump(path, obj):
         pickle.dump(obj, f, protocol=2)
 
 
-def make_archive(data_root, path):
-    """A cifar-10-python.tar.gz holding cifar-10-batches-py/, and its MD5."""
+def write_cifar100(root, n_train=200, n_test=100, seed=0):
+    """root/cifar-100-python/ as in the official archive: train, test and meta, pickled
+    dicts with fine (100) and coarse (20) labels. The colour gives the fine label's tens."""
+    out = Path(root) / "cifar-100-python"
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name, n, s in (("train", n_train, seed), ("test", n_test, seed + 1)):
+        images, tens = make_images(n, s)
+        fine = tens * 10 + rng.integers(0, 10, size=n)
+        dump(out / name, {"batch_label": f"{name}ing batch 1 of 1", "data": images.reshape(n, -1),
+                          "fine_labels": fine.tolist(), "coarse_labels": (fine // 5).tolist(),
+                          "filenames": [f"{i}.png" for i in range(n)]})
+    dump(out / "meta", {"fine_label_names": FINE_CLASSES, "coarse_label_names": [f"group{i}" for i in range(20)]})
+    return Path(root)
+
+
+FINE_CLASSES = [f"fine{i:02d}" for i in range(100)]
+
+
+def write_folder(root, per_class=12, classes=("cat", "dog", "ship"), odd_files=True, seed=0):
+    """root/{train,test}/<class>/ of coloured pictures of assorted sizes and formats, and,
+    with odd_files, what real folders hold too: a text file, a truncated JPEG, an empty
+    PNG, a hidden file and a file outside the class folders."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split in ("train", "test"):
+        for c, name in enumerate(classes):
+            folder = Path(root) / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                w, h = int(rng.integers(24, 64)), int(rng.integers(24, 64))
+                noise = rng.integers(-30, 31, size=(h, w, 3))
+                pixels = np.clip(PALETTE[c] + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:03d}.{'png' if i % 2 else 'jpg'}")
+    if odd_files:
+        train = Path(root) / "train"
+        (train / classes[0] / "notes.txt").write_text("not a picture")
+        good = (train / classes[1] / "000.jpg").read_bytes()
+        (train / classes[1] / "broken.jpg").write_bytes(good[: len(good) // 3])
+        (train / classes[2] / "empty.png").write_bytes(b"")
+        (train / classes[0] / ".DS_Store").write_bytes(b"\0\1")
+        (train / "README.txt").write_text("pictures sorted by class")
+    return Path(root)
+
+
+def make_archive(data_root, path, folder="cifar-10-batches-py"):
+    """An archive like the official one (cifar-10-python.tar.gz holding cifar-10-batches-py/), and its MD5."""
     with tarfile.open(path, "w:gz") as tar:
-        tar.add(Path(data_root) / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+        tar.add(Path(data_root) / folder, arcname=folder)
     return path, hashlib.md5(Path(path).read_bytes()).hexdigest()
 
 

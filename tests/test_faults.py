@@ -345,7 +345,7 @@ def test_exif_rotation_is_applied():
         exif = Image.Exif()
         exif[0x0112] = 6  # viewer rotates 90 degrees clockwise: blue ends up on top
         im.save(Path(t) / "r.jpg", exif=exif, quality=95)
-        x = __import__("predict").load_picture(Path(t) / "r.jpg", 32)
+        x = data.load_picture(Path(t) / "r.jpg", 32)
     top, bottom = x[:, :8].float().mean((1, 2)), x[:, -8:].float().mean((1, 2))
     assert top[2] > 200 and top[0] < 60 and bottom[0] > 200 and bottom[2] < 60
 

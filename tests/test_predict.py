@@ -65,15 +65,15 @@ def test_any_picture_pillow_reads_is_classified(workdir, pictures, name):
 def test_pictures_become_rgb_at_the_training_size():
     for mode in ("L", "RGBA", "P", "CMYK", "I;16", "I", "LA"):
         im = Image.new(mode, (50, 20))
-        assert predict.to_rgb(im).mode == "RGB"
-    assert predict.to_rgb(Image.new("RGBA", (2, 2), (0, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)
+        assert data.to_rgb(im).mode == "RGB"
+    assert data.to_rgb(Image.new("RGBA", (2, 2), (0, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)
 
 
 def test_large_pictures_are_center_cropped_then_resized(tmp_path):
     im = np.zeros((100, 300, 3), dtype=np.uint8)
     im[:, 100:200] = 255  # the centre square is white, the sides black
     Image.fromarray(im).save(tmp_path / "wide.png")
-    out = predict.load_picture(tmp_path / "wide.png", 32)
+    out = data.load_picture(tmp_path / "wide.png", 32)
     assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
     # all white, but for the resampling filter's reach just past the crop's edges
     assert out[:, :, 1:-1].min() == 255 and out.min() > 200

@@ -103,3 +103,16 @@ def test_bench_times_both_pipelines_and_ends_with_one_machine_readable_line(tmp_
     assert abs(ratio / float(fields["train_ratio"]) - 1) < 0.1  # the printed rates are rounded
     # ResNet18: 0.56 GMAC forward per 32x32 image, so about 3.3 GFLOP to train on it
     assert abs(float(fields["train_gflop_per_img"]) - 3.34) < 0.05
+
+
+def test_bench_cold_start_times_predict_py_against_the_tutorials_predict_flow(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.jpg")
+    proc = run("bench.py", "--cold-start", "red.jpg", "--repeats", "1", cwd=tmp_path)
+    last = proc.stdout.strip().splitlines()[-1]
+    fields = dict(kv.split("=") for kv in last.split()[2:])
+    assert last.startswith("bench cold_start picture=red.jpg ")
+    assert float(fields["predict_s"]) > 0 and float(fields["tutorial_predict_s"]) > 0
+    assert abs(float(fields["predict_s"]) / float(fields["tutorial_predict_s"]) / float(fields["predict_ratio"]) - 1) < 0.05
+    proc = run("bench.py", "--cold-start", "missing.jpg", cwd=tmp_path, check=False)
+    assert "missing.jpg" in one_line_error(proc)

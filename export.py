@@ -1,0 +1,136 @@
+"""Export a checkpoint to ONNX, check it against PyTorch with onnxruntime, and print
+the command that turns it into an Ascend offline model (.om).
+
+    python export.py                                     # runs/resnet18/best.pth -> runs/resnet18/model.onnx
+    python export.py --checkpoint runs/photos/best.pth --images 200
+    make export RUN_DIR=runs/resnet50
+
+The ONNX model takes a float32 batch (N, 3, size, size), already normalized with
+the checkpoint's mean and std (written into the model's metadata with the class
+names), and returns the logits (N, classes); N is free. BatchNorm is folded
+into the convolutions first, so the graph holds only Conv, Relu, Add,
+GlobalAveragePool and Gemm nodes. Opset 17: the newest that Ascend's ATC reads
+(CANN supports ONNX 1.12, whose newest opset is 17).
+
+The check runs the first --images test pictures of the run's dataset through
+both and prints the largest difference of the logits; any picture whose top
+class differs fails the export. Needs onnx and onnxruntime (requirements-extra.txt).
+"""
+import argparse
+import copy
+import inspect
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+import data
+import resnet
+
+OPSET = 17
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Export a checkpoint to ONNX and check it with onnxruntime.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.print_usage = lambda file=None: None  # a bad flag gets one line, not the usage block
+    p.add_argument("--checkpoint", default="runs/resnet18/best.pth", help="a .pth written by train.py")
+    p.add_argument("--output", default=None, help="the .onnx file (default: model.onnx beside the checkpoint)")
+    p.add_argument("--data-dir", default=None, help="the test pictures' dataset folder (default: the run's)")
+    p.add_argument("--images", type=int, default=1000, help="test pictures to compare PyTorch and onnxruntime on")
+    p.add_argument("--tolerance", type=float, default=1e-3,
+                   help="largest allowed difference of a logit (float32 reorders sums: ~1e-5 is normal)")
+    return p
+
+
+class ExportError(Exception):
+    """An export that cannot be made or does not match; the message is one line for the user."""
+
+
+def import_onnx():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as e:
+        raise ExportError(f"export needs onnx and onnxruntime ({e.name} is missing): "
+                          "pip install -r requirements-extra.txt, or `make export`") from None
+    return onnx, onnxruntime
+
+
+def export(model, path, image_size, metadata):
+    """Write model (folded, eval) to path as ONNX with a free batch axis and metadata."""
+    onnx, _ = import_onnx()
+    example = torch.zeros(1, 3, image_size, image_size)
+    # The TorchScript-based exporter writes opset 17 directly; the newer one starts at 18.
+    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation notices about the exporter itself
+        torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=OPSET,
+                          do_constant_folding=True, **legacy)
+    proto = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def compare(model, path, images, mean, std):
+    """(largest |logit difference|, pictures whose top class differs) of the checkpoint's
+    network in PyTorch and the exported file in onnxruntime."""
+    _, ort = import_onnx()
+    x = data.normalize(images, mean, std)
+    with torch.no_grad():
+        expected = model(x)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0])
+    return (got - expected).abs().max().item(), int((got.argmax(1) != expected.argmax(1)).sum())
+
+
+def main(args):
+    model, ckpt = resnet.load_model(args.checkpoint)  # the reference: the checkpoint as PyTorch runs it
+    size = ckpt.get("image_size", 32)
+    mean, std = ckpt.get("mean", data.CIFAR10_MEAN), ckpt.get("std", data.CIFAR10_STD)
+    classes = ckpt.get("classes") or data.CIFAR10_CLASSES
+    dataset = ckpt.get("dataset", "cifar10")
+    data_dir = args.data_dir or ckpt.get("args", {}).get("data_dir") or "data"
+    if not data.is_prepared(data_dir, dataset):  # before the export, so a missing folder costs nothing
+        raise data.DataError(f"no {dataset} test pictures in {data_dir!r} to check the export on: pass --data-dir")
+    images, _, _ = data.load_split(data_dir, train=False, subset=args.images, dataset=dataset, image_size=size)
+
+    out = Path(args.output) if args.output else Path(args.checkpoint).with_name("model.onnx")
+    metadata = {"arch": ckpt.get("arch"), "dataset": dataset, "classes": list(classes), "mean": list(mean),
+                "std": list(std), "image_size": size}
+    # Written under a temporary name and renamed only once it has passed the check:
+    # a model.onnx on disk is always one that matched its checkpoint.
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        export(resnet.fold_batchnorm(copy.deepcopy(model)), tmp, size, metadata)
+        diff, mismatched = compare(model, tmp, images, mean, std)
+        if mismatched or diff > args.tolerance:
+            raise ExportError(f"the export does not match {args.checkpoint} (largest logit difference {diff:.2e}, "
+                              f"{mismatched} different answers on {len(images)} test pictures); nothing written")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, opset {OPSET}, input 'input' N x 3 x {size} x {size} "
+          f"normalized with mean {list(mean)} std {list(std)}, output 'logits' N x {len(classes)})")
+    print(f"onnxruntime vs PyTorch on {len(images)} test pictures of {data_dir}: largest logit difference "
+          f"{diff:.2e}, top-1 the same on all")
+    print("\nfor an Ascend NPU, convert it with CANN's ATC (--soc_version: the Name that `npu-smi info` shows):")
+    print(f"  atc --model={out} --framework=5 --output={out.with_suffix('')} "
+          f"--input_shape=\"input:1,3,{size},{size}\" --soc_version=<soc_version>")
+    print("  (several batch sizes: --input_shape=\"input:-1,3,...\" --dynamic_batch_size=\"1,8,32\")")
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except (ExportError, data.DataError, resnet.CheckpointError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)

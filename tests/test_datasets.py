@@ -1,0 +1,114 @@
+"""Beyond CIFAR-10: CIFAR-100 and the user's own picture folders, end to end."""
+import json
+import re
+
+import pytest
+import torch
+
+import data
+from conftest import FINE_CLASSES, QUICK, make_archive, one_line_error, run, write_cifar100, write_folder
+
+
+@pytest.fixture(scope="module")
+def cifar100_archive(tmp_path_factory):
+    root = write_cifar100(tmp_path_factory.mktemp("c100"))
+    return make_archive(root, root / "cifar-100-python.tar.gz", folder="cifar-100-python")
+
+
+def test_cifar100_from_its_archive_trains_evaluates_and_predicts_with_its_fine_label_names(tmp_path,
+                                                                                           cifar100_archive):
+    archive, md5 = cifar100_archive
+    proc = run("data.py", "--dataset", "cifar100", "--data-dir", "data", "--archive", archive, "--md5", md5,
+               cwd=tmp_path)
+    assert "CIFAR-100 ready in data/cifar-100-python" in proc.stdout
+    assert (tmp_path / "test" / "cifar100").is_dir()  # CIFAR-10's test/<label>_<k>.jpg stay its own
+    run("train.py", "--dataset", "cifar100", "--data-dir", "data", "--epochs", "1", *QUICK, cwd=tmp_path)
+    ckpt = torch.load(tmp_path / "runs" / "resnet18" / "best.pth", weights_only=True)
+    assert ckpt["dataset"] == "cifar100" and ckpt["classes"] == FINE_CLASSES and ckpt["num_classes"] == 100
+    assert ckpt["mean"] == list(data.CIFAR100_MEAN) and ckpt["std"] == list(data.CIFAR100_STD)
+    proc = run("test.py", "--checkpoint", "runs/resnet18/best.pth", "--device", "cpu", cwd=tmp_path)
+    assert re.search(r"^accuracy \d+\.\d\d% \(\d+/100\)", proc.stdout, re.M)
+    assert "fine07" in proc.stdout  # per-class lines name the fine classes
+    sample = sorted((tmp_path / "test" / "cifar100").glob("*_0.jpg"))[0]
+    proc = run("predict.py", sample, "--json", cwd=tmp_path)
+    assert json.loads(proc.stdout)["results"][0]["class"] in FINE_CLASSES
+
+
+def test_cifar100_is_checked_against_its_own_official_md5(tmp_path, cifar100_archive):
+    archive, _ = cifar100_archive  # our tiny archive is not the official file
+    proc = run("data.py", "--dataset", "cifar100", "--data-dir", "data", "--archive", archive, cwd=tmp_path,
+               check=False)
+    assert "expected eb9058c3a382ffc7106e4002c42a8d85" in one_line_error(proc)
+    assert "CIFAR-100" in one_line_error(proc) and not (tmp_path / "data" / "cifar-100-python").exists()
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """A ResNet18 trained for one epoch on a picture folder (odd files included), at 40x40."""
+    work = tmp_path_factory.mktemp("folder-run")
+    write_folder(work / "photos")
+    proc = run("train.py", "--dataset", "folder", "--data-dir", "photos", "--image-size", "40", "--epochs", "1",
+               "--out-dir", "runs/photos", *QUICK, cwd=work)
+    return work, proc
+
+
+def test_a_picture_folder_trains_with_its_folder_names_as_classes_and_skips_what_is_not_a_picture(folder_run):
+    work, proc = folder_run
+    assert "skipped 4 of 40 files in photos/train" in proc.stderr  # the hidden .DS_Store is not counted
+    for name in ("notes.txt", "broken.jpg", "empty.png", "README.txt"):
+        assert name in proc.stderr
+    assert "Traceback" not in proc.stderr
+    ckpt = torch.load(work / "runs" / "photos" / "best.pth", weights_only=True)
+    assert ckpt["dataset"] == "folder" and ckpt["classes"] == ["cat", "dog", "ship"]
+    assert ckpt["image_size"] == 40 and ckpt["num_classes"] == 3
+    images, _, _ = data.load_split(work / "photos", train=True, dataset="folder", image_size=40)
+    assert ckpt["mean"] == pytest.approx((images.double() / 255).mean((0, 2, 3)).tolist(), abs=1e-4)
+    assert ckpt["mean"] != pytest.approx(list(data.CIFAR10_MEAN), abs=0.01)
+
+
+def test_predict_and_test_use_a_folder_trained_model_with_no_extra_flags(folder_run):
+    work, _ = folder_run
+    proc = run("predict.py", "photos/test/dog/003.png", "--checkpoint", "runs/photos/best.pth", "--topk", "3",
+               "--json", cwd=work)
+    result = json.loads(proc.stdout)["results"][0]
+    assert result["class"] in ("cat", "dog", "ship")
+    assert sorted(t["class"] for t in result["top"]) == ["cat", "dog", "ship"]
+    proc = run("test.py", "--checkpoint", "runs/photos/best.pth", "--device", "cpu", cwd=work)
+    assert re.search(r"^accuracy \d+\.\d\d% \(\d+/36\)", proc.stdout, re.M)  # 3 classes x 12 test pictures
+    assert re.search(r"^ +ship +\d+\.\d\d%", proc.stdout, re.M)
+
+
+def test_the_decoded_pictures_are_cached_and_rebuilt_when_the_folder_changes(tmp_path, monkeypatch):
+    root = write_folder(tmp_path / "photos", per_class=4, odd_files=False)
+    decoded = []
+    real = data.load_picture
+    monkeypatch.setattr(data, "load_picture", lambda path, size: decoded.append(path) or real(path, size))
+
+    first, labels, classes = data.load_folder(root, train=True, image_size=32)
+    assert len(decoded) == 12 and (root / ".cache" / "train-32px.npz").is_file()
+    decoded.clear()
+    again, again_labels, _ = data.load_folder(root, train=True, image_size=32)
+    assert decoded == [] and torch.equal(again, first) and torch.equal(again_labels, labels)
+
+    data.load_folder(root, train=True, image_size=48)  # another size: its own cache
+    assert len(decoded) == 12
+    decoded.clear()
+    (root / "train" / "dog" / "000.jpg").unlink()
+    (root / "train" / "ship" / "999.png").write_bytes((root / "train" / "ship" / "001.png").read_bytes())
+    changed, changed_labels, _ = data.load_folder(root, train=True, image_size=32)
+    assert len(decoded) == 12 and len(changed) == 12
+    assert changed_labels.bincount().tolist() == [4, 3, 5]
+
+
+def test_a_folder_without_class_folders_is_a_one_line_error(tmp_path):
+    (tmp_path / "photos" / "train").mkdir(parents=True)
+    proc = run("train.py", "--dataset", "folder", "--data-dir", "photos", *QUICK, cwd=tmp_path, check=False)
+    assert "photos/test/<class>/" in one_line_error(proc)
+    (tmp_path / "photos" / "test").mkdir()
+    proc = run("train.py", "--dataset", "folder", "--data-dir", "photos", *QUICK, cwd=tmp_path, check=False)
+    assert "no class folders" in one_line_error(proc)
+
+
+def test_cifar_pictures_keep_their_size(tmp_path, cifar_dir):
+    proc = run("train.py", "--data-dir", cifar_dir, "--image-size", "64", *QUICK, cwd=tmp_path, check=False)
+    assert "--image-size is for folder datasets" in one_line_error(proc)

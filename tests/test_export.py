@@ -1,0 +1,63 @@
+"""export.py: ONNX for deployment, checked against PyTorch."""
+import json
+import re
+
+import numpy as np
+import pytest
+
+from conftest import injected, one_line_error, run
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, cifar_dir, tmp_path_factory):
+    run_dir, _ = trained_run
+    out = tmp_path_factory.mktemp("export") / "model.onnx"
+    proc = run("export.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--output", out,
+               "--images", "100", cwd=run_dir)
+    return out, proc
+
+
+def test_the_onnx_model_gives_the_checkpoints_answers_on_real_test_pictures(exported):
+    out, proc = exported
+    diff = float(re.search(r"on 100 test pictures of .*: largest logit difference (\S+), top-1 the same on all",
+                           proc.stdout).group(1))
+    assert diff < 1e-3
+    assert out.is_file()
+
+
+def test_the_onnx_model_takes_any_batch_size_and_describes_itself(exported):
+    out, _ = exported
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for n in (1, 7):
+        (logits,) = session.run(["logits"], {"input": np.zeros((n, 3, 32, 32), np.float32)})
+        assert logits.shape == (n, 10)
+    model = onnx.load(str(out))
+    meta = {p.key: json.loads(p.value) for p in model.metadata_props}
+    assert meta["classes"][9] == "truck" and meta["image_size"] == 32 and len(meta["mean"]) == 3
+    assert model.opset_import[0].version == 17
+    assert "BatchNormalization" not in {node.op_type for node in model.graph.node}
+
+
+def test_the_atc_command_for_ascend_is_printed(exported):
+    out, proc = exported
+    assert (f'atc --model={out} --framework=5 --output={out.with_suffix("")} '
+            f'--input_shape="input:1,3,32,32" --soc_version=<soc_version>') in proc.stdout
+
+
+def test_without_onnxruntime_export_says_what_to_install_in_one_line(trained_run, cifar_dir, tmp_path):
+    run_dir, _ = trained_run
+    env = injected(tmp_path, "import sys; sys.modules['onnxruntime'] = None")
+    proc = run("export.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--output",
+               tmp_path / "m.onnx", cwd=tmp_path, env=env, check=False)
+    assert "requirements-extra.txt" in one_line_error(proc)
+
+
+def test_an_export_that_does_not_match_is_not_written(trained_run, cifar_dir, tmp_path):
+    run_dir, _ = trained_run
+    proc = run("export.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--output",
+               tmp_path / "m.onnx", "--images", "20", "--tolerance", "1e-12", cwd=tmp_path, check=False)
+    assert "nothing written" in one_line_error(proc)
+    assert list(tmp_path.glob("m.onnx*")) == []
