@@ -45,7 +45,8 @@ def get_args_parser():
                    help="instead: time `python predict.py PICTURE` from a cold start against the tutorials' "
                         "predict flow (tests/tutorial_predict.py), each started --repeats x 2 times, alternating")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile this project's networks, as train.py --compile does (compilation is in the warm-up)")
+                   help="torch.compile this project's networks, as train.py --compile does "
+                        "(compilation falls in the warm-up)")
     return p
 
 

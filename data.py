@@ -630,7 +630,8 @@ def main(args):
         images, labels, _ = load_split(args.data_dir, train=False, dataset=args.dataset)
         folder = Path(args.samples) if args.dataset == "cifar10" else Path(args.samples) / args.dataset
         written = write_samples(images, labels, folder, per_class=10 if labels.max() < 10 else 1)
-        print(f"sample pictures in {written}/ (<label>_<k>.jpg, e.g. {written}/{'0_3' if args.dataset == 'cifar10' else '0_0'}.jpg)")
+        example = written / ("0_3.jpg" if args.dataset == "cifar10" else "0_0.jpg")
+        print(f"sample pictures in {written}/ (<label>_<k>.jpg, e.g. {example})")
 
 
 if __name__ == "__main__":

@@ -112,3 +112,18 @@ def test_a_folder_without_class_folders_is_a_one_line_error(tmp_path):
 def test_cifar_pictures_keep_their_size(tmp_path, cifar_dir):
     proc = run("train.py", "--data-dir", cifar_dir, "--image-size", "64", *QUICK, cwd=tmp_path, check=False)
     assert "--image-size is for folder datasets" in one_line_error(proc)
+
+
+def test_a_folder_that_cannot_hold_the_cache_still_loads_and_says_so(tmp_path, capsys):
+    root = write_folder(tmp_path / "photos", per_class=2, odd_files=False)
+    (root / ".cache").write_text("a file where the cache folder would go")
+    images, labels, _ = data.load_folder(root, train=False, image_size=32)
+    assert len(images) == 6 and "cannot cache the decoded pictures" in capsys.readouterr().err
+
+
+def test_evaluating_on_a_folder_with_other_classes_is_a_one_line_error(folder_run):
+    work, _ = folder_run
+    write_folder(work / "other", per_class=2, classes=("apple", "pear", "plum"), odd_files=False)
+    proc = run("test.py", "--checkpoint", "runs/photos/best.pth", "--data-dir", "other", "--device", "cpu",
+               cwd=work, check=False)
+    assert "cat, dog, ship" in one_line_error(proc)

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT, make_archive, write_cifar
 
-TARGETS = ["help", "install", "data", "train", "eval", "predict", "test", "clean"]
+TARGETS = ["help", "install", "data", "train", "eval", "predict", "export", "test", "clean"]
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,8 @@ def test_make_alone_lists_every_target_with_one_line(project):
     out = make().stdout
     listed = re.findall(r"^  (\S+) +\S.*$", out, re.M)
     assert set(TARGETS) <= set(listed)
-    for var in ("DEVICE=auto", "MODEL=resnet18", "EPOCHS=", "BATCH=", "DATA_DIR=data", "RUN_DIR=runs/resnet18",
-                "ARGS="):
+    for var in ("DEVICE=auto", "MODEL=resnet18", "DATASET=cifar10", "EPOCHS=", "BATCH=", "DATA_DIR=data",
+                "RUN_DIR=runs/resnet18", "ARGS="):
         assert var in out
 
 
@@ -80,3 +80,13 @@ def test_train_fails_cleanly_without_data_or_network(project):
     proc = make("train", "DATA_DIR=nowhere", "CIFAR_URL=http://127.0.0.1:9/cifar-10-python.tar.gz", check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "ARCHIVE=" in proc.stderr
+
+
+def test_dataset_and_export_pass_through_to_the_scripts(project):
+    _, make = project
+    dry = make("-n", "train", "DATASET=folder", "DATA_DIR=photos", "RUN_DIR=runs/photos").stdout
+    assert re.search(r"data\.py --dataset folder --data-dir photos", dry)
+    assert re.search(r"train\.py .*--dataset folder .*--data-dir photos --out-dir runs/photos", dry)
+    assert "--dataset cifar100" in make("-n", "eval", "DATASET=cifar100").stdout
+    assert "--dataset" not in make("-n", "eval").stdout  # test.py then takes the run's own dataset
+    assert "export.py --checkpoint runs/photos/best.pth" in make("-n", "export", "RUN_DIR=runs/photos").stdout
