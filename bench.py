@@ -148,7 +148,7 @@ def main(args):
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (n,))
     amp_dtype = data.resolve_amp("auto", device)
-    layout = torch.channels_last if data.use_channels_last("auto", device) else torch.contiguous_format
+    layout = data.memory_format("auto", device)
 
     ours_model = resnet.build_model(args.model).to(device, memory_format=layout)
     # what test.py and train.py score with
@@ -210,7 +210,7 @@ def main(args):
     med = {k: statistics.median(v) for k, v in results.items()}
     flops = training_flops_per_image(resnet.build_model(args.model))
     matmul = statistics.median(gflops)
-    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+    precision = data.PRECISION_NAMES[amp_dtype]
     line = (f"bench model={args.model} device={device.type} batch={args.batch_size} precision={precision} "
             f"train_img_s={med['train_img_s']:.1f} tutorial_train_img_s={med['tutorial_train_img_s']:.1f} "
             f"train_ratio={med['train_img_s'] / med['tutorial_train_img_s']:.2f} "

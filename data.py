@@ -67,8 +67,6 @@ CIFAR = {
                       ["train"], ["test"], "meta", "fine_labels", "fine_label_names", CIFAR100_MEAN, CIFAR100_STD),
 }
 DATASETS = [*CIFAR, "folder"]
-# Kept for code written against the CIFAR-10-only version.
-BATCHES_DIR = CIFAR["cifar10"].folder
 
 
 DEVICES = ["auto", "npu", "cuda", "mps", "cpu"]
@@ -141,9 +139,17 @@ def resolve_amp(choice, device):
     return torch.bfloat16 if getattr(torch, device.type).is_bf16_supported() else torch.float16
 
 
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # resolve_amp's answers
+
+
 def use_channels_last(choice, device):
     # torch_npu keeps its own internal layouts and MPS gains nothing: NHWC only where it pays.
     return choice == "on" or (choice == "auto" and device.type in ("cuda", "cpu"))
+
+
+def memory_format(choice, device):
+    """The torch memory format for --channels-last on this device."""
+    return torch.channels_last if use_channels_last(choice, device) else torch.contiguous_format
 
 
 def eval_batch_size(device):
@@ -211,9 +217,7 @@ def prepare(data_dir, archive=None, url=None, md5=None, dataset="cifar10"):
     """
     data_dir = Path(data_dir)
     if dataset == "folder":  # the user's own pictures: nothing to fetch, only to check
-        if not is_prepared(data_dir, dataset):
-            raise DataError(f"{data_dir}: a folder dataset needs {data_dir}/train/<class>/ and "
-                            f"{data_dir}/test/<class>/ holding pictures")
+        folder_classes(data_dir)
         return data_dir
     spec = CIFAR[dataset]
     md5 = spec.md5 if md5 is None else md5
@@ -318,7 +322,7 @@ def load_split(data_dir, train, subset=None, dataset="cifar10", image_size=32):
     """(images uint8 N x 3 x size x size, labels int64 N, class names) of one split."""
     if dataset == "folder":
         images, labels, classes = load_folder(data_dir, train, image_size)
-        return (images[:subset], labels[:subset], classes) if subset is not None else (images, labels, classes)
+        return images[:subset], labels[:subset], classes  # [:None] is everything
     spec = CIFAR[dataset]
     batches_dir = Path(data_dir) / spec.folder
     if not batches_dir.is_dir():
@@ -410,7 +414,7 @@ def load_picture(path, size):
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
 
 
-def _visible_files(folder):
+def visible_files(folder):
     """Files under folder, sorted, skipping hidden ones (.DS_Store, .cache/ and the like)."""
     return sorted(f for f in Path(folder).rglob("*")
                   if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts))
@@ -442,7 +446,7 @@ def load_folder(data_dir, train, image_size=32):
     classes = folder_classes(data_dir)
     split = "train" if train else "test"
     split_dir = Path(data_dir) / split
-    files = _visible_files(split_dir)
+    files = visible_files(split_dir)
     h = hashlib.sha256(f"v1 {image_size} {classes}".encode())
     for f in files:
         st = f.stat()

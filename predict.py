@@ -53,8 +53,7 @@ def expand_paths(paths):
     files, errors = [], []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in extensions
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            found = [f for f in data.visible_files(p) if f.suffix.lower() in extensions]
             if not found:
                 errors.append(f"{p}: folder holds no pictures")
             files.extend(found)

@@ -11,8 +11,6 @@ import it by path; `import test` finds the standard library's.)
 import argparse
 import sys
 
-import torch
-
 import data
 import resnet
 
@@ -66,7 +64,7 @@ def main(args):
         raise resnet.CheckpointError(f"{args.checkpoint}: trained on the classes {', '.join(classes[:5])}..., "
                                      f"but {data_dir} holds {', '.join(data_classes[:5])}...")
     device = data.pick_device(args.device)
-    layout = torch.channels_last if data.use_channels_last("auto", device) else torch.contiguous_format
+    layout = data.memory_format("auto", device)
     loader = data.CifarLoader(images, labels, args.batch_size or data.eval_batch_size(device),
                               ckpt.get("mean", data.CIFAR10_MEAN), ckpt.get("std", data.CIFAR10_STD), train=False,
                               device=device, memory_format=layout)

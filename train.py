@@ -508,8 +508,7 @@ def train(args, device, master, stop):
         out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     amp_dtype = data.resolve_amp(args.amp, device)
-    memory_format = (torch.channels_last if data.use_channels_last(args.channels_last, device)
-                     else torch.contiguous_format)
+    memory_format = data.memory_format(args.channels_last, device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
     t0 = time.perf_counter()
@@ -573,7 +572,7 @@ def train(args, device, master, stop):
         return 0
 
     if master:
-        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+        precision = data.PRECISION_NAMES[amp_dtype]
         print(f"{args.model} on {device}{f' x {world} processes' if world > 1 else ''}, {precision}"
               f"{', channels_last' if memory_format == torch.channels_last else ''}"
               f"{', compiled' if args.compile else ''}: {len(train_y)} training / {len(test_y)} test images, "
