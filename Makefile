@@ -42,10 +42,10 @@ TRAIN_FLAGS := --model $(MODEL) --dataset $(DATASET) --device $(DEVICE) --data-d
 	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH),--batch-size $(BATCH))
 # NPROC=N: N processes on this machine under torchrun (DDP), one device each.
 LAUNCH := $(if $(NPROC),$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC),$(PYTHON))
-# test.py evaluates on the data the run trained on unless DATASET or DATA_DIR is given here.
+# test.py and export.py use the data the run trained on unless DATA_DIR (or, for test.py, DATASET) is given here.
+RUN_DATA := $(if $(filter command line environment,$(origin DATA_DIR)),--data-dir $(DATA_DIR))
 EVAL_FLAGS := --checkpoint $(RUN_DIR)/best.pth --device $(DEVICE) --confusion-png $(RUN_DIR)/confusion.png \
-	$(if $(filter command line environment,$(origin DATA_DIR)),--data-dir $(DATA_DIR)) \
-	$(if $(filter command line environment,$(origin DATASET)),--dataset $(DATASET))
+	$(RUN_DATA) $(if $(filter command line environment,$(origin DATASET)),--dataset $(DATASET))
 # predict.py and gui.py pick the newest run's best.pth unless MODEL or RUN_DIR is given here.
 PREDICT_FLAGS := $(if $(filter command line environment,$(origin RUN_DIR) $(origin MODEL)),--checkpoint $(RUN_DIR)/best.pth)
 # gui.py opens a picture at once only when IMG is given.
@@ -115,7 +115,7 @@ gui: install install-gui ## open the desktop window (IMG= opens a picture at onc
 	$(PYTHON) gui.py $(GUI_FLAGS) $(ARGS)
 
 export: install install-extra ## write RUN_DIR/model.onnx from RUN_DIR/best.pth, checked against PyTorch with onnxruntime
-	$(PYTHON) export.py --checkpoint $(RUN_DIR)/best.pth $(ARGS)
+	$(PYTHON) export.py --checkpoint $(RUN_DIR)/best.pth $(RUN_DATA) $(ARGS)
 
 test: install-dev install-gui install-extra ## run the test suite
 	$(PYTHON) -m pytest --durations=10 tests/ $(ARGS)

@@ -343,6 +343,21 @@ def load_split(data_dir, train, subset=None, dataset="cifar10", image_size=32):
     return images, labels, classes
 
 
+def run_test_split(ckpt, data_dir=None, dataset=None, subset=None):
+    """The test split to score a checkpoint on, by default the dataset and data folder its
+    run trained on (a checkpoint keeps the folder only when it was a relative path inside
+    the working directory), at its picture size. Returns (images, labels, classes, data_dir, dataset)."""
+    dataset = dataset or ckpt.get("dataset", "cifar10")
+    remembered = data_dir is None
+    data_dir = data_dir or ckpt.get("args", {}).get("data_dir") or "data"
+    if remembered and not is_prepared(data_dir, dataset):
+        raise DataError(f"no {dataset} data in {data_dir!r}, the run's data folder as the checkpoint "
+                        "remembers it: pass --data-dir (DATA_DIR= with make)")
+    images, labels, classes = load_split(data_dir, train=False, subset=subset, dataset=dataset,
+                                         image_size=ckpt.get("image_size", 32))
+    return images, labels, classes, data_dir, dataset
+
+
 def normalization(dataset, train_images):
     """Per-channel (mean, std) for the dataset: the official figures for CIFAR,
     computed from the training pictures for a folder."""

@@ -98,11 +98,8 @@ def main(args):
     size = ckpt.get("image_size", 32)
     mean, std = ckpt.get("mean", data.CIFAR10_MEAN), ckpt.get("std", data.CIFAR10_STD)
     classes = ckpt.get("classes") or data.CIFAR10_CLASSES
-    dataset = ckpt.get("dataset", "cifar10")
-    data_dir = args.data_dir or ckpt.get("args", {}).get("data_dir") or "data"
-    if not data.is_prepared(data_dir, dataset):  # before the export, so a missing folder costs nothing
-        raise data.DataError(f"no {dataset} test pictures in {data_dir!r} to check the export on: pass --data-dir")
-    images, _, _ = data.load_split(data_dir, train=False, subset=args.images, dataset=dataset, image_size=size)
+    # The pictures to check the export on, loaded first: a missing folder costs no export.
+    images, _, _, data_dir, dataset = data.run_test_split(ckpt, args.data_dir, subset=args.images)
 
     out = Path(args.output) if args.output else Path(args.checkpoint).with_name("model.onnx")
     metadata = {"arch": ckpt.get("arch"), "dataset": dataset, "classes": list(classes), "mean": list(mean),

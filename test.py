@@ -47,15 +47,8 @@ def format_confusion(confusion, classes):
 
 def main(args):
     model, ckpt = resnet.load_model(args.checkpoint, args.model)
-    # Evaluate on the data the run trained with unless told otherwise. (Checkpoints
-    # keep that folder only when it is a relative path inside the working directory.)
-    data_dir = args.data_dir or ckpt.get("args", {}).get("data_dir") or "data"
-    dataset = args.dataset or ckpt.get("dataset", "cifar10")
-    if args.data_dir is None and not data.is_prepared(data_dir, dataset):
-        raise data.DataError(f"no {dataset} data in {data_dir!r}, the run's data folder as the checkpoint "
-                             "remembers it: pass --data-dir (DATA_DIR= with make)")
-    images, labels, data_classes = data.load_split(data_dir, train=False, subset=args.subset, dataset=dataset,
-                                                   image_size=ckpt.get("image_size", 32))
+    images, labels, data_classes, data_dir, dataset = data.run_test_split(ckpt, args.data_dir, args.dataset,
+                                                                          args.subset)
     classes = ckpt.get("classes") or data_classes
     if model.linear.out_features != len(data_classes):
         raise resnet.CheckpointError(f"{args.checkpoint}: predicts {model.linear.out_features} classes, "
