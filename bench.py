@@ -11,15 +11,18 @@ Both pipelines run the same network on the same random images of CIFAR's shape:
                  --channels-last auto choose (train.py's defaults);
   the tutorials  a Dataset of PIL images with RandomCrop/RandomHorizontalFlip/
                  ToTensor/Normalize, a DataLoader with 2 workers, fp32, default layout.
-Warm-up steps are not timed (oneDNN and cuDNN pick their kernels then); the two
-pipelines take turns over several repeats and the median is reported. The last
+Each pipeline runs in a process of its own, as the two programs would (the
+tutorials' with glibc's allocator as it is, this one with data.keep_freed_memory
+as train.py sets it). Warm-up steps are not timed (oneDNN and cuDNN pick their
+kernels then); the two take turns over several repeats and the median is reported. The last
 line is one machine-readable line. train_mfu is the training FLOP rate over the
-matrix-multiply rate measured in the same run in the same precision (fp32
-2048x2048 on a CPU, bf16/fp16 8192x8192 on a GPU or NPU): how close training
-comes to what this device's arithmetic can do.
+matrix-multiply rate measured in the same run in the same precision (2048x2048
+on a CPU, 8192x8192 on a GPU or NPU): how close training comes to what this
+device's arithmetic can do.
 """
 import argparse
 import copy
+import multiprocessing
 import statistics
 import sys
 import time
@@ -140,77 +143,103 @@ def cold_start(picture, repeats):
     return line
 
 
-def main(args):
-    if args.cold_start:
-        return cold_start(args.cold_start, args.repeats)
-    device = data.pick_device(args.device)
+def pipeline(side, args, device_name, conn):
+    """One side of the comparison, in an interpreter of its own as the two programs would run
+    (the tutorials' keeps glibc's allocator as it is, this project's sets it as train.py does).
+    Builds its network and loaders, says which precision it trains in, then times what the
+    parent names until it sends None."""
+    torch.manual_seed(0)  # the same random images and the same initial weights on both sides
+    device = data.pick_device(device_name)
     n = args.batch_size * (args.steps + args.warmup) * 2
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (n,))
-    amp_dtype = data.resolve_amp("auto", device)
-    layout = data.memory_format("auto", device)
+    model = resnet.build_model(args.model).to(device)
+    if side == "ours":  # what train.py and test.py do
+        data.keep_freed_memory(device)
+        amp, layout = data.resolve_amp("auto", device), data.memory_format("auto", device)
+        model = model.to(memory_format=layout)
+        inference = resnet.fold_batchnorm(copy.deepcopy(model)).to(memory_format=layout)
+        if args.compile:
+            model, inference = torch.compile(model), torch.compile(inference)
+        loaders = [data.CifarLoader(images, labels, args.batch_size, data.CIFAR10_MEAN, data.CIFAR10_STD,
+                                    train=train, device=device, memory_format=layout) for train in (True, False)]
+    else:
+        amp, inference = None, model
+        loaders = [tutorial_loader(images, labels, args.batch_size, train) for train in (True, False)]
+    train_batches, eval_batches = (forever(loader) for loader in loaders)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
 
-    ours_model = resnet.build_model(args.model).to(device, memory_format=layout)
-    # what test.py and train.py score with
-    ours_inference = resnet.fold_batchnorm(copy.deepcopy(ours_model)).to(memory_format=layout)
-    if args.compile:
-        ours_model, ours_inference = torch.compile(ours_model), torch.compile(ours_inference)
-    tutorial_model = resnet.build_model(args.model).to(device)
-    ours_train = data.CifarLoader(images, labels, args.batch_size, data.CIFAR10_MEAN, data.CIFAR10_STD, train=True,
-                                  device=device, memory_format=layout)
-    ours_eval = data.CifarLoader(images, labels, args.batch_size, data.CIFAR10_MEAN, data.CIFAR10_STD, train=False,
-                                 device=device, memory_format=layout)
-    tutorial_train = tutorial_loader(images, labels, args.batch_size, True)
-    tutorial_eval = tutorial_loader(images, labels, args.batch_size, False)
-    batches = {"ours_train": forever(ours_train), "ours_eval": forever(ours_eval),
-               "tutorial_train": forever(tutorial_train), "tutorial_eval": forever(tutorial_eval)}
-    optimizers = {m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-                  for m in (ours_model, tutorial_model)}
-
-    def train_step(model, source, amp):
-        x, y = next(batches[source])
+    def train_step():
+        x, y = next(train_batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         model.train()
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             loss = F.cross_entropy(model(x).float(), y)
-        optimizers[model].zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizers[model].step()
+        optimizer.step()
 
     @torch.no_grad()
-    def eval_step(model, source, amp):
-        x, _ = next(batches[source])
-        model.eval()
+    def eval_step():
+        x, _ = next(eval_batches)
+        inference.eval()
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            model(x.to(device, non_blocking=True))
+            inference(x.to(device, non_blocking=True))
 
-    def load_step(source):
-        x, y = next(batches[source])
+    def load_step():
+        x, y = next(train_batches)
         x.to(device, non_blocking=True)
 
-    tests = {
-        "train_img_s": lambda: train_step(ours_model, "ours_train", amp_dtype),
-        "tutorial_train_img_s": lambda: train_step(tutorial_model, "tutorial_train", None),
-        "eval_img_s": lambda: eval_step(ours_inference, "ours_eval", amp_dtype),
-        "tutorial_eval_img_s": lambda: eval_step(tutorial_model, "tutorial_eval", None),
-        "loader_img_s": lambda: load_step("ours_train"),
-        "tutorial_loader_img_s": lambda: load_step("tutorial_train"),
-    }
-    results = {name: [] for name in tests}
-    gflops = []
-    print(f"{args.model} on {device}, batch {args.batch_size}: {args.repeats} repeats of {args.steps} steps "
-          f"after {args.warmup} warm-up steps, the two pipelines taking turns", flush=True)
-    for repeat in range(args.repeats):
-        gflops.append(matmul_gflops(device, amp_dtype or torch.float32, args.steps, args.warmup))
-        for name, fn in tests.items():
-            steps = args.steps * (20 if "loader" in name else 1)  # loading alone is quick: time more of it
-            results[name].append(args.batch_size / timed(fn, device, steps, args.warmup))
-        print(f"repeat {repeat + 1}: " + " ".join(f"{k}={v[-1]:.1f}" for k, v in results.items()), flush=True)
+    steps = {"train": train_step, "eval": eval_step, "loader": load_step}
+    conn.send(data.PRECISION_NAMES[amp])
+    for name in iter(conn.recv, None):
+        if name == "matmul":
+            conn.send(matmul_gflops(device, amp or torch.float32, args.steps, args.warmup))
+        else:  # loading alone is quick: time more of it
+            count = args.steps * (20 if name == "loader" else 1)
+            conn.send(args.batch_size / timed(steps[name], device, count, args.warmup))
+
+
+def main(args):
+    if args.cold_start:
+        return cold_start(args.cold_start, args.repeats)
+    device = data.pick_device(args.device)  # a one-line error here, before any process starts
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter, not a copy of this one
+    sides, finished = {}, False
+    try:
+        for side in ("ours", "tutorial"):
+            conn, child_conn = context.Pipe()
+            process = context.Process(target=pipeline, args=(side, args, device.type, child_conn))
+            process.start()
+            sides[side] = conn
+        precision = sides["ours"].recv()
+        sides["tutorial"].recv()
+        print(f"{args.model} on {device}, batch {args.batch_size}: {args.repeats} repeats of {args.steps} steps "
+              f"after {args.warmup} warm-up steps, the two pipelines in two processes taking turns", flush=True)
+        results = {f"{prefix}{kind}_img_s": [] for kind in ("train", "eval", "loader") for prefix in ("", "tutorial_")}
+        gflops = []
+        for repeat in range(args.repeats):
+            sides["ours"].send("matmul")
+            gflops.append(sides["ours"].recv())
+            for name in results:
+                side = "tutorial" if name.startswith("tutorial_") else "ours"
+                sides[side].send(name.removeprefix("tutorial_").removesuffix("_img_s"))
+                results[name].append(sides[side].recv())
+            print(f"repeat {repeat + 1}: " + " ".join(f"{k}={v[-1]:.1f}" for k, v in results.items()), flush=True)
+        for conn in sides.values():
+            conn.send(None)
+        finished = True
+    except EOFError:
+        raise data.DeviceError("a benchmark process stopped early (its error is printed above)") from None
+    finally:  # after an error or Ctrl-C the other side is still waiting: stop it
+        for process in multiprocessing.active_children():
+            process.join(timeout=60 if finished else 0)
+            if process.is_alive():
+                process.terminate()
 
     med = {k: statistics.median(v) for k, v in results.items()}
     flops = training_flops_per_image(resnet.build_model(args.model))
     matmul = statistics.median(gflops)
-    precision = data.PRECISION_NAMES[amp_dtype]
     line = (f"bench model={args.model} device={device.type} batch={args.batch_size} precision={precision} "
             f"train_img_s={med['train_img_s']:.1f} tutorial_train_img_s={med['tutorial_train_img_s']:.1f} "
             f"train_ratio={med['train_img_s'] / med['tutorial_train_img_s']:.2f} "

@@ -11,6 +11,8 @@ import it by path; `import test` finds the standard library's.)
 import argparse
 import sys
 
+import torch
+
 import data
 import resnet
 
@@ -28,6 +30,9 @@ def get_args_parser():
     p.add_argument("--subset", type=int, default=None, help="use only the first N test images")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per step (default: 1000 on a GPU or NPU, 128 on a CPU)")
+    p.add_argument("--amp", default="auto", choices=data.AMP_CHOICES,
+                   help="precision as train.py's --amp (its per-epoch figures are scored the same way); "
+                        "off: plain fp32")
     p.add_argument("--tta", action="store_true",
                    help="average each image's logits with its mirror image's (flip test-time augmentation)")
     p.add_argument("--confusion-png", default=None, metavar="PATH",
@@ -57,17 +62,21 @@ def main(args):
         raise resnet.CheckpointError(f"{args.checkpoint}: trained on the classes {', '.join(classes[:5])}..., "
                                      f"but {data_dir} holds {', '.join(data_classes[:5])}...")
     device = data.pick_device(args.device)
+    data.keep_freed_memory(device)
     layout = data.memory_format("auto", device)
     loader = data.CifarLoader(images, labels, args.batch_size or data.eval_batch_size(device),
                               ckpt.get("mean", data.CIFAR10_MEAN), ckpt.get("std", data.CIFAR10_STD), train=False,
                               device=device, memory_format=layout)
     model = resnet.fold_batchnorm(model).to(device, memory_format=layout)
-    loss, confusion = resnet.evaluate(model, loader, len(classes), tta=args.tta)
+    amp = data.resolve_amp(args.amp, device)
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        loss, confusion = resnet.evaluate(model, loader, len(classes), tta=args.tta)
 
     correct, total = int(confusion.diag().sum()), int(confusion.sum())
     per_class = (100.0 * confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
     print(f"{args.checkpoint}: {ckpt.get('arch', args.model)}, epoch {ckpt.get('epoch', '?')}, "
-          f"{total} test images from {data_dir} on {device}{', with flip TTA' if args.tta else ''}")
+          f"{total} test images from {data_dir} on {device} in {data.PRECISION_NAMES[amp]}"
+          f"{', with flip TTA' if args.tta else ''}")
     print("\nper-class accuracy:")
     for i, (name, acc) in enumerate(zip(classes, per_class)):
         print(f"  {name:>12} {acc:6.2f}%  ({int(confusion[i, i])}/{int(confusion[i].sum())})")

@@ -72,9 +72,9 @@ def get_args_parser():
                    help="softens targets; regularizes short schedules (0.2 scored within noise of 0.1)")
     p.add_argument("--device", default="auto", choices=data.DEVICES,
                    help="auto: npu if torch_npu finds one, else cuda, else mps, else cpu")
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                   help="mixed precision; auto: bf16 on CUDA GPUs and NPUs that have it, fp16 on older ones, "
-                        "off on CPU and MPS")
+    p.add_argument("--amp", default="auto", choices=data.AMP_CHOICES,
+                   help="mixed precision; auto: bf16 on CUDA GPUs and NPUs that have it, fp16 on older ones; "
+                        "on a CPU bf16 where it has bf16 instructions (AVX512_BF16/AMX), else off; off on MPS")
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                    help="NHWC memory layout; auto: on for CUDA and CPU (faster convolutions), off for NPU and MPS")
     p.add_argument("--compile", action="store_true",
@@ -481,6 +481,7 @@ def main(args):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank, master = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("RANK", 0)) == 0
     device = data.pick_device(args.device, local_rank)
+    data.keep_freed_memory(device)
     if world > 1:
         backend = {"npu": "hccl", "cuda": "nccl"}.get(device.type, "gloo")
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=DIST_TIMEOUT)

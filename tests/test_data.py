@@ -14,22 +14,17 @@ from conftest import make_archive, one_line_error, run, write_cifar
 
 # --- augmentation and normalization, exact on known tensors -----------------
 
-def test_random_crop_equals_slicing_the_zero_padded_image():
-    images = torch.arange(2 * 3 * 32 * 32, dtype=torch.int64).view(2, 3, 32, 32).to(torch.uint8)
-    dy, dx = torch.tensor([0, 8]), torch.tensor([3, 5])
-    out = data.random_crop(images, dy, dx, pad=4)
+def test_crop_flip_equals_slicing_the_zero_padded_image_then_mirroring_the_chosen_ones():
+    images = torch.arange(3 * 3 * 32 * 32, dtype=torch.int64).view(3, 3, 32, 32).to(torch.uint8)
+    dy, dx, mirror = torch.tensor([0, 8, 2]), torch.tensor([3, 5, 0]), torch.tensor([False, True, True])
+    out = data.crop_flip(images, dy, dx, mirror, pad=4)
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
     assert torch.equal(out[0], padded[0, :, 0:32, 3:35])
-    assert torch.equal(out[1], padded[1, :, 8:40, 5:37])
-    # offset 4 on both axes is the image itself
-    assert torch.equal(data.random_crop(images, torch.tensor([4, 4]), torch.tensor([4, 4])), images)
-
-
-def test_flip_mirrors_only_the_chosen_images():
-    images = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8)
-    out = data.flip(images, torch.tensor([True, False]))
-    assert torch.equal(out[0], images[0].flip(-1))
-    assert torch.equal(out[1], images[1])
+    assert torch.equal(out[1], padded[1, :, 8:40, 5:37].flip(-1))
+    assert torch.equal(out[2], padded[2, :, 2:34, 0:32].flip(-1))
+    # offset 4 on both axes, unmirrored, is the image itself
+    centre, keep = torch.tensor([4, 4, 4]), torch.tensor([False] * 3)
+    assert torch.equal(data.crop_flip(images, centre, centre, keep), images)
 
 
 def test_normalize_uses_the_true_cifar_statistics():
@@ -38,6 +33,8 @@ def test_normalize_uses_the_true_cifar_statistics():
     out = data.normalize(images, data.CIFAR10_MEAN, data.CIFAR10_STD)
     expected = [(1 - m) / s for m, s in zip(data.CIFAR10_MEAN, data.CIFAR10_STD)]
     torch.testing.assert_close(out[0, :, 0, 0], torch.tensor(expected))
+    nhwc = data.normalize(images, data.CIFAR10_MEAN, data.CIFAR10_STD, torch.channels_last)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and torch.equal(nhwc, out)
 
 
 # --- the loader ---------------------------------------------------------------

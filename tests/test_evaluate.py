@@ -27,16 +27,26 @@ def direct_accuracy(checkpoint, cifar_dir, tta=False):
 def test_accuracy_equals_a_direct_computation(trained_run, cifar_dir):
     run_dir, _ = trained_run
     proc = run("test.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--device", "cpu",
-               cwd=run_dir)
+               "--amp", "off", cwd=run_dir)
     reported = float(re.search(r"^accuracy (\S+)% \((\d+)/100\)", proc.stdout, re.M).group(1))
     expected, _, _ = direct_accuracy(run_dir / "best.pth", cifar_dir)
+    assert " in fp32" in proc.stdout
     assert reported == round(expected, 2)
+
+
+def test_bf16_scores_within_a_picture_or_two_of_fp32_and_says_so(trained_run, cifar_dir):
+    run_dir, _ = trained_run
+    proc = run("test.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--device", "cpu",
+               "--amp", "bf16", cwd=run_dir)
+    reported = float(re.search(r"^accuracy (\S+)% \((\d+)/100\)", proc.stdout, re.M).group(1))
+    assert " in bf16" in proc.stdout
+    assert abs(reported - direct_accuracy(run_dir / "best.pth", cifar_dir)[0]) <= 2
 
 
 def test_tta_scores_each_image_together_with_its_mirror_image(trained_run, cifar_dir):
     run_dir, _ = trained_run
     proc = run("test.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--device", "cpu",
-               "--tta", cwd=run_dir)
+               "--tta", "--amp", "off", cwd=run_dir)
     reported = float(re.search(r"^accuracy (\S+)% \((\d+)/100\)", proc.stdout, re.M).group(1))
     assert "with flip TTA" in proc.stdout
     assert reported == round(direct_accuracy(run_dir / "best.pth", cifar_dir, tta=True)[0], 2)

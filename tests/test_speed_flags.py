@@ -1,4 +1,9 @@
-"""--amp, --channels-last and --compile: accepted, checked, and harmless to the numbers when off."""
+"""--amp, --channels-last and --compile: accepted, checked, and harmless to the numbers when off;
+the CPU allocator setting; bench.py."""
+import platform
+import statistics
+import subprocess
+import sys
 import types
 
 import pytest
@@ -8,13 +13,16 @@ import torch.nn.functional as F
 import data
 import resnet
 import train
-from conftest import QUICK, one_line_error, run
+from conftest import QUICK, ROOT, one_line_error, run
 
 
-def test_auto_precision_is_bf16_where_the_chip_has_it_fp16_where_not_and_fp32_on_cpu(monkeypatch):
+def test_auto_precision_is_bf16_where_the_chip_has_it_fp16_where_not_and_fp32_on_other_cpus(monkeypatch):
     # stand-ins: torch.device("npu") exists only where torch_npu is installed
     cpu, cuda, npu, mps = (types.SimpleNamespace(type=t) for t in ("cpu", "cuda", "npu", "mps"))
+    monkeypatch.setattr(data, "cpu_has_fast_bf16", lambda: False)
     assert data.resolve_amp("auto", cpu) is None and data.resolve_amp("auto", mps) is None
+    monkeypatch.setattr(data, "cpu_has_fast_bf16", lambda: True)
+    assert data.resolve_amp("auto", cpu) == torch.bfloat16 and data.resolve_amp("auto", mps) is None
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert data.resolve_amp("auto", cuda) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
@@ -54,11 +62,29 @@ def test_channels_last_changes_the_layout_not_the_numbers():
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-9, atol=1e-11)
 
 
-def test_amp_off_is_exactly_what_auto_does_on_the_cpu(tmp_path, cifar_dir):
-    args = ["--data-dir", cifar_dir, "--epochs", "1", *QUICK]
-    run("train.py", *args, "--amp", "off", "--out-dir", "off", cwd=tmp_path)
-    proc = run("train.py", *args, "--amp", "auto", "--out-dir", "auto", cwd=tmp_path)
-    assert ", fp32," in proc.stdout
+def test_the_cpu_flags_decide_whether_it_has_bf16_instructions(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    real_open = open
+
+    def fake_open(path, *a, **k):
+        return real_open(cpuinfo if path == "/proc/cpuinfo" else path, *a, **k)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    for flags, fast in [("fpu avx2 avx512f avx512bw", False), ("fpu avx2 avx512f avx512_bf16", True),
+                        ("fpu amx_bf16 amx_tile", True)]:
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+        assert data.cpu_has_fast_bf16() is fast, flags
+    cpuinfo.unlink()  # no /proc (macOS, Windows): fp32
+    assert data.cpu_has_fast_bf16() is False
+
+
+def test_amp_off_is_exactly_what_auto_does_on_a_cpu_without_bf16(tmp_path, cifar_dir, monkeypatch, capsys):
+    monkeypatch.setattr(data, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    for amp in ("off", "auto"):
+        args = ["--data-dir", str(cifar_dir), "--epochs", "1", "--amp", amp, "--out-dir", amp, *QUICK]
+        assert train.main(train.get_args_parser().parse_args(args)) == 0
+    assert capsys.readouterr().out.count(", fp32,") == 2
     a = torch.load(tmp_path / "off" / "last.pth", weights_only=True)["model"]
     b = torch.load(tmp_path / "auto" / "last.pth", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -88,6 +114,24 @@ def test_compile_wraps_the_training_model_and_reports_the_first_step_apart(tmp_p
     assert ", compiled" in out and "first step (compilation)" in out
     assert not any(k.startswith("_orig_mod.") for k in
                    torch.load(tmp_path / "runs" / "resnet18" / "best.pth", weights_only=True)["model"])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a setting of glibc's allocator")
+def test_on_a_cpu_freed_memory_serves_the_next_big_tensor_instead_of_fresh_pages_from_the_kernel():
+    script = """if True:
+        import resource, sys, torch, data
+        if sys.argv[1] == "keep":
+            data.keep_freed_memory(torch.device("cpu"))
+        for _ in range(20):  # 40 MB each: over the 32 MB up to which glibc reuses freed blocks
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            torch.ones(10_000_000)
+            print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)"""
+    faults = {mode: statistics.median(map(int, subprocess.run(
+                  [sys.executable, "-c", script, mode], cwd=ROOT, check=True, capture_output=True, text=True
+              ).stdout.split())) for mode in ("as-is", "keep")}
+    assert faults["as-is"] > 9000  # each 40 MB tensor mapped and zeroed afresh, 4 KB page by page
+    assert faults["keep"] < faults["as-is"] / 20  # (the heap grows a few times first: hence the median)
+    data.keep_freed_memory(types.SimpleNamespace(type="cuda"))  # elsewhere it does nothing (and does not fail)
 
 
 def test_bench_times_both_pipelines_and_ends_with_one_machine_readable_line(tmp_path):
