@@ -150,14 +150,14 @@ def keep_freed_memory(device):
 AMP_CHOICES = ["auto", "bf16", "fp16", "off"]  # --amp in train.py and test.py
 
 
-def cpu_has_fast_bf16():
+def cpu_has_fast_bf16(cpuinfo="/proc/cpuinfo"):
     """Whether this CPU multiplies bf16 in hardware (AVX512_BF16 or AMX-BF16: Intel Cooper
     Lake, Sapphire Rapids and later, AMD Zen 4 and later). There oneDNN runs bf16
-    convolutions at about twice the fp32 rate (ResNet18 training at batch 128 on a 2-core
-    AMD EPYC: 113 against 62 img/s); without them bf16 is emulated and slower than fp32.
-    Linux only (reads /proc/cpuinfo)."""
+    convolutions at about twice the fp32 rate (train.py, ResNet18 at batch 128 on a 2-core
+    AMD EPYC: 105 against 61 img/s); without them bf16 is emulated and slower than fp32.
+    Linux only (other systems have no /proc/cpuinfo)."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         return False

@@ -62,20 +62,13 @@ def test_channels_last_changes_the_layout_not_the_numbers():
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-9, atol=1e-11)
 
 
-def test_the_cpu_flags_decide_whether_it_has_bf16_instructions(monkeypatch, tmp_path):
+def test_the_cpu_flags_decide_whether_it_has_bf16_instructions(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
-    real_open = open
-
-    def fake_open(path, *a, **k):
-        return real_open(cpuinfo if path == "/proc/cpuinfo" else path, *a, **k)
-
-    monkeypatch.setattr("builtins.open", fake_open)
     for flags, fast in [("fpu avx2 avx512f avx512bw", False), ("fpu avx2 avx512f avx512_bf16", True),
                         ("fpu amx_bf16 amx_tile", True)]:
         cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
-        assert data.cpu_has_fast_bf16() is fast, flags
-    cpuinfo.unlink()  # no /proc (macOS, Windows): fp32
-    assert data.cpu_has_fast_bf16() is False
+        assert data.cpu_has_fast_bf16(cpuinfo) is fast, flags
+    assert data.cpu_has_fast_bf16(tmp_path / "missing") is False  # no /proc (macOS, Windows): fp32
 
 
 def test_amp_off_is_exactly_what_auto_does_on_a_cpu_without_bf16(tmp_path, cifar_dir, monkeypatch, capsys):
