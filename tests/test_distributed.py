@@ -95,3 +95,20 @@ def test_a_failing_process_ends_the_whole_job_promptly_with_an_error(tmp_path):
     assert proc.returncode != 0
     assert time.monotonic() - start < 120
     assert "injected failure" in proc.stderr
+
+
+def test_the_latest_reduction_is_held_by_python_so_no_collective_thread_frees_it_at_exit():
+    # Gloo's worker thread needs the GIL to free a tensor Python still knows; if
+    # that came after the interpreter began shutting down, the process aborted.
+    code = (
+        "import weakref, torch, torch.distributed as dist, train\n"
+        "dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)\n"
+        "t = torch.tensor([1.0, 5.0]); ref = weakref.ref(t)\n"
+        "assert train.all_reduce(t, 'max') is t and t.tolist() == [1.0, 5.0]\n"
+        "del t\n"
+        "assert ref() is not None, 'the reduction let go of its tensor'\n"
+        "train.all_reduce(torch.zeros(1))\n"
+        "assert ref() is None, 'the next reduction did not release the previous one'\n"
+        "dist.destroy_process_group()\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
