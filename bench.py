@@ -8,9 +8,12 @@
 Both pipelines run the same network on the same random images of CIFAR's shape:
   this project   uint8 data on the device, crops/flips/normalization as batch
                  tensor operations, channels_last and mixed precision as --amp /
-                 --channels-last auto choose (train.py's defaults);
+                 --channels-last auto choose, and train.py's own training step
+                 (train.train_step: label smoothing, Nesterov SGD with weight decay,
+                 the lr schedule, the running sums it logs);
   the tutorials  a Dataset of PIL images with RandomCrop/RandomHorizontalFlip/
-                 ToTensor/Normalize, a DataLoader with 2 workers, fp32, default layout.
+                 ToTensor/Normalize, a DataLoader with 2 workers, fp32, default
+                 layout, SGD with momentum and weight decay.
 Each pipeline runs in a process of its own, as the two programs would (the
 tutorials' with glibc's allocator as it is, this one with data.keep_freed_memory
 as train.py sets it). Warm-up steps are not timed (oneDNN and cuDNN pick their
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 
 import data
 import resnet
+import train
 
 
 def get_args_parser():
@@ -154,30 +158,40 @@ def pipeline(side, args, device_name, conn):
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (n,))
     model = resnet.build_model(args.model).to(device)
-    if side == "ours":  # what train.py and test.py do
+    if side == "ours":  # what train.py and test.py do: their layout, precision, step, optimizer and schedule
         data.keep_freed_memory(device)
         amp, layout = data.resolve_amp("auto", device), data.memory_format("auto", device)
         model = model.to(memory_format=layout)
         inference = resnet.fold_batchnorm(copy.deepcopy(model)).to(memory_format=layout)
-        if args.compile:
-            model, inference = torch.compile(model), torch.compile(inference)
+        net = torch.compile(model) if args.compile else model
+        inference = torch.compile(inference) if args.compile else inference
         loaders = [data.CifarLoader(images, labels, args.batch_size, data.CIFAR10_MEAN, data.CIFAR10_STD,
-                                    train=train, device=device, memory_format=layout) for train in (True, False)]
-    else:
+                                    train=split, device=device, memory_format=layout) for split in (True, False)]
+        recipe = train.get_args_parser().parse_args([])
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1 * args.batch_size / 128, momentum=recipe.momentum,
+                                    nesterov=True, weight_decay=recipe.weight_decay)
+        scheduler = train.make_schedule(optimizer, 10 ** 6, recipe.warmup)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+        totals = torch.zeros(3, device=device)
+
+        def step(x, y):
+            train.train_step(net, x, y, optimizer, scheduler, scaler, amp, recipe.label_smoothing,
+                             1 / args.batch_size, totals)
+    else:  # the tutorials': PIL transforms in DataLoader workers, fp32, plain cross-entropy, their SGD
         amp, inference = None, model
-        loaders = [tutorial_loader(images, labels, args.batch_size, train) for train in (True, False)]
+        loaders = [tutorial_loader(images, labels, args.batch_size, split) for split in (True, False)]
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+        def step(x, y):
+            loss = F.cross_entropy(model(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
     train_batches, eval_batches = (forever(loader) for loader in loaders)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
 
     def train_step():
-        x, y = next(train_batches)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        model.train()
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = F.cross_entropy(model(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        model.train()  # the tutorials' side evaluates with this same model
+        step(*next(train_batches))
 
     @torch.no_grad()
     def eval_step():

@@ -323,6 +323,27 @@ class StopRequest:
             signal.signal(signum, handler)
 
 
+def train_step(model, images, labels, optimizer, scheduler, scaler, amp_dtype, label_smoothing, loss_scale,
+               totals):
+    """One optimizer step on a batch; adds its summed loss, correct answers and image count
+    to `totals` (on the device) and returns the summed loss.
+
+    Nothing here waits for the device: reading a value back (.item()) or building a
+    tensor from Python numbers (torch.tensor) makes the host wait until a GPU or NPU has
+    run everything queued so far, and then the device idles while the next step is queued."""
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(images)
+    loss_sum = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing, reduction="sum")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss_sum * loss_scale).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    totals += torch.stack([loss_sum.detach(), (logits.argmax(1) == labels).sum().float(),
+                           torch.full((), len(labels), dtype=torch.float32, device=labels.device)])
+    return loss_sum.detach()
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, epoch, args, log_path, master,
                     stop, start_step=0, totals=None):
     """One pass over the training set (from start_step, for a run stopped mid-epoch).
@@ -336,26 +357,19 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, epoc
     global_batch = min(args.batch_size, len(loader.labels))
     # Running sums, kept on the device: loss, correct, images, and the first step
     # whose loss was not finite (-1: none). Reading them (.item()) waits for the
-    # device, so that happens only every --log-every steps.
-    totals = torch.tensor(totals or [0.0, 0.0, 0.0], dtype=torch.float64, device=device)
+    # device, so that happens only every --log-every steps. float32, not float64:
+    # Apple's GPUs have no float64 (and counts stay exact up to 16 million images).
+    totals = torch.tensor(totals or [0.0, 0.0, 0.0], dtype=torch.float32, device=device)
     bad_step = torch.full((), -1, dtype=torch.int64, device=device)
     steps, start, first_step = len(loader), time.perf_counter(), 0.0
     progress = Progress(steps, f"epoch {epoch}/{args.epochs}", enabled=master, initial=start_step)
     result = {}
     for step, (images, labels) in enumerate(loader.batches(start_step), start=start_step):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(images)
-        loss_sum = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing, reduction="sum")
-        optimizer.zero_grad(set_to_none=True)
         # DDP averages gradients over processes; scaling by world/global batch makes
         # that the mean over the global batch, even when shares differ by an image.
-        scaler.scale(loss_sum * (world / global_batch)).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        totals += torch.stack([loss_sum.detach().double(), (logits.argmax(1) == labels).sum().double(),
-                               torch.tensor(len(labels), dtype=torch.float64, device=device)])
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss_sum.detach()), step, bad_step)
+        loss_sum = train_step(model, images, labels, optimizer, scheduler, scaler, amp_dtype,
+                              args.label_smoothing, world / global_batch, totals)
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss_sum), step, bad_step)
         if step == start_step:
             data.synchronize(device)
             first_step = time.perf_counter() - start
@@ -363,8 +377,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, epoc
         # processes must agree, so they compare notes at logging points.
         at_log = (step + 1) % args.log_every == 0 or step + 1 == steps
         if at_log or (stop.signum and world == 1):
-            summed = all_reduce(torch.cat([totals, (bad_step >= 0).double().view(1),
-                                           torch.tensor([float(stop.signum > 0)], dtype=torch.float64, device=device)]))
+            summed = all_reduce(torch.cat([totals, (bad_step >= 0).float().view(1),
+                                           torch.tensor([float(stop.signum > 0)], device=device)]))
             loss_total, correct, seen, any_bad, stopping = summed.tolist()
             if any_bad:
                 first_bad = all_reduce(torch.where(bad_step >= 0, bad_step, steps).view(1), "min")
@@ -396,8 +410,7 @@ def evaluate(model, loader, num_classes, amp_dtype, tta, memory_format):
     inference = resnet.fold_batchnorm(copy.deepcopy(model)).to(memory_format=memory_format)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         loss, confusion = resnet.evaluate(inference, loader, num_classes, tta=tta)
-    totals = torch.cat([confusion.flatten().double(), torch.tensor([loss * confusion.sum().item()],
-                                                                    dtype=torch.float64)]).to(device)
+    totals = torch.cat([confusion.flatten().float(), torch.tensor([loss * confusion.sum().item()])]).to(device)
     totals = all_reduce(totals).cpu()
     confusion = totals[:-1].view(num_classes, num_classes)
     return totals[-1].item() / confusion.sum().item(), 100.0 * confusion.diag().sum().item() / confusion.sum().item()

@@ -1,5 +1,6 @@
 """--amp, --channels-last and --compile: accepted, checked, and harmless to the numbers when off;
-the CPU allocator setting; bench.py."""
+the CPU allocator setting; a training step and an evaluation that never make the host wait;
+bench.py."""
 import platform
 import statistics
 import subprocess
@@ -9,6 +10,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import resnet
@@ -125,6 +127,76 @@ def test_on_a_cpu_freed_memory_serves_the_next_big_tensor_instead_of_fresh_pages
     assert faults["as-is"] > 9000  # each 40 MB tensor mapped and zeroed afresh, 4 KB page by page
     assert faults["keep"] < faults["as-is"] / 20  # (the heap grows a few times first: hence the median)
     data.keep_freed_memory(types.SimpleNamespace(type="cuda"))  # elsewhere it does nothing (and does not fail)
+
+
+class DeviceOps(TorchDispatchMode):
+    """Records, for every tensor operation, its name and whether it makes the host wait for
+    a GPU or NPU: a value read back (.item(), float(), `if tensor:`), an output whose size
+    depends on the data (bincount, nonzero, a boolean mask), or a tensor built from Python
+    numbers (torch.tensor: a copy that first waits for the queued work). Moving a tensor
+    to the CPU (.cpu(), .tolist()) waits as well but is no operation on a CPU tensor, so
+    those two methods are counted by spies."""
+    WAITING = {"_local_scalar_dense", "lift_fresh", "bincount", "nonzero", "masked_select"}
+
+    def __init__(self):
+        super().__init__()
+        self.waits, self.float64 = 0, []
+
+    def __enter__(self):
+        self.methods = {name: getattr(torch.Tensor, name) for name in ("cpu", "tolist")}
+        for name, method in self.methods.items():
+            setattr(torch.Tensor, name, lambda t, *a, _method=method, **k: self.wait() or _method(t, *a, **k))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, method in self.methods.items():
+            setattr(torch.Tensor, name, method)
+        return super().__exit__(*exc)
+
+    def wait(self):
+        self.waits += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.waits += func.overloadpacket.__name__ in self.WAITING
+        if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in (out if isinstance(out, tuple) else [out])):
+            self.float64.append(func.overloadpacket.__name__)
+        return out
+
+
+def device_ops_of_training_and_evaluation(batches, tmp_path):
+    """One epoch of `batches` steps (logged only at its end) and one evaluation of `batches`
+    batches, as train.py runs them, recorded."""
+    torch.manual_seed(0)
+    images, labels = torch.randint(0, 256, (4 * batches, 3, 32, 32), dtype=torch.uint8), torch.arange(4 * batches) % 10
+    loaders = [data.CifarLoader(images, labels, 4, data.CIFAR10_MEAN, data.CIFAR10_STD, train=split,
+                                device=torch.device("cpu")) for split in (True, False)]
+    model = resnet.build_model("resnet18")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    scheduler = train.make_schedule(optimizer, batches, 0.15)
+    args = types.SimpleNamespace(batch_size=4, epochs=1, label_smoothing=0.1, log_every=1000)
+    stop = types.SimpleNamespace(signum=0)
+    with DeviceOps() as training:
+        train.train_one_epoch(model, loaders[0], optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
+                              None, 1, args, tmp_path / "log.txt", False, stop)
+    with DeviceOps() as evaluation:
+        train.evaluate(model, loaders[1], 10, None, False, torch.contiguous_format)
+    return training, evaluation
+
+
+def test_training_steps_and_evaluation_batches_never_make_the_host_wait_for_the_device(tmp_path):
+    # A wait lets the GPU or NPU idle while the host prepares the next step. Allowed:
+    # a fixed number at the end of an epoch or evaluation (and at each log point), where
+    # the sums are read; none per step or per batch.
+    short = device_ops_of_training_and_evaluation(2, tmp_path)
+    long = device_ops_of_training_and_evaluation(5, tmp_path)
+    assert long[0].waits == short[0].waits, "a training step waits for the device"
+    assert long[1].waits == short[1].waits, "an evaluation batch waits for the device"
+
+
+def test_training_and_evaluation_need_no_float64_which_apples_gpus_lack(tmp_path):
+    training, evaluation = device_ops_of_training_and_evaluation(2, tmp_path)
+    assert training.float64 == [] and evaluation.float64 == []
 
 
 def test_bench_times_both_pipelines_and_ends_with_one_machine_readable_line(tmp_path):
