@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import bench
 import data
 import resnet
 import train
@@ -212,6 +213,18 @@ def test_bench_times_both_pipelines_and_ends_with_one_machine_readable_line(tmp_
     assert abs(ratio / float(fields["train_ratio"]) - 1) < 0.1  # the printed rates are rounded
     # ResNet18: 0.56 GMAC forward per 32x32 image, so about 3.3 GFLOP to train on it
     assert abs(float(fields["train_gflop_per_img"]) - 3.34) < 0.05
+
+
+def test_bench_times_the_training_step_train_py_runs(monkeypatch):
+    # The benchmark's side of this project, driven in this process as the parent would drive it.
+    steps, real_step = [], train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: steps.append(a[0]) or real_step(*a, **k))
+    monkeypatch.setattr(data, "keep_freed_memory", lambda device: None)  # leave this process's allocator as it is
+    args = bench.get_args_parser().parse_args(["--device", "cpu", "--batch-size", "4", "--steps", "2", "--warmup", "1"])
+    requests, replies = iter(["train", None]), []
+    bench.pipeline("ours", args, "cpu", types.SimpleNamespace(send=replies.append, recv=lambda: next(requests)))
+    assert len(steps) == 3 and all(isinstance(net, resnet.ResNet) for net in steps)  # warm-up + 2 timed
+    assert replies[0] in ("fp32", "bf16") and replies[1] > 0  # the precision, then the img/s
 
 
 def test_bench_cold_start_times_predict_py_against_the_tutorials_predict_flow(tmp_path):
