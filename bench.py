@@ -167,10 +167,9 @@ def pipeline(side, args, device_name, conn):
         inference = torch.compile(inference) if args.compile else inference
         loaders = [data.CifarLoader(images, labels, args.batch_size, data.CIFAR10_MEAN, data.CIFAR10_STD,
                                     train=split, device=device, memory_format=layout) for split in (True, False)]
-        recipe = train.get_args_parser().parse_args([])
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1 * args.batch_size / 128, momentum=recipe.momentum,
-                                    nesterov=True, weight_decay=recipe.weight_decay)
-        scheduler = train.make_schedule(optimizer, 10 ** 6, recipe.warmup)
+        recipe = train.get_args_parser().parse_args(["--batch-size", str(args.batch_size)])
+        optimizer = train.make_optimizer(model, recipe)
+        scheduler = train.make_schedule(optimizer, 10 ** 6, recipe.warmup)  # longer than any benchmark
         scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
         totals = torch.zeros(3, device=device)
 

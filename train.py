@@ -258,6 +258,17 @@ def all_reduce(tensor, op="sum"):
     return tensor
 
 
+def peak_lr(args):
+    """--lr, or by default the linear scaling rule: 0.1 per 128 images (0.4 at batch 512)."""
+    return args.lr if args.lr is not None else 0.1 * args.batch_size / 128
+
+
+def make_optimizer(model, args):
+    """SGD with Nesterov momentum and weight decay, as the recipe says (bench.py times this one too)."""
+    return torch.optim.SGD(model.parameters(), lr=peak_lr(args), momentum=args.momentum,
+                           nesterov=args.momentum > 0, weight_decay=args.weight_decay)
+
+
 def make_schedule(optimizer, total_steps, warmup, done_steps=0):
     """Linear warm-up from 0 to the peak lr, then linear decay to 0, spanning
     exactly total_steps (a OneCycle-style triangle, as in the fast-CIFAR recipes).
@@ -523,8 +534,7 @@ def train(args, device, master, stop):
     elif (out_dir / "last.pth").exists():
         raise resnet.CheckpointError(f"{out_dir} already holds a run: continue it with --resume, "
                                      "or choose another --out-dir (RUN_DIR=)")
-    if args.lr is None:
-        args.lr = 0.1 * args.batch_size / 128
+    args.lr = peak_lr(args)
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -559,8 +569,7 @@ def train(args, device, master, stop):
     net = torch.compile(model) if args.compile else model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.index is not None else None)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                nesterov=args.momentum > 0, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(model, args)
     done_epochs = state["epoch"] if state else 0
     done_steps = state.get("step", 0) if state else 0
     full_state = state is not None and "optimizer" in state
