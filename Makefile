@@ -6,13 +6,14 @@
 #   make predict IMG=test/0_3.jpg
 #   make data train DATASET=folder DATA_DIR=photos RUN_DIR=runs/photos   # your own pictures
 #   make export                                  # $(RUN_DIR)/model.onnx, for onnxruntime or Ascend's ATC
-#   make test
+#   make speedrun DEVICE=cuda RUNS=3             # time to accuracy of the fast recipe
+#   make test                                    # the whole suite; make test-fast: the in-process tests
 
 DEVICE   ?= auto
 MODEL    ?= resnet18
 DATASET  ?= cifar10
-EPOCHS   ?=
-BATCH    ?=
+EPOCHS   ?= 40
+BATCH    ?= 512
 DATA_DIR ?= data
 RUN_DIR  ?= runs/$(MODEL)
 IMG      ?= test/0_3.jpg
@@ -21,6 +22,7 @@ MD5      ?=
 NPROC    ?=
 RUNS     ?=
 ARGS     ?=
+CIFAR_URL ?=
 
 # Python environment: the active virtualenv or conda env if there is one,
 # otherwise .venv here (created on first use, so a system Python that refuses
@@ -37,9 +39,9 @@ PYTHON := $(ENV)/bin/python
 # requirements file changes.
 STAMP := .make/$(subst /,_,$(abspath $(ENV)))
 
-# Passed to scripts only when set, so each script's own default applies otherwise.
+# EPOCHS and BATCH are train.py's own defaults (a test keeps the two the same).
 TRAIN_FLAGS := --model $(MODEL) --dataset $(DATASET) --device $(DEVICE) --data-dir $(DATA_DIR) --out-dir $(RUN_DIR) \
-	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH),--batch-size $(BATCH))
+	--epochs $(EPOCHS) --batch-size $(BATCH)
 # NPROC=N: N processes on this machine under torchrun (DDP), one device each.
 LAUNCH := $(if $(NPROC),$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC),$(PYTHON))
 # test.py and export.py use the data the run trained on unless DATA_DIR (or, for test.py, DATASET) is given here.
@@ -52,7 +54,8 @@ PREDICT_FLAGS := $(if $(filter command line environment,$(origin RUN_DIR) $(orig
 GUI_FLAGS := $(PREDICT_FLAGS) $(if $(filter command line,$(origin IMG)),$(IMG))
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev install-gui install-extra data train eval bench plot predict gui export test clean
+.PHONY: help install install-dev install-gui install-extra data train eval bench speedrun plot predict gui export \
+	test test-fast clean
 
 help: ## list the targets and the variables they take
 	@echo "usage: make TARGET [VAR=value ...]"
@@ -60,9 +63,10 @@ help: ## list the targets and the variables they take
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
 	@echo
 	@echo "variables: DEVICE=$(DEVICE) (auto|npu|cuda|mps|cpu)  MODEL=$(MODEL)  EPOCHS=$(EPOCHS)  BATCH=$(BATCH)"
-	@echo "           DATASET=$(DATASET) (cifar10|cifar100|folder)"
-	@echo "           NPROC=$(NPROC)  DATA_DIR=$(DATA_DIR)  RUN_DIR=$(RUN_DIR)  RUNS=$(RUNS)  IMG=$(IMG)"
-	@echo "           ARCHIVE=$(ARCHIVE)  MD5=$(MD5)"
+	@echo "           DATASET=$(DATASET) (cifar10|cifar100|folder)  DATA_DIR=$(DATA_DIR)  RUN_DIR=$(RUN_DIR)"
+	@echo "           NPROC=$(NPROC) (processes under torchrun)  IMG=$(IMG) (predict, gui)"
+	@echo "           RUNS=$(RUNS) (speedrun: how many runs, 3; plot: run folders to overlay)"
+	@echo "           ARCHIVE=$(ARCHIVE)  MD5=$(MD5)  CIFAR_URL=$(CIFAR_URL) (data: a local archive or a mirror)"
 	@echo "           ARGS=\"$(ARGS)\" (extra flags for the script)"
 
 $(ENV)/bin/python:
@@ -92,9 +96,9 @@ install-gui: $(STAMP).gui ## install Qt for Python (PySide6) for the desktop win
 
 install-extra: $(STAMP).extra ## install the optional extras (matplotlib for plots)
 
-data: install ## fetch and verify DATASET into DATA_DIR (offline: ARCHIVE=path, MD5=); samples in test/
+data: install ## fetch and verify DATASET into DATA_DIR (offline: ARCHIVE=path, MD5=, or CIFAR_URL=); samples in test/
 	$(PYTHON) data.py --dataset $(DATASET) --data-dir $(DATA_DIR) $(if $(ARCHIVE),--archive $(ARCHIVE)) \
-		$(if $(MD5),--md5 $(MD5))
+		$(if $(MD5),--md5 $(MD5)) $(if $(CIFAR_URL),--url $(CIFAR_URL))
 
 train: install data ## train MODEL on DEVICE into RUN_DIR (EPOCHS, BATCH, NPROC; ARGS="--resume" continues)
 	$(LAUNCH) train.py $(TRAIN_FLAGS) $(ARGS)
@@ -106,7 +110,10 @@ predict: install ## classify IMG (a picture or a folder) with the newest run's b
 	$(PYTHON) predict.py $(IMG) $(PREDICT_FLAGS) $(ARGS)
 
 bench: install ## time training, evaluation and loading against the tutorials' pipeline (MODEL, DEVICE, BATCH)
-	$(PYTHON) bench.py --model $(MODEL) --device $(DEVICE) $(if $(BATCH),--batch-size $(BATCH)) $(ARGS)
+	$(PYTHON) bench.py --model $(MODEL) --device $(DEVICE) $(if $(filter command line environment,$(origin BATCH)),--batch-size $(BATCH)) $(ARGS)
+
+speedrun: install data ## train the fast recipe RUNS times (3), timed to accuracy (MODEL, DEVICE, DATA_DIR; ARGS: train.py flags)
+	$(PYTHON) bench.py --speedrun $(or $(RUNS),3) --model $(MODEL) --device $(DEVICE) --data-dir $(DATA_DIR) -- $(ARGS)
 
 plot: install install-extra ## draw RUN_DIR/curves.png (RUNS="runs/a runs/b" overlays several runs)
 	$(PYTHON) plot.py $(or $(RUNS),$(RUN_DIR)) $(ARGS)
@@ -117,8 +124,11 @@ gui: install install-gui ## open the desktop window (IMG= opens a picture at onc
 export: install install-extra ## write RUN_DIR/model.onnx from RUN_DIR/best.pth, checked against PyTorch with onnxruntime
 	$(PYTHON) export.py --checkpoint $(RUN_DIR)/best.pth $(RUN_DATA) $(ARGS)
 
-test: install-dev install-gui install-extra ## run the test suite
+test: install-dev install-gui install-extra ## run the whole test suite (what CI runs)
 	$(PYTHON) -m pytest --durations=10 tests/ $(ARGS)
+
+test-fast: install-dev install-gui install-extra ## run the in-process tests only: under a minute, for the edit loop
+	$(PYTHON) -m pytest -m "not slow" tests/ $(ARGS)
 
 clean: ## remove caches and install stamps (keeps data/, runs/, test/ and .venv)
 	rm -rf .make .pytest_cache

@@ -3,7 +3,9 @@
     python bench.py                                   # ResNet18, best device found, batch 128
     python bench.py --model resnet50 --device cuda --batch-size 512 --compile
     python bench.py --cold-start test/0_3.jpg            # predict.py's start-up against the tutorials'
+    python bench.py --speedrun 3 --device cuda -- --epochs 12   # time to accuracy of the fast recipe
     make bench MODEL=resnet18 DEVICE=cpu BATCH=128
+    make speedrun DEVICE=cuda RUNS=3
 
 Both pipelines run the same network on the same random images of CIFAR's shape:
   this project   uint8 data on the device, crops/flips/normalization as batch
@@ -15,66 +17,89 @@ Both pipelines run the same network on the same random images of CIFAR's shape:
                  ToTensor/Normalize, a DataLoader with 2 workers, fp32, default
                  layout, SGD with momentum and weight decay.
 Each pipeline runs in a process of its own, as the two programs would (the
-tutorials' with glibc's allocator as it is, this one with data.keep_freed_memory
+tutorials' with glibc's allocator as it is, this one with device.keep_freed_memory
 as train.py sets it). Warm-up steps are not timed (oneDNN and cuDNN pick their
 kernels then); the two take turns over several repeats and the median is reported. The last
 line is one machine-readable line. train_mfu is the training FLOP rate over the
 matrix-multiply rate measured in the same run in the same precision (2048x2048
 on a CPU, 8192x8192 on a GPU or NPU): how close training comes to what this
 device's arithmetic can do.
+
+--speedrun RUNS trains FAST_RECIPE below (flags after `--` change it) RUNS times with
+seeds 0, 1, ..., each a whole train.py run in this process, after one short untimed
+warm-up run (cuDNN's choices, torch.compile's compilation). It times training as fast
+CIFAR trainers do: data already on the device, device-synchronized, evaluation and
+checkpoint writing left out; and prints a line per run and a summary line.
 """
-import argparse
-import copy
 import multiprocessing
+import os
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # torch_npu loads in device.py, which explains failures
 
-import data
-import resnet
-import train
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import cli  # noqa: E402
+import data  # noqa: E402
+import device  # noqa: E402
+import resnet  # noqa: E402
+import rundir  # noqa: E402
+import train  # noqa: E402
+
+# What `make speedrun` trains: few epochs at a large batch, a mirror image in every other
+# epoch, no decay on BatchNorm, smoothed labels, and flip-and-shift test-time augmentation,
+# as the fast-CIFAR recipes do. docs/results.md has what it measured.
+FAST_RECIPE = ["--epochs", "16", "--batch-size", "1024", "--label-smoothing", "0.2", "--norm-weight-decay", "0",
+               "--flip", "alternate", "--tta", "flip-shift", "--log-every", "1000"]
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Benchmark this pipeline against the tutorials'.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.print_usage = lambda file=None: None  # a bad flag gets one line, not the usage block
-    p.add_argument("--model", default="resnet18", choices=list(resnet.MODELS), help="network")
-    p.add_argument("--device", default="auto", choices=data.DEVICES, help="where to run")
-    p.add_argument("--batch-size", type=int, default=128, help="images per step (the tutorials use 128)")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per repeat")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per pipeline (median reported)")
-    p.add_argument("--cold-start", metavar="PICTURE", default=None,
-                   help="instead: time `python predict.py PICTURE` from a cold start against the tutorials' "
-                        "predict flow (tests/tutorial_predict.py), each started --repeats x 2 times, alternating")
+    p = cli.parser("Benchmark this pipeline against the tutorials', or time it to accuracy.")
+    p.add_argument("--model", default="resnet18", choices=resnet.MODELS, help="network")
+    p.add_argument("--device", default="auto", choices=device.DEVICES, help="where to run")
+    p.add_argument("--batch-size", type=cli.integer(min=1), default=128,
+                   help="images per step (the tutorials use 128)")
+    p.add_argument("--steps", type=cli.integer(min=1), default=4, help="timed steps per repeat")
+    p.add_argument("--warmup", type=cli.integer(min=0), default=2, help="untimed steps before each measurement")
+    p.add_argument("--repeats", type=cli.integer(min=1), default=3,
+                   help="timed repeats per pipeline (median reported)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile this project's networks, as train.py --compile does "
                         "(compilation falls in the warm-up)")
+    p.add_argument("--cold-start", metavar="PICTURE", default=None,
+                   help="instead: time `python predict.py PICTURE` from a cold start against the tutorials' "
+                        "predict flow (tests/tutorial_predict.py), each started --repeats x 2 times, alternating")
+    p.add_argument("--speedrun", type=cli.integer(min=1), default=None, metavar="RUNS",
+                   help="instead: train the fast recipe RUNS times and time it to accuracy")
+    p.add_argument("--data-dir", default="data", help="--speedrun's data folder")
+    p.add_argument("train_args", nargs="*", metavar="-- TRAIN_FLAGS",
+                   help="--speedrun: train.py flags that change the fast recipe")
     return p
 
 
-def timed(fn, device, steps, warmup):
+def timed(fn, dev, steps, warmup):
     """Seconds per call of fn, after warm-up, waiting for the device at both ends."""
     for _ in range(warmup):
         fn()
-    data.synchronize(device)
+    device.synchronize(dev)
     start = time.perf_counter()
     for _ in range(steps):
         fn()
-    data.synchronize(device)
+    device.synchronize(dev)
     return (time.perf_counter() - start) / steps
 
 
-def matmul_gflops(device, dtype, steps, warmup):
+def matmul_gflops(dev, dtype, steps, warmup):
     """Matrix-multiply rate in the precision training computes in: 2048x2048 on a CPU,
     8192x8192 on an accelerator (smaller ones do not fill a GPU)."""
-    n = 2048 if device.type == "cpu" else 8192
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    return 2 * n ** 3 / timed(lambda: a @ b, device, steps, warmup) / 1e9
+    n = 2048 if dev.type == "cpu" else 8192
+    a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / timed(lambda: a @ b, dev, steps, warmup) / 1e9
 
 
 def training_flops_per_image(model):
@@ -102,7 +127,7 @@ class TutorialImages(torch.utils.data.Dataset):
 
 def tutorial_loader(images, labels, batch_size, train_split):
     import torchvision.transforms as T
-    normalize = T.Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # the tutorials' numbers
+    normalize = T.Normalize(resnet.TUTORIAL_MEAN, resnet.TUTORIAL_STD)
     steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train_split else []
     dataset = TutorialImages(images, labels, T.Compose(steps + [T.ToTensor(), normalize]))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=train_split, num_workers=2,
@@ -118,17 +143,17 @@ def cold_start(picture, repeats):
     """Median wall time of a fresh `python predict.py PICTURE` and of the tutorials' predict
     flow, on the same ResNet18 weights (random: only the time matters here)."""
     import subprocess
-    import tempfile
-    from pathlib import Path
     root = Path(__file__).resolve().parent
     if not Path(picture).is_file():
         raise data.DataError(f"{picture}: no such picture (`make data` writes test/0_3.jpg)")
+    sys.path.insert(0, str(root / "tests"))
+    from tutorial_resnet import ResNet18 as TutorialResNet18  # the ResNet18 tutorial's own network
     with tempfile.TemporaryDirectory() as tmp:
-        model = resnet.build_model("resnet18")
-        torch.save(model.state_dict(), f"{tmp}/tutorial.pth")  # what the tutorials save: a bare state dict
-        torch.save({"arch": "resnet18", "num_classes": 10, "classes": data.CIFAR10_CLASSES,
-                    "mean": list(data.CIFAR10_MEAN), "std": list(data.CIFAR10_STD), "image_size": 32,
-                    "model": model.state_dict()}, f"{tmp}/ours.pth")
+        tutorial = TutorialResNet18()
+        torch.save(tutorial.state_dict(), f"{tmp}/tutorial.pth")  # what the tutorial saves: a bare state dict
+        model, _ = resnet.read_checkpoint(tutorial.state_dict())  # the same weights, as this project saves them
+        torch.save(resnet.checkpoint(model, "resnet18", resnet.CIFAR10_CLASSES, data.CIFAR10_MEAN, data.CIFAR10_STD,
+                                     32, "cifar10", 0, None, {}), f"{tmp}/ours.pth")
         commands = {"predict_s": [sys.executable, str(root / "predict.py"), picture, "--checkpoint", f"{tmp}/ours.pth"],
                     "tutorial_predict_s": [sys.executable, str(root / "tests" / "tutorial_predict.py"), picture,
                                            f"{tmp}/tutorial.pth"]}
@@ -153,36 +178,33 @@ def pipeline(side, args, device_name, conn):
     Builds its network and loaders, says which precision it trains in, then times what the
     parent names until it sends None."""
     torch.manual_seed(0)  # the same random images and the same initial weights on both sides
-    device = data.pick_device(device_name)
+    dev = device.pick_device(device_name)
     n = args.batch_size * (args.steps + args.warmup) * 2
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (n,))
-    model = resnet.build_model(args.model).to(device)
+    model = resnet.build_model(args.model).to(dev)
     if side == "ours":  # what train.py and test.py do: their layout, precision, step, optimizer and schedule
-        data.keep_freed_memory(device)
-        amp, layout = data.resolve_amp("auto", device), data.memory_format("auto", device)
+        device.keep_freed_memory(dev)
+        amp, layout = device.resolve_amp("auto", dev), device.memory_format("auto", dev)
         model = model.to(memory_format=layout)
-        inference = resnet.fold_batchnorm(copy.deepcopy(model)).to(memory_format=layout)
-        net = torch.compile(model) if args.compile else model
+        inference = resnet.for_inference(model, memory_format=layout)
         inference = torch.compile(inference) if args.compile else inference
         loaders = [data.CifarLoader(images, labels, args.batch_size, data.CIFAR10_MEAN, data.CIFAR10_STD,
-                                    train=split, device=device, memory_format=layout) for split in (True, False)]
-        recipe = train.get_args_parser().parse_args(["--batch-size", str(args.batch_size)])
-        optimizer = train.make_optimizer(model, recipe)
-        scheduler = train.make_schedule(optimizer, 10 ** 6, recipe.warmup)  # longer than any benchmark
-        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-        totals = torch.zeros(3, device=device)
+                                    train=split, device=dev, memory_format=layout) for split in (True, False)]
+        recipe = train.get_args_parser().parse_args(["--batch-size", str(args.batch_size)]
+                                                    + (["--compile"] if args.compile else []))
+        t = train.make_training(model, recipe, dev, amp, 10 ** 6)  # a schedule longer than any benchmark
+        totals = torch.zeros(3, device=dev)
 
         def step(x, y):
-            train.train_step(net, x, y, optimizer, scheduler, scaler, amp, recipe.label_smoothing,
-                             1 / args.batch_size, totals)
+            train.train_step(t, x, y, 1 / args.batch_size, totals)
     else:  # the tutorials': PIL transforms in DataLoader workers, fp32, plain cross-entropy, their SGD
         amp, inference = None, model
         loaders = [tutorial_loader(images, labels, args.batch_size, split) for split in (True, False)]
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
         def step(x, y):
-            loss = F.cross_entropy(model(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+            loss = F.cross_entropy(model(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -196,38 +218,42 @@ def pipeline(side, args, device_name, conn):
     def eval_step():
         x, _ = next(eval_batches)
         inference.eval()
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            inference(x.to(device, non_blocking=True))
+        with device.autocast(dev, amp):
+            inference(x.to(dev, non_blocking=True))
 
     def load_step():
         x, y = next(train_batches)
-        x.to(device, non_blocking=True)
+        x.to(dev, non_blocking=True)
 
     steps = {"train": train_step, "eval": eval_step, "loader": load_step}
-    conn.send(data.PRECISION_NAMES[amp])
+    conn.send(device.PRECISION_NAMES[amp])
     for name in iter(conn.recv, None):
         if name == "matmul":
-            conn.send(matmul_gflops(device, amp or torch.float32, args.steps, args.warmup))
+            conn.send(matmul_gflops(dev, amp or torch.float32, args.steps, args.warmup))
         else:  # loading alone is quick: time more of it
             count = args.steps * (20 if name == "loader" else 1)
-            conn.send(args.batch_size / timed(steps[name], device, count, args.warmup))
+            conn.send(args.batch_size / timed(steps[name], dev, count, args.warmup))
 
 
 def main(args):
     if args.cold_start:
         return cold_start(args.cold_start, args.repeats)
-    device = data.pick_device(args.device)  # a one-line error here, before any process starts
+    if args.speedrun:
+        return speedrun(args)
+    if args.train_args:
+        raise data.DataError(f"train.py flags ({' '.join(args.train_args)}) go with --speedrun only")
+    dev = device.pick_device(args.device)  # a one-line error here, before any process starts
     context = multiprocessing.get_context("spawn")  # a fresh interpreter, not a copy of this one
     sides, finished = {}, False
     try:
         for side in ("ours", "tutorial"):
             conn, child_conn = context.Pipe()
-            process = context.Process(target=pipeline, args=(side, args, device.type, child_conn))
+            process = context.Process(target=pipeline, args=(side, args, dev.type, child_conn))
             process.start()
             sides[side] = conn
         precision = sides["ours"].recv()
         sides["tutorial"].recv()
-        print(f"{args.model} on {device}, batch {args.batch_size}: {args.repeats} repeats of {args.steps} steps "
+        print(f"{args.model} on {dev}, batch {args.batch_size}: {args.repeats} repeats of {args.steps} steps "
               f"after {args.warmup} warm-up steps, the two pipelines in two processes taking turns", flush=True)
         results = {f"{prefix}{kind}_img_s": [] for kind in ("train", "eval", "loader") for prefix in ("", "tutorial_")}
         gflops = []
@@ -243,7 +269,7 @@ def main(args):
             conn.send(None)
         finished = True
     except EOFError:
-        raise data.DeviceError("a benchmark process stopped early (its error is printed above)") from None
+        raise device.DeviceError("a benchmark process stopped early (its error is printed above)") from None
     finally:  # after an error or Ctrl-C the other side is still waiting: stop it
         for process in multiprocessing.active_children():
             process.join(timeout=60 if finished else 0)
@@ -253,7 +279,7 @@ def main(args):
     med = {k: statistics.median(v) for k, v in results.items()}
     flops = training_flops_per_image(resnet.build_model(args.model))
     matmul = statistics.median(gflops)
-    line = (f"bench model={args.model} device={device.type} batch={args.batch_size} precision={precision} "
+    line = (f"bench model={args.model} device={dev.type} batch={args.batch_size} precision={precision} "
             f"train_img_s={med['train_img_s']:.1f} tutorial_train_img_s={med['tutorial_train_img_s']:.1f} "
             f"train_ratio={med['train_img_s'] / med['tutorial_train_img_s']:.2f} "
             f"eval_img_s={med['eval_img_s']:.1f} tutorial_eval_img_s={med['tutorial_eval_img_s']:.1f} "
@@ -265,8 +291,48 @@ def main(args):
     return line
 
 
+def speedrun(args):
+    """Train the fast recipe args.speedrun times (seeds 0, 1, ...); a line per run, then a summary line."""
+    base = [*FAST_RECIPE, "--model", args.model, "--device", args.device, "--data-dir", args.data_dir,
+            *args.train_args]
+    recipe = train.get_args_parser().parse_args(base)  # a bad flag: one line, before any training
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        warmup = train.get_args_parser().parse_args(  # a few steps at the recipe's shapes, untimed
+            [*base, "--epochs", "1", "--subset", str(3 * recipe.batch_size), "--out-dir", f"{tmp}/warmup"])
+        start = time.perf_counter()
+        run_quietly(warmup)
+        warmup_seconds = time.perf_counter() - start
+        for seed in range(args.speedrun):
+            r = run_quietly(train.get_args_parser().parse_args([*base, "--seed", str(seed), "--out-dir",
+                                                                 f"{tmp}/{seed}"]))
+            results.append(r)
+            print(f"speedrun run={seed + 1} seed={seed} acc={r.acc:.2f} train_s={r.train_seconds:.2f} "
+                  f"first_step_s={r.first_step:.2f} img_s={r.images / r.train_seconds:.0f}", flush=True)
+    accs, seconds = [r.acc for r in results], [r.train_seconds for r in results]
+    line = (f"speedrun model={recipe.model} device={args.device} runs={len(results)} epochs={recipe.epochs} "
+            f"batch={recipe.batch_size} mean_acc={statistics.mean(accs):.2f} min_acc={min(accs):.2f} "
+            f"mean_train_s={statistics.mean(seconds):.2f} max_train_s={max(seconds):.2f} "
+            f"img_s={sum(r.images for r in results) / sum(seconds):.0f} warmup_s={warmup_seconds:.2f}")
+    print(line)
+    return line
+
+
+def run_quietly(args):
+    """train.main(args) with its printing kept back, unless it fails."""
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        r = train.main(args)
+    if r.code:
+        print(out.getvalue(), end="")
+        raise device.DeviceError(f"a speedrun run stopped (exit code {r.code})")
+    return r
+
+
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
-    except (data.DeviceError, data.DataError) as e:
+    except (device.DeviceError, data.DataError, resnet.CheckpointError, rundir.TrainingError) as e:
         sys.exit(f"error: {e}")

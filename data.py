@@ -1,4 +1,4 @@
-"""Datasets on the device: fetch, verify, load, shuffle, augment and batch them, and pick the device.
+"""Datasets on the device: fetch, verify, load, shuffle, augment and batch them.
 
     python data.py --data-dir data                      # CIFAR-10: download (MD5-checked) and extract
     python data.py --data-dir data --archive cifar-10-python.tar.gz   # offline, from a local copy
@@ -10,7 +10,6 @@ and kept on the training device. Shuffling, random crops and flips are done on
 whole batches there: no DataLoader workers, no per-image Python work. Picture
 folders are decoded once and cached as arrays beside the pictures.
 """
-import argparse
 import hashlib
 import http.client
 import os
@@ -28,6 +27,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+import cli
+
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -38,8 +39,6 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck"]
 
 
 class Cifar(NamedTuple):
@@ -69,138 +68,8 @@ CIFAR = {
 DATASETS = [*CIFAR, "folder"]
 
 
-DEVICES = ["auto", "npu", "cuda", "mps", "cpu"]
-
-
 class DataError(Exception):
     """Data that cannot be used; the message is one line for the user."""
-
-
-class DeviceError(Exception):
-    """A device that cannot be used; the message is one line for the user."""
-
-
-# ---------------------------------------------------------------------------
-# Device
-
-def _npu_ready(required):
-    """Import torch_npu (which registers the 'npu' device) and check a chip is visible."""
-    try:
-        import torch_npu  # noqa: F401
-    except ImportError:
-        if required:
-            raise DeviceError("--device npu needs torch_npu: install the build that matches "
-                              "this machine's CANN and torch (README, 'Devices')") from None
-        return False
-    except Exception as e:  # installed but broken, e.g. CANN's set_env.sh not sourced
-        if required:
-            raise DeviceError(f"torch_npu failed to load ({str(e).splitlines()[0]}); "
-                              "is CANN's set_env.sh sourced?") from None
-        print("warning: torch_npu is installed but failed to load; not using the NPU", file=sys.stderr)
-        return False
-    if not torch.npu.is_available():
-        if required:
-            raise DeviceError("--device npu: torch_npu is installed but sees no NPU (check npu-smi info)")
-        return False
-    return True
-
-
-def pick_device(name="auto", index=0):
-    """auto: npu if torch_npu and a chip are there, else cuda, else mps, else cpu."""
-    if name in ("auto", "npu") and _npu_ready(required=name == "npu"):
-        torch.npu.set_device(index)
-        return torch.device("npu", index)
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise DeviceError("--device cuda: no CUDA GPU visible to this torch build")
-        torch.cuda.set_device(index)
-        # Shapes repeat every step: let cuDNN time its algorithms once and keep the fastest.
-        torch.backends.cudnn.benchmark = True
-        return torch.device("cuda", index)
-    mps = getattr(torch.backends, "mps", None)
-    if name == "mps" or (name == "auto" and mps is not None and mps.is_available()):
-        if mps is None or not mps.is_available():
-            raise DeviceError("--device mps: Apple's Metal backend is not available here")
-        return torch.device("mps")
-    if name in ("auto", "cpu"):
-        return torch.device("cpu")
-    raise DeviceError(f"unknown device {name!r}; choose auto, npu, cuda, mps or cpu")
-
-
-def keep_freed_memory(device):
-    """On a CPU under glibc (Linux), let freed memory serve the next allocation.
-
-    glibc gives every block over 32 MB its own mmap and hands it back to the kernel on
-    free. One ResNet18 activation at batch 128 is 33.5 MB, so each training step the
-    kernel maps and zeroes hundreds of MB afresh: 218,000 page faults a step on a 2-core
-    CPU. Never mapping and never trimming does what PyTorch's CPU tuning guide gets from
-    LD_PRELOAD=libjemalloc (https://pytorch.org/tutorials/recipes/recipes/tuning_guide.html),
-    with nothing to install. The price: the process keeps its peak memory until it exits.
-    Elsewhere (GPU/NPU, macOS, musl) this does nothing."""
-    if device.type != "cpu" or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is not None:
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
-        mallopt(M_MMAP_MAX, 0)
-        mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
-
-
-AMP_CHOICES = ["auto", "bf16", "fp16", "off"]  # --amp in train.py and test.py
-
-
-def cpu_has_fast_bf16(cpuinfo="/proc/cpuinfo"):
-    """Whether this CPU multiplies bf16 in hardware (AVX512_BF16 or AMX-BF16: Intel Cooper
-    Lake, Sapphire Rapids and later, AMD Zen 4 and later). There oneDNN runs bf16
-    convolutions at about twice the fp32 rate (train.py, ResNet18 at batch 128 on a 2-core
-    AMD EPYC: 105 against 61 img/s); without them bf16 is emulated and slower than fp32.
-    Linux only (other systems have no /proc/cpuinfo)."""
-    try:
-        with open(cpuinfo) as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_amp(choice, device):
-    """The autocast dtype for --amp on this device, or None for full fp32."""
-    if choice == "off":
-        return None
-    if choice == "fp16":
-        return torch.float16
-    if choice == "bf16":
-        return torch.bfloat16
-    # auto on a GPU or NPU: bf16 needs no loss scaling; chips without it get fp16 plus a GradScaler.
-    if device.type in ("cuda", "npu"):
-        return torch.bfloat16 if getattr(torch, device.type).is_bf16_supported() else torch.float16
-    # auto on a CPU: bf16 only where the hardware has it; MPS stays in fp32.
-    return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
-
-
-PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # resolve_amp's answers
-
-
-def use_channels_last(choice, device):
-    # torch_npu keeps its own internal layouts and MPS gains nothing: NHWC only where it pays.
-    return choice == "on" or (choice == "auto" and device.type in ("cuda", "cpu"))
-
-
-def memory_format(choice, device):
-    """The torch memory format for --channels-last on this device."""
-    return torch.channels_last if use_channels_last(choice, device) else torch.contiguous_format
-
-
-def eval_batch_size(device):
-    """Images per evaluation step: large on accelerators; on a CPU, small batches stay
-    in cache and run fastest (ResNet18 here: 174 img/s at 128, 156 at 1024)."""
-    return 128 if device.type == "cpu" else 1000
-
-
-def synchronize(device):
-    if device.type in ("cuda", "npu", "mps"):
-        getattr(torch, device.type).synchronize()
 
 
 # ---------------------------------------------------------------------------
@@ -383,16 +252,17 @@ def load_split(data_dir, train, subset=None, dataset="cifar10", image_size=32):
     return images, labels, classes
 
 
-def run_test_split(ckpt, data_dir=None, dataset=None, subset=None):
-    """The test split to score a checkpoint on, by default the dataset and data folder its
-    run trained on (a checkpoint keeps the folder only when it was a relative path inside
-    the working directory), at its picture size. Returns (images, labels, classes, data_dir, dataset)."""
+def run_test_split(ckpt, data_dir=None, dataset=None, subset=None, remembered=None):
+    """The test split to score a checkpoint on: its run's dataset at its picture size, from
+    data_dir, else from `remembered` (the folder the run's folder noted down), else from the
+    folder the checkpoint names (kept only when it was a relative path inside the working
+    directory). Returns (images, labels, classes, data_dir, dataset)."""
     dataset = dataset or ckpt.get("dataset", "cifar10")
-    remembered = data_dir is None
-    data_dir = data_dir or ckpt.get("args", {}).get("data_dir") or "data"
-    if remembered and not is_prepared(data_dir, dataset):
-        raise DataError(f"no {dataset} data in {data_dir!r}, the run's data folder as the checkpoint "
-                        "remembers it: pass --data-dir (DATA_DIR= with make)")
+    given = data_dir is not None
+    data_dir = data_dir or remembered or ckpt.get("args", {}).get("data_dir") or "data"
+    if not given and not is_prepared(data_dir, dataset):
+        raise DataError(f"no {dataset} data in {data_dir!r}, the run's data folder as far as it is known: "
+                        "pass --data-dir (DATA_DIR= with make)")
     images, labels, classes = load_split(data_dir, train=False, subset=subset, dataset=dataset,
                                          image_size=ckpt.get("image_size", 32))
     return images, labels, classes, data_dir, dataset
@@ -556,8 +426,7 @@ def crop_flip(images, dy, dx, mirror, pad=4):
 
     A mirrored crop is the crop of the mirrored padded image at the mirrored offset, so
     the batch is padded and mirrored once and each picture's window is picked out of a
-    sliding-window view of the two (on a CPU, a third of the time of a per-pixel gather
-    and a separate flip)."""
+    sliding-window view of the two: one gather, no separate flip."""
     n, c, h, w = images.shape
     padded = F.pad(images, (pad, pad, pad, pad))
     windows = torch.stack([padded, padded.flip(3)]).unfold(3, h, 1).unfold(4, w, 1)  # 2, n, c, dy, dx, h, w
@@ -574,6 +443,9 @@ def normalize(images, mean, std, memory_format=torch.contiguous_format):
     return out.copy_(images).sub_(255 * mean).div_(255 * std)
 
 
+FLIPS = ["random", "alternate"]  # CifarLoader's flip, train.py's --flip
+
+
 class CifarLoader:
     """Batches from uint8 tensors held on the device.
 
@@ -584,14 +456,19 @@ class CifarLoader:
     batch_size indices of the permutation; process `rank` of `world_size` keeps
     its own slice of them, so the processes together see the global batch.
     The last partial batch is dropped, so every step has the same size.
+    flip="alternate" mirrors each picture in every other epoch, starting from a
+    coin tossed once per run: two epochs in a row show each picture both ways,
+    where independent coins repeat the same view in a quarter of the pairs.
 
     Evaluation: every image once, in order; process `rank` takes its own
     contiguous share.
     """
 
     def __init__(self, images, labels, batch_size, mean, std, train, device,
-                 seed=0, rank=0, world_size=1, pad=4, memory_format=torch.contiguous_format):
-        self.memory_format = memory_format
+                 seed=0, rank=0, world_size=1, pad=4, memory_format=torch.contiguous_format, flip="random"):
+        if flip not in FLIPS:
+            raise ValueError(f"flip must be one of {FLIPS}, not {flip!r}")
+        self.memory_format, self.flip = memory_format, flip
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size, self.train, self.pad = batch_size, train, pad
@@ -635,6 +512,9 @@ class CifarLoader:
         dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=g)
         dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=g)
         mirror = torch.rand(n, generator=g) < 0.5
+        if self.flip == "alternate":  # the coin comes from epoch 0's generator, which no epoch uses
+            coin = torch.rand(n, generator=torch.Generator().manual_seed(self.seed << 20)) < 0.5
+            mirror = coin ^ (self.epoch % 2 == 0)
         device = self.images.device
         perm, dy, dx, mirror = (t.to(device) for t in (perm, dy, dx, mirror))
         batch = min(self.batch_size, n)
@@ -645,6 +525,23 @@ class CifarLoader:
 
     def _finish(self, images):
         return normalize(images, self.mean, self.std, self.memory_format)
+
+
+def training_loaders(data_dir, dataset, image_size, subset, batch_size, eval_batch_size, seed, flip, norm=None,
+                     **shard):
+    """((training loader, test loader), class names, (mean, std)) of a dataset on the device, as
+    train.py trains on it. norm: the normalization to keep (None: the dataset's). shard: device,
+    rank, world_size and memory_format, as CifarLoader takes them."""
+    if dataset != "folder" and image_size != 32:
+        raise DataError(f"{dataset} pictures are 32x32; --image-size is for folder datasets")
+    split = dict(subset=subset, dataset=dataset, image_size=image_size)
+    train_x, train_y, classes = load_split(data_dir, train=True, **split)
+    test_x, test_y, _ = load_split(data_dir, train=False, **split)
+    norm = norm or normalization(dataset, train_x)
+    train_loader = CifarLoader(train_x, train_y, batch_size, *norm, train=True, seed=seed, flip=flip,
+                               pad=image_size // 8, **shard)  # the crops' shift: CIFAR's 4 pixels at 32
+    test_loader = CifarLoader(test_x, test_y, eval_batch_size, *norm, train=False, **shard)
+    return (train_loader, test_loader), classes, norm
 
 
 # ---------------------------------------------------------------------------
@@ -665,9 +562,7 @@ def write_samples(images, labels, out_dir, per_class=10):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.print_usage = lambda file=None: None  # a bad flag gets one line, not the usage block
+    p = cli.parser(__doc__.split("\n")[0])
     p.add_argument("--dataset", default="cifar10", choices=DATASETS,
                    help="cifar10, cifar100 (fine labels), or folder: DATA_DIR/{train,test}/<class>/<picture>")
     p.add_argument("--data-dir", default="data", help="where the dataset's folder goes (folder: the pictures' root)")
@@ -675,7 +570,8 @@ def get_args_parser():
     p.add_argument("--url", default=os.environ.get("CIFAR_URL"),
                    help="download from here instead of the official address (environment: CIFAR_URL)")
     p.add_argument("--md5", default=None, help="expected MD5 of the archive (default: the official one)")
-    p.add_argument("--image-size", type=int, default=32, help="folder datasets: pictures are resized to this")
+    p.add_argument("--image-size", type=cli.integer(min=8, max=1024), default=32,
+                   help="folder datasets: pictures are resized to this")
     p.add_argument("--samples", default="test",
                    help="write sample test pictures here ('' for none): CIFAR-10 as <label>_<k>.jpg, "
                         "other datasets in a sub-folder named after them")

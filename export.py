@@ -4,6 +4,7 @@ the command that turns it into an Ascend offline model (.om).
     python export.py                                     # runs/resnet18/best.pth -> runs/resnet18/model.onnx
     python export.py --checkpoint runs/photos/best.pth --images 200
     make export RUN_DIR=runs/resnet50
+    python export.py --checkpoint model/net_128.pth --data-dir data   # a checkpoint of the tutorials' code
 
 The ONNX model takes a float32 batch (N, 3, size, size), already normalized with
 the checkpoint's mean and std (written into the model's metadata with the class
@@ -16,8 +17,6 @@ The check runs the first --images test pictures of the run's dataset through
 both and prints the largest difference of the logits; any picture whose top
 class differs fails the export. Needs onnx and onnxruntime (requirements-extra.txt).
 """
-import argparse
-import copy
 import inspect
 import json
 import os
@@ -25,25 +24,32 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
+os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # torch_npu loads in device.py, which explains failures
 
-import data
-import resnet
+import torch  # noqa: E402
+
+import cli  # noqa: E402
+import data  # noqa: E402
+import resnet  # noqa: E402
+import rundir  # noqa: E402
 
 OPSET = 17
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Export a checkpoint to ONNX and check it with onnxruntime.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.print_usage = lambda file=None: None  # a bad flag gets one line, not the usage block
-    p.add_argument("--checkpoint", default="runs/resnet18/best.pth", help="a .pth written by train.py")
+    p = cli.parser("Export a checkpoint to ONNX and check it with onnxruntime.")
+    p.add_argument("--checkpoint", default="runs/resnet18/best.pth",
+                   help="a .pth of train.py, or of the tutorials' code")
+    p.add_argument("--model", default=None, choices=resnet.MODELS,
+                   help="the network the checkpoint must hold (default: the one it holds)")
     p.add_argument("--output", default=None, help="the .onnx file (default: model.onnx beside the checkpoint)")
-    p.add_argument("--data-dir", default=None, help="the test pictures' dataset folder (default: the run's)")
-    p.add_argument("--images", type=int, default=1000, help="test pictures to compare PyTorch and onnxruntime on")
-    p.add_argument("--tolerance", type=float, default=1e-4,
+    p.add_argument("--data-dir", default=None,
+                   help="the test pictures' dataset folder (default: the run's, as its run folder noted it)")
+    p.add_argument("--images", type=cli.integer(min=1), default=1000,
+                   help="test pictures to compare PyTorch and onnxruntime on")
+    p.add_argument("--tolerance", type=cli.real(above=0), default=1e-4,
                    help="largest allowed logit difference, relative to the largest logit "
-                        "(float32 sums in another order: around 1e-6 is normal)")
+                        "(float32 sums in another order differ by around 1e-6)")
     return p
 
 
@@ -94,29 +100,25 @@ def compare(model, path, images, mean, std):
 
 
 def main(args):
-    model, ckpt = resnet.load_model(args.checkpoint)  # the reference: the checkpoint as PyTorch runs it
-    size = ckpt.get("image_size", 32)
-    mean, std = ckpt.get("mean", data.CIFAR10_MEAN), ckpt.get("std", data.CIFAR10_STD)
-    classes = ckpt.get("classes") or data.CIFAR10_CLASSES
+    model, ckpt = resnet.load_model(args.checkpoint, args.model)  # the reference: as PyTorch runs it
+    if "assumed" in ckpt:
+        print(f"note: {ckpt['assumed']}", file=sys.stderr)
+    size, mean, std, classes = ckpt["image_size"], ckpt["mean"], ckpt["std"], ckpt["classes"]
     # The pictures to check the export on, loaded first: a missing folder costs no export.
-    images, _, _, data_dir, dataset = data.run_test_split(ckpt, args.data_dir, subset=args.images)
+    images, _, _, data_dir, dataset = data.run_test_split(ckpt, args.data_dir, subset=args.images,
+                                                          remembered=rundir.remembered_data_dir(args.checkpoint))
 
     out = Path(args.output) if args.output else Path(args.checkpoint).with_name("model.onnx")
-    metadata = {"arch": ckpt.get("arch"), "dataset": dataset, "classes": list(classes), "mean": list(mean),
+    metadata = {"arch": ckpt["arch"], "dataset": dataset, "classes": list(classes), "mean": list(mean),
                 "std": list(std), "image_size": size}
-    # Written under a temporary name and renamed only once it has passed the check:
-    # a model.onnx on disk is always one that matched its checkpoint.
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        export(resnet.fold_batchnorm(copy.deepcopy(model)), tmp, size, metadata)
+    # Renamed into place only once it has passed the check: a model.onnx on disk always matched its checkpoint.
+    with rundir.atomic_write(out) as tmp:
+        export(resnet.for_inference(model), tmp, size, metadata)
         diff, scale, mismatched = compare(model, tmp, images, mean, std)
         if mismatched or diff > args.tolerance * scale:
             raise ExportError(f"the export does not match {args.checkpoint} (largest logit difference {diff:.2e} "
                               f"of {scale:.3g}, {mismatched} different answers on {len(images)} test pictures); "
                               "nothing written")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, opset {OPSET}, input 'input' N x 3 x {size} x {size} "
           f"normalized with mean {list(mean)} std {list(std)}, output 'logits' N x {len(classes)})")
     print(f"onnxruntime vs PyTorch on {len(images)} test pictures of {data_dir}: largest logit difference "

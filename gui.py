@@ -3,6 +3,7 @@
     python gui.py                         # the newest run's best.pth
     python gui.py test/0_3.jpg            # open (and classify) a picture at once
     python gui.py --checkpoint runs/resnet50/best.pth
+    python gui.py --checkpoint model/net_128.pth --language zh   # a checkpoint of the tutorials' code
     make gui
 
 Choose a picture with the button, drop one on the window, or name it on the
@@ -12,31 +13,47 @@ bars, in English or Chinese. The model is loaded once per checkpoint; loading
 and preprocessing are predict.py's own.
 
 Scriptable without a user: MainWindow(checkpoint=None), .open_image(path), .run().
-Needs Qt for Python: pip install -r requirements-gui.txt (`make gui` does it).
+Needs Qt for Python: pip install -r requirements-gui.txt (`make gui` does it). Before
+the window opens, a Linux desktop is checked for what Qt needs (a display, and the X11
+libraries of Qt's xcb platform): what is missing is named in one line.
 """
-import argparse
+import os
+import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
+
+os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # torch_npu loads in device.py, which explains failures
 
 try:
     from PySide6 import QtCore, QtGui, QtWidgets
 except ImportError:
     QtWidgets = None
 
-import data
-import predict
-import resnet
+import cli  # noqa: E402
+import data  # noqa: E402
+import predict  # noqa: E402
+import resnet  # noqa: E402
 
 # The tutorial's Chinese class names, by the English names CIFAR-10 uses.
 CHINESE = {"airplane": "飞机", "automobile": "汽车", "bird": "鸟", "cat": "猫", "deer": "鹿",
            "dog": "狗", "frog": "青蛙", "horse": "马", "ship": "船", "truck": "卡车"}
-TEXT = {  # the few words of the window, in both languages
+TEXT = {  # the words of the window, in both languages; {} is filled in
     "en": {"title": "CIFAR-10 classifier", "choose": "Choose picture…", "run": "Run", "model": "Checkpoint…",
            "confidence": "confidence", "drop": "Drop a picture here or choose one",
-           "no_picture": "Choose a picture first.", "train_first": "No trained model yet: train first (make train)."},
+           "no_picture": "Choose a picture first.", "train_first": "No trained model yet: train first (make train).",
+           "not_found": "{} not found.", "bad_picture": "Cannot read this picture: {}",
+           "bad_checkpoint": "Cannot use this checkpoint: {}", "no_checkpoint": "no checkpoint",
+           "accuracy": "{:.2f}% test accuracy", "epoch": "epoch {}",
+           "assumed": "normalization assumed: the tutorials' (mean {}, std {})"},
     "zh": {"title": "CIFAR-10 十分类", "choose": "选择图片…", "run": "运行", "model": "选择模型…",
            "confidence": "置信度", "drop": "把图片拖到这里，或点“选择图片”",
-           "no_picture": "请先选择图片。", "train_first": "还没有训练好的模型：请先训练（make train）。"},
+           "no_picture": "请先选择图片。", "train_first": "还没有训练好的模型：请先训练（make train）。",
+           "not_found": "找不到 {}。", "bad_picture": "无法读取这张图片：{}",
+           "bad_checkpoint": "无法使用这个模型文件：{}", "no_checkpoint": "没有模型",
+           "accuracy": "测试准确率 {:.2f}%", "epoch": "第 {} 轮",
+           "assumed": "按教程的归一化参数处理（均值 {}，标准差 {}）"},
 }
 TOP = 5
 
@@ -46,9 +63,10 @@ def default_language():
 
 
 class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
-    def __init__(self, checkpoint=None, language=None):
+    def __init__(self, checkpoint=None, language=None, model=None):
         super().__init__()
         self.language = language or default_language()
+        self.arch = model  # the network a checkpoint must hold (None: the one it holds)
         self.image_path = None
         self.classifiers = {}  # checkpoint path -> predict.Classifier, each loaded once
         self.checkpoint = None
@@ -106,7 +124,7 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
         try:  # predict.py's reader: what is shown is what is classified (EXIF turn included)
             im = data.open_picture(path, draft=(1024, 1024))
         except data.PictureError as e:
-            self.show_message(str(e))
+            self.show_message(self.words["bad_picture"].format(e))
             return False
         im.thumbnail((1024, 1024))
         image = QtGui.QImage(im.tobytes(), im.width, im.height, 3 * im.width, QtGui.QImage.Format.Format_RGB888)
@@ -126,7 +144,7 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
         try:
             picture = data.load_picture(self.image_path, classifier.image_size)
         except data.PictureError as e:
-            return self.show_message(str(e))
+            return self.show_message(self.words["bad_picture"].format(e))
         self.last_result = classifier.top(classifier.probabilities(picture[None])[0], TOP)
         self.show_result()
         return self.last_result
@@ -136,27 +154,39 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
         self.checkpoint = Path(path) if path else None
         self.clear_result()
         classifier = self.classifier()
-        if classifier is not None:
-            ckpt = classifier.ckpt
-            accuracy = f"{ckpt['accuracy']:.2f}% test accuracy" if ckpt.get("accuracy") is not None else ""
-            parts = [ckpt.get("arch", "?"), accuracy, f"epoch {ckpt.get('epoch', '?')}", str(self.checkpoint)]
-            self.statusBar().showMessage(" · ".join(p for p in parts if p))
+        if classifier is not None and classifier.assumed:  # a tutorial's checkpoint
+            print(f"note: {classifier.assumed}", file=sys.stderr)
+        self.show_status()
         return classifier is not None
 
     # --- helpers -----------------------------------------------------------
 
     def classifier(self):
         if self.checkpoint is None:
-            self.statusBar().showMessage("no checkpoint")
             return self.show_message(self.words["train_first"])
         if self.checkpoint not in self.classifiers:
             if not self.checkpoint.exists():
-                return self.show_message(f"{self.checkpoint}: not found. {self.words['train_first']}")
+                return self.show_message(f"{self.words['not_found'].format(self.checkpoint)} "
+                                         f"{self.words['train_first']}")
             try:
-                self.classifiers[self.checkpoint] = predict.Classifier(self.checkpoint)
+                self.classifiers[self.checkpoint] = predict.Classifier(self.checkpoint, self.arch)
             except resnet.CheckpointError as e:
-                return self.show_message(str(e))
+                return self.show_message(self.words["bad_checkpoint"].format(e))
         return self.classifiers[self.checkpoint]
+
+    def show_status(self):
+        """The checkpoint's network, test accuracy and epoch in the status bar, in the window's language."""
+        classifier = self.classifiers.get(self.checkpoint)
+        if classifier is None:
+            self.statusBar().showMessage(self.words["no_checkpoint"] if self.checkpoint is None else "")
+            return
+        ckpt, words = classifier.ckpt, self.words
+        parts = [ckpt["arch"],
+                 words["accuracy"].format(ckpt["accuracy"]) if ckpt.get("accuracy") is not None else "",
+                 words["epoch"].format(ckpt["epoch"]) if ckpt.get("epoch") is not None else "",
+                 words["assumed"].format(tuple(ckpt["mean"]), tuple(ckpt["std"])) if classifier.assumed else "",
+                 str(self.checkpoint)]
+        self.statusBar().showMessage(" · ".join(p for p in parts if p))
 
     def name(self, english):
         return CHINESE.get(english, english) if self.language == "zh" else english
@@ -174,13 +204,15 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
         self.message.clear()
 
     def clear_result(self):
+        """No answer shown: the bars stay hidden until there is one."""
         self.last_result = None
         self.result.clear()
         self.message.clear()
         for label, bar in zip(self.bar_names, self.bars):
             label.clear()
+            label.hide()
             bar.setValue(0)
-            bar.setFormat("")
+            bar.hide()
 
     def show_message(self, text):
         self.message.setText(text)
@@ -205,6 +237,7 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
             self.picture.setText(self.words["drop"])
         if self.last_result:
             self.show_result()
+        self.show_status()
 
     def choose_image(self):
         path, _ = QtWidgets.QFileDialog.getOpenFileName(self, self.words["choose"], "",
@@ -234,21 +267,62 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="A window to classify pictures with a trained checkpoint.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.print_usage = lambda file=None: None  # a bad flag gets one line, not the usage block
+    p = cli.parser("A window to classify pictures with a trained checkpoint.")
     p.add_argument("picture", nargs="?", default=None, help="a picture to open and classify at once")
-    p.add_argument("--checkpoint", default=None, help="default: best.pth of the newest run under runs/")
-    p.add_argument("--language", choices=["en", "zh"], default=None, help="class names (default: the system's)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a .pth of train.py or of the tutorials' code (default: best.pth of the newest run "
+                        "under runs/)")
+    p.add_argument("--model", default=None, choices=resnet.MODELS,
+                   help="the network the checkpoint must hold (default: the one it holds)")
+    p.add_argument("--language", choices=["en", "zh"], default=None,
+                   help="the window's words and class names (default: the system's)")
     return p
+
+
+# Qt's X11 platform plugin loads these libraries; Debian and Ubuntu name their packages by
+# the library's soname (libxcb-icccm.so.4 -> libxcb-icccm4, libxkbcommon-x11.so.0 -> libxkbcommon-x11-0).
+def debian_package(soname):
+    name, _, version = soname.partition(".so.")
+    name = name.lower()
+    return f"{name}{'-' if name[-1].isdigit() else ''}{version.split('.')[0]}"
+
+
+def missing_libraries(plugin):
+    """The shared libraries `plugin` needs that the system does not have (ldd's "not found")."""
+    if shutil.which("ldd") is None or not Path(plugin).is_file():
+        return []
+    out = subprocess.run(["ldd", str(plugin)], capture_output=True, text=True).stdout
+    return sorted(set(re.findall(r"^\s*(\S+) => not found", out, re.M)))
+
+
+def platform_problem(environ=os.environ):
+    """One line on what keeps Qt from opening a window on this Linux desktop, or None.
+    (Qt itself would abort with several lines; elsewhere Qt brings what it needs.)"""
+    platform = environ.get("QT_QPA_PLATFORM", "")
+    if not sys.platform.startswith("linux") or platform not in ("", "xcb"):
+        return None  # offscreen, wayland, vnc, ...: chosen on purpose
+    if not environ.get("DISPLAY") and not (environ.get("WAYLAND_DISPLAY") and platform != "xcb"):
+        return ("no display to open a window on (DISPLAY is not set): run it in a desktop session, or over "
+                "ssh with -X; predict.py answers on the command line")
+    if environ.get("WAYLAND_DISPLAY") and not environ.get("DISPLAY"):
+        return None  # Qt's Wayland plugin: no X11 libraries involved
+    plugins = QtCore.QLibraryInfo.path(QtCore.QLibraryInfo.LibraryPath.PluginsPath)
+    missing = missing_libraries(Path(plugins) / "platforms" / "libqxcb.so")
+    if missing:
+        return (f"Qt's X11 platform needs {', '.join(missing)}; on Debian/Ubuntu: sudo apt install "
+                f"{' '.join(sorted({debian_package(m) for m in missing}))} (the README lists other systems)")
+    return None
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if QtWidgets is None:
         sys.exit("gui.py needs Qt for Python: pip install -r requirements-gui.txt (or run `make gui`)")
+    problem = None if QtWidgets.QApplication.instance() else platform_problem()
+    if problem:
+        sys.exit(f"error: {problem}")
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(sys.argv[:1])
-    window = MainWindow(args.checkpoint, args.language)
+    window = MainWindow(args.checkpoint, args.language, args.model)
     if args.picture and window.open_image(args.picture):
         window.run()
     window.show()

@@ -7,10 +7,11 @@
 Reads metrics.csv, the per-epoch table train.py writes into each run directory.
 Needs matplotlib: pip install -r requirements-extra.txt (`make plot` does it).
 """
-import argparse
 import csv
 import sys
 from pathlib import Path
+
+import cli
 
 COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds", "img_s"]
 INSTALL = "pip install -r requirements-extra.txt (or run `make plot`)"
@@ -113,9 +114,7 @@ def plot_confusion(confusion, classes, out, normalize=True):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Plot the training curves of one or more runs.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.print_usage = lambda file=None: None  # a bad flag gets one line, not the usage block
+    p = cli.parser("Plot the training curves of one or more runs.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories holding metrics.csv")
     p.add_argument("--out", default=None,
                    help="picture to write (default: RUN_DIR/curves.png for one run, runs/curves.png for several)")

@@ -3,6 +3,7 @@
     python predict.py test/0_3.jpg
     python predict.py photos/ --topk 3
     python predict.py cat.png --checkpoint runs/resnet50/best.pth --json
+    python predict.py test/0_3.jpg --checkpoint model/net_128.pth   # a checkpoint of the tutorials' code
 
 Any picture Pillow reads works (JPEG, PNG, GIF, BMP, WebP, TIFF; RGBA, palette,
 grayscale, CMYK, 16-bit): it is turned upright by its EXIF tag, made RGB,
@@ -10,31 +11,34 @@ center-cropped to a square and resized to the training resolution. The
 confidence is the softmax probability the model gives its answer; it says
 how sure the model is, not how often it is right.
 """
-import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-import torch
+os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # torch_npu loads in device.py, which explains failures
 
-import data
-import resnet
+import torch  # noqa: E402
+
+import cli  # noqa: E402
+import data  # noqa: E402
+import device  # noqa: E402
+import resnet  # noqa: E402
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Classify pictures with a trained checkpoint.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.print_usage = lambda file=None: None  # a bad flag gets one line, not the usage block
+    p = cli.parser("Classify pictures with a trained checkpoint.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="a picture, or a folder of pictures")
     p.add_argument("--checkpoint", default=None,
-                   help="a .pth from train.py (default: best.pth of the most recent run under runs/)")
-    p.add_argument("--model", default=None, choices=list(resnet.MODELS),
-                   help="network of a bare state dict (checkpoints of train.py say it themselves)")
-    p.add_argument("--topk", type=int, default=1, help="show the K most likely classes")
+                   help="a .pth of train.py or of the tutorials' code (default: best.pth of the most "
+                        "recent run under runs/)")
+    p.add_argument("--model", default=None, choices=resnet.MODELS,
+                   help="the network the checkpoint must hold (default: the one it holds)")
+    p.add_argument("--topk", type=cli.integer(min=1), default=1, help="show the K most likely classes")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
-    # One picture is answered fastest on the CPU: starting a GPU or NPU costs seconds.
-    p.add_argument("--device", default="cpu", choices=data.DEVICES, help="where to run")
-    p.add_argument("--batch-size", type=int, default=256, help="pictures per forward pass")
+    # The CPU, not auto: a picture or two are answered before a GPU or NPU would have started.
+    p.add_argument("--device", default="cpu", choices=device.DEVICES, help="where to run")
+    p.add_argument("--batch-size", type=cli.integer(min=1), default=256, help="pictures per forward pass")
     return p
 
 
@@ -66,15 +70,12 @@ class Classifier:
     """A checkpoint loaded once, ready for any number of pictures."""
 
     def __init__(self, checkpoint, arch=None, device="cpu"):
-        self.model, self.ckpt = resnet.load_model(checkpoint, arch)
-        n = self.model.linear.out_features
-        default_classes = data.CIFAR10_CLASSES if n == len(data.CIFAR10_CLASSES) else [str(i) for i in range(n)]
-        self.classes = self.ckpt.get("classes") or default_classes
-        self.mean = self.ckpt.get("mean", data.CIFAR10_MEAN)
-        self.std = self.ckpt.get("std", data.CIFAR10_STD)
-        self.image_size = self.ckpt.get("image_size", 32)
+        model, self.ckpt = resnet.load_model(checkpoint, arch)
+        self.classes, self.image_size = self.ckpt["classes"], self.ckpt["image_size"]
+        self.mean, self.std = self.ckpt["mean"], self.ckpt["std"]
+        self.assumed = self.ckpt.get("assumed")  # what a tutorial's checkpoint left to assume, or None
         self.device = torch.device(device)
-        self.model = resnet.fold_batchnorm(self.model).to(self.device)
+        self.model = resnet.for_inference(model, self.device)
 
     @torch.no_grad()
     def probabilities(self, pictures):
@@ -91,7 +92,9 @@ def main(args):
     checkpoint = args.checkpoint or latest_checkpoint()
     if checkpoint is None:
         raise resnet.CheckpointError("no trained model yet: run `make train`, or pass --checkpoint")
-    clf = Classifier(checkpoint, args.model, data.pick_device(args.device))
+    clf = Classifier(checkpoint, args.model, device.pick_device(args.device))
+    if clf.assumed:
+        print(f"note: {clf.assumed}", file=sys.stderr)
     files, errors = expand_paths(args.paths)
     results = [{"path": e.split(": ")[0], "error": e} for e in errors]
     for start in range(0, len(files), args.batch_size):
@@ -127,7 +130,7 @@ def main(args):
 if __name__ == "__main__":
     try:
         sys.exit(main(get_args_parser().parse_args()))
-    except (data.DeviceError, resnet.CheckpointError) as e:
+    except (device.DeviceError, resnet.CheckpointError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit(130)

@@ -1,16 +1,21 @@
-"""ResNet for CIFAR-sized images, plus the code that turns a checkpoint back into a model.
+"""ResNet for CIFAR-sized images, and the checkpoint format that turns back into one.
 
-The network is the CIFAR variant used by the tutorials this project grew out of
+The network is the CIFAR variant of the tutorials this project grew out of
 (kuangliu/pytorch-cifar): a 3x3 stride-1 stem and no max-pool, so a 32x32 picture
 keeps its resolution into layer1. Parameter names (conv1, bn1, layer1..layer4,
-shortcut, linear) match that code, so a state dict saved by it loads as is.
+shortcut, linear) match that code, so its state dicts load as they are; the ResNet18
+tutorial's own names (conv1.0, layerN.M.left.0, fc) are translated on loading.
 
 This file imports only torch: copy it alone into another project.
 
     import resnet
     model = resnet.build_model("resnet18", num_classes=10)
-    model, ckpt = resnet.load_model("runs/resnet18/best.pth")
+    model, ckpt = resnet.load_model("runs/resnet18/best.pth")    # any checkpoint below
+    print(ckpt["arch"], ckpt["classes"], ckpt["accuracy"])
 """
+import copy
+import re
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -64,7 +69,7 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block, num_blocks, num_classes=10):
+    def __init__(self, block, num_blocks, num_classes=10, zero_init_residual=False):
         super().__init__()
         self.in_planes = 64
         self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
@@ -74,6 +79,10 @@ class ResNet(nn.Module):
         self.layer3 = self._make_layer(block, 256, num_blocks[2], stride=2)
         self.layer4 = self._make_layer(block, 512, num_blocks[3], stride=2)
         self.linear = nn.Linear(512 * block.expansion, num_classes)
+        if zero_init_residual:  # each block starts as its shortcut alone (Goyal et al., 2017)
+            for b in self.modules():
+                if isinstance(b, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_(b.bn3.weight if isinstance(b, Bottleneck) else b.bn2.weight)
 
     def _make_layer(self, block, planes, num_blocks, stride):
         layers = []
@@ -91,51 +100,50 @@ class ResNet(nn.Module):
         return self.linear(out)
 
 
+# Each network: its block and the number of blocks in layer1..layer4.
+ARCHS = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
+    "resnet152": (Bottleneck, (3, 8, 36, 3)),
+}
+MODELS = list(ARCHS)
+
+
+def build_model(arch, num_classes=10, zero_init_residual=False):
+    if arch not in ARCHS:
+        raise ValueError(f"unknown model {arch!r}; choose from {', '.join(MODELS)}")
+    return ResNet(*ARCHS[arch], num_classes=num_classes, zero_init_residual=zero_init_residual)
+
+
 def ResNet18(num_classes=10):
-    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes)
+    return build_model("resnet18", num_classes)
 
 
 def ResNet34(num_classes=10):
-    return ResNet(BasicBlock, [3, 4, 6, 3], num_classes)
+    return build_model("resnet34", num_classes)
 
 
 def ResNet50(num_classes=10):
-    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes)
+    return build_model("resnet50", num_classes)
 
 
 def ResNet101(num_classes=10):
-    return ResNet(Bottleneck, [3, 4, 23, 3], num_classes)
+    return build_model("resnet101", num_classes)
 
 
 def ResNet152(num_classes=10):
-    return ResNet(Bottleneck, [3, 8, 36, 3], num_classes)
+    return build_model("resnet152", num_classes)
 
 
-MODELS = {
-    "resnet18": ResNet18,
-    "resnet34": ResNet34,
-    "resnet50": ResNet50,
-    "resnet101": ResNet101,
-    "resnet152": ResNet152,
-}
-
-
-def build_model(arch, num_classes=10):
-    if arch not in MODELS:
-        raise ValueError(f"unknown model {arch!r}; choose from {', '.join(MODELS)}")
-    return MODELS[arch](num_classes)
-
+# ---------------------------------------------------------------------------
+# Inference
 
 def fold_batchnorm(model):
     """Turn model, in place, into its inference form: each BatchNorm folded into the
-    convolution before it. Returns model, in eval mode.
-
-    In eval mode a BatchNorm is a fixed per-channel scale and shift, which the
-    convolution's weights and a bias can absorb: the same outputs (to float
-    rounding) with one pass over the activations fewer per layer. The folded
-    model's state dict has other keys (conv biases, no bn*) and it cannot train:
-    fold a copy (copy.deepcopy) of a model that is still training or to be saved.
-    """
+    convolution before it, in eval mode. The same outputs (to float rounding) with one
+    pass over the activations fewer per layer; the folded model cannot train."""
     model.eval()
     for block in model.modules():  # the stem (the model itself) and every block
         for conv, bn in (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")):
@@ -148,15 +156,79 @@ def fold_batchnorm(model):
     return model
 
 
+def for_inference(model, device=None, memory_format=torch.contiguous_format):
+    """A copy of model to answer with: BatchNorm folded, eval mode, on device, in memory_format.
+    The model itself is left as it is (it may go on training, or be saved)."""
+    return fold_batchnorm(copy.deepcopy(model)).to(device, memory_format=memory_format)
+
+
+TTA = ["off", "flip", "flip-shift"]
+
+
+def tta_logits(model, images, tta="off"):
+    """Logits of a batch, averaged over test-time views of each picture. flip: the picture
+    and its mirror image. flip-shift: half the weight on those two, half on the two moved
+    one pixel up-left and down-right (edges reflected) with their mirror images."""
+    if tta == "off":
+        return model(images).float()
+
+    def with_mirror(x):
+        return (model(x).float() + model(x.flip(3)).float()) / 2
+
+    logits = with_mirror(images)
+    if tta == "flip-shift":
+        h, w = images.shape[2:]
+        padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+        logits = (logits + (with_mirror(padded[:, :, :h, :w]) + with_mirror(padded[:, :, 2:, 2:])) / 2) / 2
+    return logits
+
+
+@torch.no_grad()
+def evaluate(model, loader, num_classes, tta="off", amp_dtype=None):
+    """Mean cross-entropy and the confusion matrix (rows: true class, columns: predicted)
+    over the loader's batches, in autocast amp_dtype (None: fp32).
+
+    The sums stay on the device and are read once, at the end: a read per batch (or
+    bincount, whose output size depends on the data) would make the host wait for the
+    device at every batch. float32, which Apple's GPUs have (float64 they lack)."""
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    confusion = torch.zeros(num_classes * num_classes, device=device)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        for images, labels in loader:
+            logits = tta_logits(model, images, tta)
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+            confusion.index_add_(0, labels * num_classes + logits.argmax(1), torch.ones(len(labels), device=device))
+    confusion = confusion.view(num_classes, num_classes).long().cpu()
+    return loss_sum.item() / max(int(confusion.sum()), 1), confusion
+
+
 # ---------------------------------------------------------------------------
-# Checkpoints. A checkpoint is a plain dict that describes itself:
-#   arch, num_classes, classes, mean, std, image_size, epoch, accuracy, model
-# (last.pth adds the training state). Everything in it is a tensor, number,
-# string, list or dict, so it loads with weights_only=True: a .pth file from
-# the internet cannot run code on this machine.
+# Checkpoints. A checkpoint of this project is a plain dict that describes itself:
+#   arch, dataset, num_classes, classes, mean, std, image_size, epoch, accuracy,
+#   best_accuracy, best_epoch, model (the state dict), args
+# (last.pth adds the training state). Everything in it is a tensor, number, string,
+# list or dict, so it loads with weights_only=True: a .pth file from the internet
+# cannot run code on this machine. The tutorials' files load too (read_checkpoint).
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# The normalization the tutorials train with. Their std (0.2023, 0.1994, 0.2010) is a
+# long-copied mistake (kuangliu/pytorch-cifar#19), but their weights expect it.
+TUTORIAL_MEAN = (0.4914, 0.4822, 0.4465)
+TUTORIAL_STD = (0.2023, 0.1994, 0.2010)
+
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message is one line for the user."""
+
+
+def checkpoint(model, arch, classes, mean, std, image_size, dataset, epoch, accuracy, args, **extra):
+    """The dict a checkpoint file holds: enough for test.py, predict.py, the window and
+    export.py to use it with no other flags. extra: more keys (the training state)."""
+    return {"arch": arch, "dataset": dataset, "num_classes": len(classes), "classes": list(classes),
+            "mean": list(mean), "std": list(std), "image_size": image_size, "epoch": epoch,
+            "accuracy": accuracy, "model": clean_state_dict(model.state_dict()), "args": args, **extra}
 
 
 def clean_state_dict(state_dict):
@@ -170,77 +242,152 @@ def clean_state_dict(state_dict):
     return out
 
 
+def describe_file(path):
+    """What a file that torch.load refused is, from its first bytes: for the error message."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04"):
+        import zipfile
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile:
+            return "a PyTorch file cut off before its end (truncated: copied or written only in part)"
+        if not any(n.endswith("/data.pkl") for n in names):
+            return "a zip archive, not a PyTorch file"
+        return None
+    if head.startswith(b"\x80"):  # a pickle, as torch.save wrote before PyTorch 1.6
+        return None
+    pictures = {b"\x89PNG": "a PNG picture", b"\xff\xd8\xff": "a JPEG picture", b"GIF8": "a GIF picture"}
+    for magic, what in pictures.items():
+        if head.startswith(magic):
+            return f"{what}, not a checkpoint"
+    try:
+        head.decode("utf-8")
+        return "a text file, not a checkpoint"
+    except UnicodeDecodeError:
+        return f"not a PyTorch file (it starts with {head[:8].hex(' ')})"
+
+
 def load_checkpoint(path):
-    """Read a .pth file safely (weights_only) onto the CPU, or raise CheckpointError."""
+    """Read a .pth file safely (weights_only) onto the CPU, as it is, or raise CheckpointError."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
     except IsADirectoryError:
         raise CheckpointError(f"{path}: is a directory, not a checkpoint") from None
-    except Exception as e:  # truncated, corrupt, or a pickle that wants to run code
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line})") from None
+    except Exception as e:  # truncated, corrupt, not a checkpoint, or a pickle that wants to run code
+        what = describe_file(path)
+        if what is None:
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if "weights_only" in detail.lower() or "weights only" in detail.lower():
+                what = "holds Python objects besides tensors and plain data; refused, as loading it could run code"
+            else:
+                what = f"a damaged PyTorch file ({detail[:200]})"
+        raise CheckpointError(f"{path}: not a readable checkpoint: {what}") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a checkpoint (holds a {type(ckpt).__name__})")
     return ckpt
 
 
-def model_from_checkpoint(ckpt, arch=None, source="checkpoint"):
-    """Rebuild the network a checkpoint dict describes and load its weights.
+# The ResNet18 tutorial's names for the same layers: its stem and blocks are Sequentials.
+TUTORIAL_NAMES = [(r"^conv1\.0\.", "conv1."), (r"^conv1\.1\.", "bn1."),
+                  (r"\.left\.0\.", ".conv1."), (r"\.left\.1\.", ".bn1."),
+                  (r"\.left\.3\.", ".conv2."), (r"\.left\.4\.", ".bn2."), (r"^fc\.", "linear.")]
 
-    A bare state dict (what the tutorials save) carries no architecture name:
-    pass arch for those. The class count is read from the final layer.
-    """
+
+def _weights_of(ckpt, source):
+    """(state dict in this project's names, which format it came in) of any supported file."""
     if "model" in ckpt and "arch" in ckpt:
-        state, arch = ckpt["model"], ckpt["arch"]
-    elif arch is not None and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        state = ckpt
-    elif arch is None and "model" not in ckpt:
-        raise CheckpointError(f"{source}: a bare state dict; say which network it is with --model")
-    else:
-        raise CheckpointError(f"{source}: not a checkpoint of this project")
+        return ckpt["model"], "project"
+    if isinstance(ckpt.get("net"), dict):  # kuangliu's main.py: {'net': state dict, 'acc', 'epoch'}
+        return ckpt["net"], "kuangliu"
+    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return ckpt, "state dict"
+    raise CheckpointError(f"{source}: not a checkpoint of this project or its tutorials "
+                          f"(its keys: {', '.join(map(str, list(ckpt)[:5]))})")
+
+
+def _translate(state):
     state = clean_state_dict(state)
+    if "fc.weight" in state or "conv1.0.weight" in state:  # the ResNet18 tutorial's names
+        renamed = {}
+        for key, value in state.items():
+            for pattern, new in TUTORIAL_NAMES:
+                key = re.sub(pattern, new, key)
+            renamed[key] = value
+        state = renamed
+    return state
+
+
+def infer_arch(state, source="checkpoint"):
+    """The network a state dict (in this project's names) belongs to, from its keys."""
+    blocks = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{n}.")}) for n in range(1, 5))
+    block = Bottleneck if "layer1.0.conv3.weight" in state else BasicBlock
+    for arch, shape in ARCHS.items():
+        if shape == (block, blocks):
+            return arch
+    if "linear.weight" not in state or not any(blocks):
+        raise CheckpointError(f"{source}: not the weights of a CIFAR ResNet (its first keys: "
+                              f"{', '.join(list(state)[:3])})")
+    raise CheckpointError(f"{source}: a ResNet of {block.__name__}s {list(blocks)}, which is none of "
+                          f"{', '.join(MODELS)}")
+
+
+def _fit(model, state, arch, source):
+    """Load state into model, or say in one line which keys or shapes differ."""
+    own = model.state_dict()
+    problems = []
+    for words, keys in (("lacks", [k for k in own if k not in state]),
+                        ("has extra", [k for k in state if k not in own])):
+        if keys:
+            problems.append(f"{words} {', '.join(keys[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}")
+    shapes = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if shapes:
+        k = shapes[0]
+        problems.append(f"{k} is {list(state[k].shape)} where {arch} has {list(own[k].shape)}"
+                        + (f" ({len(shapes) - 1} more shapes differ)" if len(shapes) > 1 else ""))
+    if problems:
+        raise CheckpointError(f"{source}: does not fit {arch}: it {'; it '.join(problems)}")
+    model.load_state_dict(state)
+
+
+def read_checkpoint(ckpt, arch=None, source="checkpoint"):
+    """Rebuild the network a checkpoint holds: (model, the checkpoint's description).
+
+    Besides this project's checkpoints it reads what the tutorials save: a bare state dict
+    (the ResNet18 tutorial's names or kuangliu's) and kuangliu's {'net', 'acc', 'epoch'}.
+    Their network is worked out from the keys (arch, if given, must agree), their classes
+    are CIFAR-10's, and their normalization the tutorials': the description's "assumed"
+    then says so, in one line for the user. The description has every key of the format."""
+    weights, kind = _weights_of(ckpt, source)
+    state = _translate(weights)
+    found = ckpt["arch"] if kind == "project" else infer_arch(state, source)
+    if arch is not None and arch != found:
+        raise CheckpointError(f"{source}: holds a {found}, not a {arch}")
     if "linear.weight" not in state:
-        raise CheckpointError(f"{source}: has no 'linear' layer; not a ResNet of this project")
+        raise CheckpointError(f"{source}: has no final layer (linear.weight); not a ResNet of this project")
     num_classes = state["linear.weight"].shape[0]
-    try:
-        model = build_model(arch, num_classes)
-        model.load_state_dict(state)
-    except (ValueError, RuntimeError) as e:
-        first_line = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{source}: does not fit {arch} ({first_line})") from None
-    return model
+    model = ResNet(*ARCHS[found], num_classes=num_classes) if found in ARCHS else None
+    if model is None:
+        raise CheckpointError(f"{source}: a network named {found!r}, which is none of {', '.join(MODELS)}")
+    _fit(model, state, found, source)
+    described = {"arch": found, "dataset": "cifar10", "num_classes": num_classes, "image_size": 32,
+                 "classes": CIFAR10_CLASSES if num_classes == 10 else [str(i) for i in range(num_classes)],
+                 "epoch": ckpt.get("epoch"), "accuracy": ckpt.get("acc")}
+    if kind == "project":
+        described.update(ckpt)
+    described["model"] = state
+    if "mean" not in described or "std" not in described:
+        described.update(mean=list(TUTORIAL_MEAN), std=list(TUTORIAL_STD),
+                         assumed=f"{source}: a {kind} without its normalization; assuming the tutorials' "
+                                 f"mean {TUTORIAL_MEAN} and std {TUTORIAL_STD}")
+    return model.eval(), described
 
 
 def load_model(path, arch=None):
-    """Load a checkpoint file and return (model in eval mode, checkpoint dict)."""
-    ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt, arch, source=str(path))
-    return model.eval(), ckpt
-
-
-@torch.no_grad()
-def evaluate(model, loader, num_classes, tta=False):
-    """Mean cross-entropy and the confusion matrix (rows: true class, columns: predicted).
-
-    tta: average the logits of each image and its mirror image (flip test-time
-    augmentation): the network saw both during training, and the two views'
-    errors partly cancel.
-    """
-    model.eval()
-    # The sums stay on the device and are read once at the end: a read per batch (or
-    # bincount, whose output size depends on the data) would make the host wait for the
-    # device at every batch. float32, which Apple's GPUs have (float64 they lack); the
-    # counts in it stay exact up to 16 million images.
-    device = next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device)
-    confusion = torch.zeros(num_classes * num_classes, device=device)
-    for images, labels in loader:
-        logits = model(images).float()
-        if tta:
-            logits = (logits + model(images.flip(3)).float()) / 2
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-        confusion.index_add_(0, labels * num_classes + logits.argmax(1), torch.ones(len(labels), device=device))
-    confusion = confusion.view(num_classes, num_classes).long().cpu()
-    return loss_sum.item() / max(int(confusion.sum()), 1), confusion
+    """Load a checkpoint file: (model in eval mode, its description as read_checkpoint gives it)."""
+    return read_checkpoint(load_checkpoint(path), arch, source=str(path))

@@ -3,38 +3,43 @@
     python test.py                                       # runs/resnet18/best.pth
     python test.py --checkpoint runs/photos/best.pth     # a folder-trained run: its data, classes and size
     python test.py --checkpoint runs/resnet50/net_030.pth --device cpu
-    python test.py --checkpoint tutorial.pth --model resnet50   # a bare state dict
+    python test.py --checkpoint model/net_128.pth        # a checkpoint of the tutorials' code
 
 (This file is a script. Python also ships a package named `test`, so run it, or
 import it by path; `import test` finds the standard library's.)
 """
-import argparse
+import os
 import sys
 
-import torch
+os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # torch_npu loads in device.py, which explains failures
 
-import data
-import resnet
+import cli  # noqa: E402
+import data  # noqa: E402
+import device  # noqa: E402
+import resnet  # noqa: E402
+import rundir  # noqa: E402
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Evaluate a checkpoint on its dataset's test split.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.print_usage = lambda file=None: None  # a bad flag gets one line, not the usage block
-    p.add_argument("--checkpoint", default="runs/resnet18/best.pth", help="a .pth written by train.py")
-    p.add_argument("--model", default=None, choices=list(resnet.MODELS),
-                   help="network of a bare state dict (checkpoints of train.py say it themselves)")
-    p.add_argument("--dataset", default=None, choices=data.DATASETS, help="default: the one the run trained on")
-    p.add_argument("--data-dir", default=None, help="the dataset's folder (default: the run's)")
-    p.add_argument("--device", default="auto", choices=data.DEVICES, help="where to run")
-    p.add_argument("--subset", type=int, default=None, help="use only the first N test images")
-    p.add_argument("--batch-size", type=int, default=None,
+    p = cli.parser("Evaluate a checkpoint on its dataset's test split.")
+    p.add_argument("--checkpoint", default="runs/resnet18/best.pth",
+                   help="a .pth of train.py, or of the tutorials' code")
+    p.add_argument("--model", default=None, choices=resnet.MODELS,
+                   help="the network the checkpoint must hold (default: the one it holds)")
+    p.add_argument("--dataset", default=None, choices=data.DATASETS,
+                   help="the data to score on (default: the one the run trained on)")
+    p.add_argument("--data-dir", default=None,
+                   help="the dataset's folder (default: the run's, as its run folder noted it)")
+    p.add_argument("--device", default="auto", choices=device.DEVICES, help="where to run")
+    p.add_argument("--subset", type=cli.integer(min=1), default=None, help="use only the first N test images")
+    p.add_argument("--batch-size", type=cli.integer(min=1), default=None,
                    help="images per step (default: 1000 on a GPU or NPU, 128 on a CPU)")
-    p.add_argument("--amp", default="auto", choices=data.AMP_CHOICES,
+    p.add_argument("--amp", default="auto", choices=device.AMP_CHOICES,
                    help="precision as train.py's --amp (its per-epoch figures are scored the same way); "
                         "off: plain fp32")
-    p.add_argument("--tta", action="store_true",
-                   help="average each image's logits with its mirror image's (flip test-time augmentation)")
+    p.add_argument("--tta", nargs="?", const="flip", default="off", choices=resnet.TTA,
+                   help="test-time augmentation: flip (--tta alone) averages each picture's logits with its "
+                        "mirror image's; flip-shift adds both moved by a pixel")
     p.add_argument("--confusion-png", default=None, metavar="PATH",
                    help="also draw the confusion matrix into this picture (needs matplotlib)")
     return p
@@ -52,31 +57,31 @@ def format_confusion(confusion, classes):
 
 def main(args):
     model, ckpt = resnet.load_model(args.checkpoint, args.model)
-    images, labels, data_classes, data_dir, dataset = data.run_test_split(ckpt, args.data_dir, args.dataset,
-                                                                          args.subset)
-    classes = ckpt.get("classes") or data_classes
-    if model.linear.out_features != len(data_classes):
-        raise resnet.CheckpointError(f"{args.checkpoint}: predicts {model.linear.out_features} classes, "
+    if "assumed" in ckpt:
+        print(f"note: {ckpt['assumed']}", file=sys.stderr)
+    images, labels, data_classes, data_dir, dataset = data.run_test_split(
+        ckpt, args.data_dir, args.dataset, args.subset, remembered=rundir.remembered_data_dir(args.checkpoint))
+    classes = ckpt["classes"]
+    if ckpt["num_classes"] != len(data_classes):
+        raise resnet.CheckpointError(f"{args.checkpoint}: predicts {ckpt['num_classes']} classes, "
                                      f"but the data in {data_dir} has {len(data_classes)}")
     if dataset == "folder" and list(classes) != list(data_classes):
         raise resnet.CheckpointError(f"{args.checkpoint}: trained on the classes {', '.join(classes[:5])}..., "
                                      f"but {data_dir} holds {', '.join(data_classes[:5])}...")
-    device = data.pick_device(args.device)
-    data.keep_freed_memory(device)
-    layout = data.memory_format("auto", device)
-    loader = data.CifarLoader(images, labels, args.batch_size or data.eval_batch_size(device),
-                              ckpt.get("mean", data.CIFAR10_MEAN), ckpt.get("std", data.CIFAR10_STD), train=False,
-                              device=device, memory_format=layout)
-    model = resnet.fold_batchnorm(model).to(device, memory_format=layout)
-    amp = data.resolve_amp(args.amp, device)
-    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        loss, confusion = resnet.evaluate(model, loader, len(classes), tta=args.tta)
+    dev = device.pick_device(args.device)
+    device.keep_freed_memory(dev)
+    layout = device.memory_format("auto", dev)
+    loader = data.CifarLoader(images, labels, args.batch_size or device.eval_batch_size(dev), ckpt["mean"],
+                              ckpt["std"], train=False, device=dev, memory_format=layout)
+    amp = device.resolve_amp(args.amp, dev)
+    loss, confusion = resnet.evaluate(resnet.for_inference(model, dev, layout), loader, len(classes),
+                                      tta=args.tta, amp_dtype=amp)
 
     correct, total = int(confusion.diag().sum()), int(confusion.sum())
     per_class = (100.0 * confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
-    print(f"{args.checkpoint}: {ckpt.get('arch', args.model)}, epoch {ckpt.get('epoch', '?')}, "
-          f"{total} test images from {data_dir} on {device} in {data.PRECISION_NAMES[amp]}"
-          f"{', with flip TTA' if args.tta else ''}")
+    print(f"{args.checkpoint}: {ckpt['arch']}, epoch {ckpt.get('epoch') or '?'}, {total} test images from "
+          f"{data_dir} on {dev} in {device.PRECISION_NAMES[amp]}"
+          f"{'' if args.tta == 'off' else f', with {args.tta} TTA'}")
     print("\nper-class accuracy:")
     for i, (name, acc) in enumerate(zip(classes, per_class)):
         print(f"  {name:>12} {acc:6.2f}%  ({int(confusion[i, i])}/{int(confusion[i].sum())})")
@@ -97,7 +102,7 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
-    except (data.DataError, data.DeviceError, resnet.CheckpointError) as e:
+    except (data.DataError, device.DeviceError, resnet.CheckpointError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit(130)

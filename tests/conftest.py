@@ -132,6 +132,27 @@ def one_line_error(proc):
     return lines[0]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts processes (the project's scripts, make, torchrun) or "
+                                       "trains whole runs; `make test-fast` (-m 'not slow') leaves these out")
+
+
+@pytest.fixture(autouse=True)
+def in_process_only(request, monkeypatch):
+    """Under `make test-fast`, a test that starts a process but is not marked slow fails at
+    once, and so does one that uses a fixture that starts processes: the fast tier stays fast."""
+    if "not slow" in (request.config.getoption("-m") or "") and "slow" not in request.keywords:
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"{request.node.name} starts a process: mark it @pytest.mark.slow")
+        monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+        assert not PROCESS_FIXTURES & set(request.fixturenames), f"{request.node.name}: mark it @pytest.mark.slow"
+
+
+# Fixtures that run the project's scripts, shared between tests (they are set up before in_process_only).
+PROCESS_FIXTURES = {"trained_run", "reference", "reference_of_four_steps", "project", "folder_run", "exported",
+                    "tutorial_checkpoints"}
+
+
 # Small and fast on a 2-core CPU: a few steps of ResNet18 per epoch.
 QUICK = ["--device", "cpu", "--batch-size", "32", "--subset", "64", "--eval-batch-size", "100"]
 

@@ -250,6 +250,7 @@ def test_a_download_cut_off_halfway_leaves_nothing_that_looks_finished(tmp_path,
     assert list((tmp_path / "d").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_offline_gives_one_line_that_says_to_pass_archive_or_cifar_url(tmp_path):
     proc = run("data.py", "--data-dir", tmp_path / "d", "--url", "http://127.0.0.1:9/cifar-10-python.tar.gz",
                cwd=tmp_path, check=False)
@@ -257,6 +258,7 @@ def test_offline_gives_one_line_that_says_to_pass_archive_or_cifar_url(tmp_path)
     assert "ARCHIVE=" in line and "CIFAR_URL=" in line
 
 
+@pytest.mark.slow
 def test_data_py_extracts_an_archive_and_writes_sample_pictures(tmp_path, archive):
     path, md5 = archive
     proc = run("data.py", "--data-dir", "d", "--archive", path, "--md5", md5, cwd=tmp_path)
@@ -276,20 +278,3 @@ def test_samples_are_the_first_ten_test_pictures_of_each_class_named_label_index
     assert picture.shape == (32, 32, 3)
     distances = [np.abs(picture - im.permute(1, 2, 0).numpy()).mean() for im in images]
     assert int(np.argmin(distances)) == fourth_airplane  # JPEG is lossy, but this is the one
-
-
-def test_device_npu_without_torch_npu_is_a_one_line_error(tmp_path, cifar_dir):
-    pytest.importorskip("torch")
-    try:
-        import torch_npu  # noqa: F401
-        pytest.skip("torch_npu is installed here")
-    except ImportError:
-        pass
-    proc = run("train.py", "--device", "npu", "--data-dir", cifar_dir, cwd=tmp_path, check=False)
-    assert "torch_npu" in one_line_error(proc)
-
-
-def test_auto_device_falls_back_to_the_cpu_without_accelerators():
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
-    assert data.pick_device("auto").type in ("cpu", "mps", "npu")

@@ -15,6 +15,7 @@ def cifar100_archive(tmp_path_factory):
     return make_archive(root, root / "cifar-100-python.tar.gz", folder="cifar-100-python")
 
 
+@pytest.mark.slow
 def test_cifar100_from_its_archive_trains_evaluates_and_predicts_with_its_fine_label_names(tmp_path,
                                                                                            cifar100_archive):
     archive, md5 = cifar100_archive
@@ -34,6 +35,7 @@ def test_cifar100_from_its_archive_trains_evaluates_and_predicts_with_its_fine_l
     assert json.loads(proc.stdout)["results"][0]["class"] in FINE_CLASSES
 
 
+@pytest.mark.slow
 def test_cifar100_is_checked_against_its_own_official_md5(tmp_path, cifar100_archive):
     archive, _ = cifar100_archive  # our tiny archive is not the official file
     proc = run("data.py", "--dataset", "cifar100", "--data-dir", "data", "--archive", archive, cwd=tmp_path,
@@ -52,6 +54,7 @@ def folder_run(tmp_path_factory):
     return work, proc
 
 
+@pytest.mark.slow
 def test_a_picture_folder_trains_with_its_folder_names_as_classes_and_skips_what_is_not_a_picture(folder_run):
     work, proc = folder_run
     assert "skipped 4 of 40 files in photos/train" in proc.stderr  # the hidden .DS_Store is not counted
@@ -66,6 +69,7 @@ def test_a_picture_folder_trains_with_its_folder_names_as_classes_and_skips_what
     assert ckpt["mean"] != pytest.approx(list(data.CIFAR10_MEAN), abs=0.01)
 
 
+@pytest.mark.slow
 def test_predict_and_test_use_a_folder_trained_model_with_no_extra_flags(folder_run):
     work, _ = folder_run
     proc = run("predict.py", "photos/test/dog/003.png", "--checkpoint", "runs/photos/best.pth", "--topk", "3",
@@ -100,6 +104,7 @@ def test_the_decoded_pictures_are_cached_and_rebuilt_when_the_folder_changes(tmp
     assert changed_labels.bincount().tolist() == [4, 3, 5]
 
 
+@pytest.mark.slow
 def test_a_folder_without_class_folders_is_a_one_line_error(tmp_path):
     (tmp_path / "photos" / "train").mkdir(parents=True)
     proc = run("train.py", "--dataset", "folder", "--data-dir", "photos", *QUICK, cwd=tmp_path, check=False)
@@ -109,6 +114,7 @@ def test_a_folder_without_class_folders_is_a_one_line_error(tmp_path):
     assert "no class folders" in one_line_error(proc)
 
 
+@pytest.mark.slow
 def test_cifar_pictures_keep_their_size(tmp_path, cifar_dir):
     proc = run("train.py", "--data-dir", cifar_dir, "--image-size", "64", *QUICK, cwd=tmp_path, check=False)
     assert "--image-size is for folder datasets" in one_line_error(proc)
@@ -121,6 +127,7 @@ def test_a_folder_that_cannot_hold_the_cache_still_loads_and_says_so(tmp_path, c
     assert len(images) == 6 and "cannot cache the decoded pictures" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluating_on_a_folder_with_other_classes_is_a_one_line_error(folder_run):
     work, _ = folder_run
     write_folder(work / "other", per_class=2, classes=("apple", "pear", "plum"), odd_files=False)

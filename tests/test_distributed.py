@@ -1,4 +1,5 @@
 """train.py under torchrun: several processes (gloo on the CPU here) train as one."""
+import pytest
 import subprocess
 import sys
 import time
@@ -6,6 +7,8 @@ import time
 import torch
 
 from conftest import injected, ROOT, write_cifar
+
+pytestmark = pytest.mark.slow  # each test runs the scripts
 
 COMMON = ["--device", "cpu", "--batch-size", "32", "--lr", "0.01", "--subset", "64", "--epochs", "2",
           "--eval-batch-size", "100", "--log-every", "2"]
@@ -37,7 +40,7 @@ def test_two_processes_train_and_write_exactly_one_set_of_files(tmp_path):
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} == {"log.txt", "acc.txt", "best_acc.txt", "metrics.csv", "net_001.pth",
-                                               "net_002.pth", "best.pth", "last.pth"}
+                                               "net_002.pth", "best.pth", "last.pth", "data_dir.txt"}
     assert [ln[:9] for ln in (run / "log.txt").read_text().splitlines()] == ["001 00002", "002 00004"]
     assert len((run / "acc.txt").read_text().splitlines()) == 2
     assert proc.stdout.count("best accuracy") == 1  # one process speaks
@@ -101,13 +104,13 @@ def test_the_latest_reduction_is_held_by_python_so_no_collective_thread_frees_it
     # Gloo's worker thread needs the GIL to free a tensor Python still knows; if
     # that came after the interpreter began shutting down, the process aborted.
     code = (
-        "import weakref, torch, torch.distributed as dist, train\n"
+        "import weakref, torch, torch.distributed as dist, device\n"
         "dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)\n"
         "t = torch.tensor([1.0, 5.0]); ref = weakref.ref(t)\n"
-        "assert train.all_reduce(t, 'max') is t and t.tolist() == [1.0, 5.0]\n"
+        "assert device.all_reduce(t, 'max') is t and t.tolist() == [1.0, 5.0]\n"
         "del t\n"
         "assert ref() is not None, 'the reduction let go of its tensor'\n"
-        "train.all_reduce(torch.zeros(1))\n"
+        "device.all_reduce(torch.zeros(1))\n"
         "assert ref() is None, 'the next reduction did not release the previous one'\n"
         "dist.destroy_process_group()\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -1,4 +1,5 @@
 """test.py: evaluating a checkpoint on the test split."""
+import pytest
 import re
 
 import torch
@@ -7,16 +8,18 @@ import data
 import resnet
 from conftest import QUICK, one_line_error, run
 
+pytestmark = pytest.mark.slow  # each test runs the scripts
 
-def direct_accuracy(checkpoint, cifar_dir, tta=False):
-    """Accuracy computed by hand: normalize with the checkpoint's numbers, forward, compare
-    (tta: the mean of the logits of each image and its mirror image)."""
+
+def direct_accuracy(checkpoint, cifar_dir, tta=False, norm=None):
+    """Accuracy computed by hand: normalize with the checkpoint's numbers (or norm: (mean, std)),
+    forward, compare (tta: the mean of the logits of each image and its mirror image)."""
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model = resnet.build_model(ckpt["arch"], ckpt["num_classes"])
     model.load_state_dict(ckpt["model"])
     images, labels, _ = data.load_split(cifar_dir, train=False)
-    mean = torch.tensor(ckpt["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(ckpt["std"]).view(1, 3, 1, 1)
+    mean, std = norm or (ckpt["mean"], ckpt["std"])
+    mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     x = (images.float() / 255 - mean) / std
     with torch.no_grad():
         logits = model.eval()(x)
@@ -66,22 +69,28 @@ def test_per_class_accuracy_and_the_confusion_matrix_are_printed_with_class_name
 
 
 def test_the_run_remembers_its_data_folder(trained_run, cifar_dir, tmp_path):
-    # a run trained on ./data (a relative path, kept in the checkpoint); no --data-dir here
-    (tmp_path / "data").symlink_to(cifar_dir)
-    run("train.py", "--data-dir", "data", "--epochs", "1", *QUICK, cwd=tmp_path)
-    proc = run("test.py", "--checkpoint", "runs/resnet18/best.pth", "--device", "cpu", cwd=tmp_path)
-    expected, _, _ = direct_accuracy(tmp_path / "runs" / "resnet18" / "best.pth", cifar_dir)
-    assert f"accuracy {expected:.2f}% (" in proc.stdout
+    # trained_run used an absolute --data-dir: the run folder notes it, the shareable checkpoint does not
+    run_dir, _ = trained_run
+    assert (run_dir / "data_dir.txt").read_text().strip() == str(cifar_dir.resolve())
+    proc = run("test.py", "--checkpoint", run_dir / "best.pth", "--device", "cpu", cwd=tmp_path)
+    expected, _, _ = direct_accuracy(run_dir / "best.pth", cifar_dir)
+    assert f"accuracy {expected:.2f}% (" in proc.stdout and str(cifar_dir.resolve()) in proc.stdout
+    # a checkpoint copied elsewhere, without its run folder, asks for the data folder
+    (tmp_path / "shared.pth").write_bytes((run_dir / "best.pth").read_bytes())
+    line = one_line_error(run("test.py", "--checkpoint", "shared.pth", "--device", "cpu", cwd=tmp_path, check=False))
+    assert "--data-dir" in line
 
 
-def test_a_bare_state_dict_is_evaluated_when_the_model_is_named(trained_run, cifar_dir, tmp_path):
+def test_a_bare_state_dict_is_evaluated_as_the_tutorials_normalize_and_says_so(trained_run, cifar_dir, tmp_path):
     run_dir, _ = trained_run
     ckpt = torch.load(run_dir / "best.pth", weights_only=True)
-    torch.save(ckpt["model"], tmp_path / "bare.pth")
-    proc = run("test.py", "--checkpoint", tmp_path / "bare.pth", "--model", "resnet18",
-               "--data-dir", cifar_dir, "--device", "cpu", cwd=tmp_path)
-    expected, _, _ = direct_accuracy(run_dir / "best.pth", cifar_dir)
+    torch.save(ckpt["model"], tmp_path / "bare.pth")  # what the tutorials save
+    proc = run("test.py", "--checkpoint", tmp_path / "bare.pth", "--data-dir", cifar_dir, "--device", "cpu",
+               "--amp", "off", cwd=tmp_path)
+    expected, _, _ = direct_accuracy(run_dir / "best.pth", cifar_dir, norm=(resnet.TUTORIAL_MEAN, resnet.TUTORIAL_STD))
     assert f"accuracy {expected:.2f}%" in proc.stdout
+    note = proc.stderr.strip().splitlines()
+    assert len(note) == 1 and "bare.pth" in note[0] and "(0.2023, 0.1994, 0.201)" in note[0]
 
 
 def test_no_checkpoint_or_a_file_that_is_not_one_is_a_one_line_error(tmp_path, cifar_dir):

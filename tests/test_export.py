@@ -7,6 +7,8 @@ import pytest
 
 from conftest import injected, one_line_error, run
 
+pytestmark = pytest.mark.slow  # each test runs the scripts
+
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
@@ -15,8 +17,10 @@ ort = pytest.importorskip("onnxruntime")
 def exported(trained_run, cifar_dir, tmp_path_factory):
     run_dir, _ = trained_run
     out = tmp_path_factory.mktemp("export") / "model.onnx"
-    proc = run("export.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--output", out,
-               "--images", "100", cwd=run_dir)
+    # no --data-dir: the run trained on an absolute path, which its run folder noted
+    proc = run("export.py", "--checkpoint", run_dir / "best.pth", "--output", out, "--images", "100",
+               cwd=tmp_path_factory.mktemp("elsewhere"))
+    assert str(cifar_dir.resolve()) in proc.stdout
     return out, proc
 
 

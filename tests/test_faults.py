@@ -86,6 +86,7 @@ def run_and_maybe_kill(args, cwd, delay):
     return proc.returncode, "".join(lines), killed
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_loses_nothing(tmp_path, cifar_dir, reference):
     """Runs are killed at random moments (fixed seed) and resumed until they finish;
     rounds repeat until at least ten kills have landed inside a run."""
@@ -113,6 +114,7 @@ def test_kill_9_at_random_moments_then_resume_loses_nothing(tmp_path, cifar_dir,
         assert (run_dir / "best_acc.txt").read_text() == (reference / "best_acc.txt").read_text()
 
 
+@pytest.mark.slow
 def test_kill_9_in_the_middle_of_writing_a_checkpoint(tmp_path, cifar_dir, reference):
     # Process-level injection: the third torch.save writes half its bytes, then the process dies.
     env = injected(tmp_path,
@@ -137,6 +139,7 @@ def test_kill_9_in_the_middle_of_writing_a_checkpoint(tmp_path, cifar_dir, refer
     assert_same_weights(tmp_path / "run" / "last.pth", reference / "last.pth")
 
 
+@pytest.mark.slow
 def test_kill_9_during_evaluation(tmp_path, cifar_dir, reference):
     proc = start(["--data-dir", cifar_dir, *ARGS, "--out-dir", "run"], tmp_path)
     for line in proc.stdout:  # the last training step of epoch 2 is logged, evaluation follows
@@ -150,8 +153,9 @@ def test_kill_9_during_evaluation(tmp_path, cifar_dir, reference):
     assert_same_weights(tmp_path / "run" / "last.pth", reference / "last.pth")
 
 
+# With an EMA of the weights, whose state a stop mid-epoch must save too.
 SIGNAL_ARGS = ["--epochs", "2", "--log-every", "1", "--device", "cpu", "--batch-size", "16", "--subset", "64",
-               "--eval-batch-size", "100"]
+               "--eval-batch-size", "100", "--ema", "0.9"]
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +165,7 @@ def reference_of_four_steps(cifar_dir, tmp_path_factory):
     return work / "whole"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_or_sigint_stops_after_the_step_saves_and_says_how_to_resume(tmp_path, cifar_dir, signum, code,
                                                                            reference_of_four_steps):
@@ -181,6 +186,7 @@ def test_sigterm_or_sigint_stops_after_the_step_saves_and_says_how_to_resume(tmp
         assert (tmp_path / "parts" / name).read_text() == (reference_of_four_steps / name).read_text()
 
 
+@pytest.mark.slow
 def test_a_truncated_last_pth_names_the_file_and_an_earlier_epoch_to_resume_from(tmp_path, reference, cifar_dir):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -197,6 +203,7 @@ def test_a_truncated_last_pth_names_the_file_and_an_earlier_epoch_to_resume_from
     assert_each_epoch_logged_once(run_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["test.py", "predict.py"])
 def test_a_truncated_checkpoint_is_a_one_line_error_naming_it(tmp_path, reference, cifar_dir, script):
     (tmp_path / "best.pth").write_bytes((reference / "best.pth").read_bytes()[:3000])
@@ -205,6 +212,7 @@ def test_a_truncated_checkpoint_is_a_one_line_error_naming_it(tmp_path, referenc
     assert "best.pth" in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["test.py", "predict.py", "train.py"])
 def test_a_pth_that_would_run_code_is_refused_without_running_it(tmp_path, cifar_dir, script):
     marker = tmp_path / "pwned"
@@ -226,6 +234,7 @@ def test_a_pth_that_would_run_code_is_refused_without_running_it(tmp_path, cifar
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path, cifar_dir):
     # The third training step (epoch 2, step 1) produces a NaN loss.
     env = injected(tmp_path,
@@ -266,6 +275,7 @@ def test_a_downloaded_archive_with_the_wrong_md5_is_removed_so_the_next_try_down
     assert list((tmp_path / "d").iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["test.py", "predict.py"])
 def test_a_checkpoint_of_another_architecture_or_a_non_checkpoint_is_one_line(tmp_path, reference, cifar_dir,
                                                                              script):
@@ -279,6 +289,7 @@ def test_a_checkpoint_of_another_architecture_or_a_non_checkpoint_is_one_line(tm
         assert name in line
 
 
+@pytest.mark.slow
 def test_test_py_refuses_a_checkpoint_whose_class_count_differs_from_the_data(tmp_path, reference, cifar_dir):
     model = resnet.build_model("resnet18", num_classes=100)
     ckpt = torch.load(reference / "best.pth", weights_only=True)
@@ -324,6 +335,7 @@ def battery(tmp_path_factory):
     return d, ok, bad
 
 
+@pytest.mark.slow
 def test_every_odd_picture_is_predicted_and_every_broken_one_gets_its_own_line(tmp_path, reference, battery):
     d, ok, bad = battery
     proc = run("predict.py", d, d / "missing.jpg", "--checkpoint", reference / "best.pth", cwd=tmp_path,
@@ -350,6 +362,7 @@ def test_exif_rotation_is_applied():
     assert top[2] > 200 and top[0] < 60 and bottom[0] > 200 and bottom[2] < 60
 
 
+@pytest.mark.slow
 def test_a_folder_without_pictures_and_a_missing_path_are_one_line_each(tmp_path, reference):
     (tmp_path / "nothing").mkdir()
     (tmp_path / "nothing" / "notes.txt").write_text("no pictures here")
@@ -360,6 +373,7 @@ def test_a_folder_without_pictures_and_a_missing_path_are_one_line_each(tmp_path
     assert len(errors) == 2 and "holds no pictures" in errors[0] and "no such file" in errors[1]
 
 
+@pytest.mark.slow
 def test_checkpoints_and_logs_hold_no_absolute_paths_or_environment(tmp_path, cifar_dir):
     env = {**os.environ, "API_TOKEN": "s3cr3t-t0k3n-value"}
     out = tmp_path / "abs-run"
@@ -367,12 +381,14 @@ def test_checkpoints_and_logs_hold_no_absolute_paths_or_environment(tmp_path, ci
         cwd=tmp_path, env=env)
     for f in out.iterdir():
         content = f.read_bytes()
-        assert b"s3cr3t" not in content and str(tmp_path).encode() not in content, f.name
-        assert str(cifar_dir.resolve()).encode() not in content, f.name
+        assert b"s3cr3t" not in content, f.name
+        if f.name != "data_dir.txt":  # the one local note, for test.py and export.py; never in a checkpoint
+            assert str(tmp_path).encode() not in content and str(cifar_dir.resolve()).encode() not in content, f.name
     args = resnet.load_checkpoint(out / "best.pth")["args"]
     assert args["data_dir"] == cifar_dir.name and args["batch_size"] == 32
 
 
+@pytest.mark.slow
 def test_half_written_log_lines_from_a_kill_are_cleaned_up_on_resume(tmp_path, reference, cifar_dir):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -387,6 +403,7 @@ def test_half_written_log_lines_from_a_kill_are_cleaned_up_on_resume(tmp_path, r
         assert (run_dir / name).read_text() == (reference / name).read_text()
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, cifar_dir):
     # The fourth torch.save (net_002.pth) fails the way a full disk does, after writing part of the file.
     env = injected(tmp_path,

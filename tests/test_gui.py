@@ -12,7 +12,8 @@ from PySide6 import QtCore, QtGui, QtWidgets  # noqa: E402
 import data  # noqa: E402
 import gui  # noqa: E402
 import predict  # noqa: E402
-from conftest import injected, ROOT  # noqa: E402
+import resnet  # noqa: E402
+from conftest import injected, ROOT, write_cifar  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +22,20 @@ def app():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(trained_run):
-    return trained_run[0] / "best.pth"
+def checkpoint(tmp_path_factory):
+    """A checkpoint as train.py writes it, of a network with random weights (what the window shows
+    is what predict.py computes, whatever the weights)."""
+    import torch
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("run") / "best.pth"
+    torch.save(resnet.checkpoint(resnet.build_model("resnet18"), "resnet18", resnet.CIFAR10_CLASSES, data.CIFAR10_MEAN,
+                                 data.CIFAR10_STD, 32, "cifar10", 7, 61.25, {}), path)
+    return path
 
 
 @pytest.fixture(scope="module")
-def picture(tmp_path_factory, cifar_dir):
-    images, _, _ = data.load_split(cifar_dir, train=False)
+def picture(tmp_path_factory):
+    images, _, _ = data.load_split(write_cifar(tmp_path_factory.mktemp("cifar"), n_train=10, n_test=10), train=False)
     path = tmp_path_factory.mktemp("gui") / "frog.png"
     Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(path)
     return path
@@ -75,11 +83,35 @@ def test_class_names_switch_to_chinese(app, checkpoint, picture):
     assert window.windowTitle().startswith("CIFAR-10 十分类") and window.run_button.text() == "运行"
 
 
+def test_in_chinese_the_status_bar_and_the_messages_are_chinese_too(app, checkpoint, picture, tmp_path):
+    window = gui.MainWindow(checkpoint, language="zh")
+    assert "测试准确率 61.25%" in window.statusBar().currentMessage() and "第 7 轮" in window.statusBar().currentMessage()
+    assert window.run() is None and window.message.text() == "请先选择图片。"
+    (tmp_path / "notes.jpg").write_text("not a picture")
+    window.open_image(tmp_path / "notes.jpg")
+    assert window.message.text().startswith("无法读取这张图片：") and "notes.jpg" in window.message.text()
+    window.language_box.setCurrentIndex(0)
+    assert "61.25% test accuracy" in window.statusBar().currentMessage()
+    missing = gui.MainWindow(tmp_path / "none.pth", language="zh")
+    missing.open_image(picture)
+    missing.run_button.click()
+    assert "找不到" in missing.message.text() and "请先训练" in missing.message.text()
+
+
+def test_the_five_bars_stay_hidden_until_the_first_answer(app, checkpoint, picture):
+    window = gui.MainWindow(checkpoint, language="en")
+    window.show()
+    assert not any(bar.isVisible() or label.isVisible() for bar, label in zip(window.bars, window.bar_names))
+    window.open_image(picture)
+    assert not any(bar.isVisible() for bar in window.bars)
+    window.run()
+    assert all(bar.isVisible() and label.isVisible() for bar, label in zip(window.bars, window.bar_names))
+    window.close()
+
+
 def test_the_status_bar_names_the_network_accuracy_and_epoch(app, checkpoint):
-    import torch
-    ckpt = torch.load(checkpoint, weights_only=True)
-    status = gui.MainWindow(checkpoint).statusBar().currentMessage()
-    assert "resnet18" in status and f"{ckpt['accuracy']:.2f}%" in status and f"epoch {ckpt['epoch']}" in status
+    status = gui.MainWindow(checkpoint, language="en").statusBar().currentMessage()
+    assert "resnet18" in status and "61.25% test accuracy" in status and "epoch 7" in status
 
 
 def test_run_without_a_picture_says_so_in_the_window(app, checkpoint):
@@ -149,8 +181,42 @@ def test_a_picture_on_the_command_line_opens_and_the_window_runs(app, checkpoint
     assert gui.main([str(picture), "--checkpoint", str(checkpoint)]) == 0
 
 
+@pytest.mark.slow
 def test_without_pyside6_one_line_says_how_to_install_it(tmp_path):
     env = injected(tmp_path, "import sys\nsys.modules['PySide6'] = None\n")
     proc = subprocess.run([sys.executable, str(ROOT / "gui.py")], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0
     assert "requirements-gui.txt" in proc.stderr
+
+
+def test_no_display_is_one_line_before_qt_would_abort():
+    problem = gui.platform_problem({"PATH": "/usr/bin"})
+    if problem is None:
+        pytest.skip("not Linux: Qt brings what it needs")
+    assert "no display" in problem and "\n" not in problem
+    assert gui.platform_problem({"QT_QPA_PLATFORM": "offscreen"}) is None
+
+
+@pytest.mark.slow
+def test_the_x11_libraries_qt_lacks_are_named_with_the_packages_that_hold_them(tmp_path, monkeypatch):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("Linux only")
+    fake_ldd = tmp_path / "ldd"  # what ldd says of Qt's xcb plugin on a machine without them
+    fake_ldd.write_text("#!/bin/sh\necho '\tlibxcb.so.1 => /lib/libxcb.so.1 (0x1)'\n"
+                        "echo '\tlibxcb-icccm.so.4 => not found'\necho '\tlibxcb-keysyms.so.1 => not found'\n"
+                        "echo '\tlibxkbcommon-x11.so.0 => not found'\n")
+    fake_ldd.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    problem = gui.platform_problem({"DISPLAY": ":0"})
+    assert "libxcb-icccm.so.4, libxcb-keysyms.so.1, libxkbcommon-x11.so.0" in problem
+    assert "sudo apt install libxcb-icccm4 libxcb-keysyms1 libxkbcommon-x11-0" in problem and "\n" not in problem
+
+
+@pytest.mark.slow
+def test_gui_py_without_a_display_exits_with_that_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")}
+    proc = subprocess.run([sys.executable, str(ROOT / "gui.py")], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=tmp_path)
+    if not sys.platform.startswith("linux"):
+        pytest.skip("Linux only")
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "no display" in proc.stderr

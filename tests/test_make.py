@@ -9,7 +9,13 @@ import pytest
 
 from conftest import ROOT, make_archive, write_cifar
 
-TARGETS = ["help", "install", "data", "train", "eval", "predict", "export", "test", "clean"]
+pytestmark = pytest.mark.slow  # each test runs the scripts
+
+TARGETS = ["help", "install", "data", "train", "eval", "predict", "export", "bench", "speedrun", "test", "test-fast",
+           "clean"]
+# The Makefile's variables: a `make test ARGS=...` around this suite must not leak into the makes it runs.
+VARIABLES = ["DEVICE", "MODEL", "DATASET", "EPOCHS", "BATCH", "DATA_DIR", "RUN_DIR", "IMG", "ARCHIVE", "MD5", "NPROC",
+             "RUNS", "ARGS", "CIFAR_URL"]
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +27,7 @@ def project(tmp_path_factory):
     for f in ROOT.iterdir():
         if f.suffix in (".py", ".txt") or f.name == "Makefile":
             shutil.copy(f, d / f.name)
-    env = {k: v for k, v in os.environ.items() if k not in ("CONDA_PREFIX", "MAKEFLAGS", "MAKELEVEL")}
+    env = {k: v for k, v in os.environ.items() if k not in ("CONDA_PREFIX", "MAKEFLAGS", "MAKELEVEL", *VARIABLES)}
     env["VIRTUAL_ENV"] = sys.prefix
 
     def make(*args, check=True):
@@ -38,9 +44,16 @@ def test_make_alone_lists_every_target_with_one_line(project):
     out = make().stdout
     listed = re.findall(r"^  (\S+) +\S.*$", out, re.M)
     assert set(TARGETS) <= set(listed)
-    for var in ("DEVICE=auto", "MODEL=resnet18", "DATASET=cifar10", "EPOCHS=", "BATCH=", "DATA_DIR=data",
-                "RUN_DIR=runs/resnet18", "ARGS="):
+    for var in ("DEVICE=auto", "MODEL=resnet18", "DATASET=cifar10", "EPOCHS=40", "BATCH=512", "DATA_DIR=data",
+                "RUN_DIR=runs/resnet18", "ARGS=", "CIFAR_URL=", "RUNS="):
         assert var in out
+
+
+def test_the_makefile_s_epochs_and_batch_are_train_py_s_defaults(project):
+    import train
+    defaults = train.get_args_parser().parse_args([])
+    dry = project[1]("-n", "train").stdout
+    assert f"--epochs {defaults.epochs} --batch-size {defaults.batch_size}" in dry
 
 
 def test_data_train_eval_predict_chain_as_a_user_types_them(project, tmp_path):
@@ -65,14 +78,29 @@ def test_data_train_eval_predict_chain_as_a_user_types_them(project, tmp_path):
     assert (run_dir / "best.pth").is_file() and (d / "mydata").is_dir()
 
 
-def test_model_and_run_dir_pass_through_to_train(project, tmp_path):
+def test_model_and_run_dir_pass_through_to_train_and_eval_finds_an_absolute_data_dir(project, tmp_path):
     d, make = project
-    root = write_cifar(tmp_path / "data", n_train=40, n_test=20)
+    root = write_cifar(tmp_path / "data", n_train=40, n_test=20)  # an absolute DATA_DIR
     make("train", f"DATA_DIR={root}", "MODEL=resnet34", "RUN_DIR=runs/r34", "EPOCHS=1", "BATCH=20",
          "DEVICE=cpu", "ARGS=--subset 20")
     import torch
     ckpt = torch.load(d / "runs" / "r34" / "best.pth", map_location="cpu", weights_only=True)
     assert ckpt["arch"] == "resnet34" and ckpt["args"]["batch_size"] == 20 and ckpt["args"]["epochs"] == 1
+    assert str(root) not in str(ckpt["args"])  # the shareable checkpoint keeps no absolute path ...
+    evaluation = make("eval", "RUN_DIR=runs/r34", "DEVICE=cpu").stdout  # ... the run folder does
+    assert re.search(r"^accuracy \d+\.\d\d% \(\d+/20\)", evaluation, re.M)
+
+
+def test_speedrun_trains_runs_times_and_ends_with_the_summary_line(project, tmp_path):
+    _, make = project
+    root = write_cifar(tmp_path / "data", n_train=64, n_test=20)
+    out = make("speedrun", f"DATA_DIR={root}", "DEVICE=cpu", "RUNS=2",
+               "ARGS=--epochs 1 --subset 64 --batch-size 32 --eval-batch-size 100 --tta flip").stdout
+    lines = out.strip().splitlines()
+    assert [ln.split()[1] for ln in lines if ln.startswith("speedrun run=")] == ["run=1", "run=2"]
+    assert re.fullmatch(r"speedrun model=resnet18 device=cpu runs=2 epochs=1 batch=32 mean_acc=\d+\.\d\d "
+                        r"min_acc=\d+\.\d\d mean_train_s=\d+\.\d\d max_train_s=\d+\.\d\d img_s=\d+ "
+                        r"warmup_s=\d+\.\d\d", lines[-1])
 
 
 def test_train_fails_cleanly_without_data_or_network(project):

@@ -1,4 +1,5 @@
 """metrics.csv, plot.py's training curves and test.py's confusion-matrix picture."""
+import pytest
 import csv
 import re
 import subprocess
@@ -8,6 +9,8 @@ from PIL import Image
 
 import plot
 from conftest import injected, ROOT, one_line_error, run
+
+pytestmark = pytest.mark.slow  # each test runs the scripts
 
 
 def rows(run_dir):

@@ -14,6 +14,8 @@ import predict
 import resnet
 from conftest import one_line_error, run
 
+pytestmark = pytest.mark.slow  # each test runs the scripts
+
 LINE = r"{}: (\w+) \((\d+\.\d\d)% confidence\)"
 
 
@@ -126,13 +128,13 @@ def test_no_checkpoint_yet_says_to_train_first(tmp_path, pictures):
     assert "make train" in line and "--checkpoint" in line
 
 
-def test_a_bare_state_dict_works_with_model_and_is_refused_without(workdir, pictures, tmp_path):
+def test_a_bare_state_dict_needs_no_model_flag_and_another_network_named_is_refused(workdir, pictures, tmp_path):
     d, _, _ = pictures
     ckpt = torch.load(workdir / "runs" / "resnet18" / "best.pth", weights_only=True)
     torch.save(ckpt["model"], tmp_path / "bare.pth")
-    named = run("predict.py", d / "cifar.png", "--checkpoint", tmp_path / "bare.pth", "--model", "resnet18",
-                cwd=workdir)
-    assert re.fullmatch(LINE.format(re.escape(str(d / "cifar.png"))), named.stdout.strip())
+    proc = run("predict.py", d / "cifar.png", "--checkpoint", tmp_path / "bare.pth", cwd=workdir)
+    assert re.fullmatch(LINE.format(re.escape(str(d / "cifar.png"))), proc.stdout.strip())
+    assert "normalization" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     line = one_line_error(run("predict.py", d / "cifar.png", "--checkpoint", tmp_path / "bare.pth",
-                              cwd=workdir, check=False))
-    assert "--model" in line
+                              "--model", "resnet50", cwd=workdir, check=False))
+    assert "holds a resnet18, not a resnet50" in line

@@ -1,5 +1,6 @@
 """resnet.py: the networks, their sizes, and checkpoints turned back into models."""
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,7 @@ def test_unknown_architecture_is_refused_by_name():
 
 def test_a_state_dict_saved_by_the_resnet50_tutorial_loads_as_is():
     tutorial = TutorialResNet50()
-    model = resnet.model_from_checkpoint(tutorial.state_dict(), arch="resnet50")
+    model, ckpt = resnet.read_checkpoint(tutorial.state_dict(), arch="resnet50")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), tutorial.eval()(x))
@@ -72,16 +73,34 @@ def test_prefixes_of_dataparallel_and_compile_are_removed():
     assert set(resnet.clean_state_dict(state)) == {"linear.weight", "linear.bias"}
 
 
-def test_a_bare_state_dict_needs_the_model_named():
-    with pytest.raises(resnet.CheckpointError, match="--model"):
-        resnet.model_from_checkpoint(resnet.ResNet18().state_dict())
+@pytest.mark.parametrize("arch", resnet.MODELS)
+def test_the_network_of_a_bare_state_dict_is_worked_out_from_its_keys(arch):
+    _, ckpt = resnet.read_checkpoint(resnet.build_model(arch, num_classes=7).state_dict())
+    assert ckpt["arch"] == arch and ckpt["num_classes"] == 7
 
 
-def test_a_checkpoint_of_another_architecture_is_refused_in_one_line():
+def test_a_model_named_that_the_state_dict_does_not_hold_is_refused():
+    with pytest.raises(resnet.CheckpointError, match="holds a resnet18, not a resnet50"):
+        resnet.read_checkpoint(resnet.ResNet18().state_dict(), arch="resnet50")
+
+
+def test_a_checkpoint_of_another_architecture_names_the_first_keys_that_differ():
     ckpt = {"arch": "resnet50", "model": resnet.ResNet18().state_dict()}
     with pytest.raises(resnet.CheckpointError, match="does not fit resnet50") as e:
-        resnet.model_from_checkpoint(ckpt)
-    assert "\n" not in str(e.value)
+        resnet.read_checkpoint(ckpt, source="r18.pth")
+    message = str(e.value)
+    assert "\n" not in message and "Error(s) in loading" not in message
+    assert "r18.pth: does not fit resnet50: it lacks layer1.0.conv3.weight" in message
+    assert "layer1.0.conv1.weight is [64, 64, 3, 3] where resnet50 has [64, 64, 1, 1]" in message
+
+
+def test_a_state_dict_with_a_layer_too_many_or_too_few_names_it():
+    state = resnet.ResNet18().state_dict()
+    state["layer4.1.extra.weight"] = torch.zeros(3)
+    del state["layer2.0.bn1.running_mean"]
+    with pytest.raises(resnet.CheckpointError) as e:
+        resnet.read_checkpoint({"arch": "resnet18", "model": state})
+    assert "lacks layer2.0.bn1.running_mean" in str(e.value) and "has extra layer4.1.extra.weight" in str(e.value)
 
 
 def test_checkpoints_load_with_weights_only(tmp_path):
@@ -97,8 +116,11 @@ def test_checkpoints_load_with_weights_only(tmp_path):
     assert not marker.exists()
 
 
-def test_resnet_py_imports_only_torch():
-    tree = ast.parse((Path(resnet.__file__)).read_text())
+@pytest.mark.parametrize("name", ["resnet.py", "device.py"])
+def test_resnet_py_and_device_py_import_only_torch_and_the_standard_library(name):
+    # so either file can be copied alone into another project
+    tree = ast.parse((Path(resnet.__file__).parent / name).read_text())
     modules = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
     modules |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert modules == {"torch"}
+    assert modules - set(sys.stdlib_module_names) <= {"torch", "torch_npu"}
+    assert "torch" in modules

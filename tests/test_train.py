@@ -9,6 +9,7 @@ import train
 from conftest import QUICK, one_line_error, run, write_cifar
 
 
+@pytest.mark.slow
 def test_each_epoch_writes_the_tutorial_logs_in_their_formats(trained_run):
     run_dir, _ = trained_run
     log = (run_dir / "log.txt").read_text().splitlines()
@@ -23,12 +24,14 @@ def test_each_epoch_writes_the_tutorial_logs_in_their_formats(trained_run):
     assert max(float(ln.split("= ")[1].rstrip("%")) for ln in acc) == float(best_value)
 
 
+@pytest.mark.slow
 def test_each_epoch_writes_a_checkpoint_plus_best_and_last(trained_run):
     run_dir, _ = trained_run
     assert {p.name for p in run_dir.glob("*.pth")} == {"net_001.pth", "net_002.pth", "best.pth", "last.pth"}
     assert not list(run_dir.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_describes_itself_and_loads_with_weights_only(trained_run):
     run_dir, _ = trained_run
     ckpt = torch.load(run_dir / "net_002.pth", map_location="cpu", weights_only=True)
@@ -44,6 +47,7 @@ def test_a_checkpoint_describes_itself_and_loads_with_weights_only(trained_run):
     assert model.linear.out_features == 10
 
 
+@pytest.mark.slow
 def test_progress_without_a_terminal_is_plain_lines_and_the_last_line_sums_up(trained_run):
     _, proc = trained_run
     assert "\r" not in proc.stdout
@@ -66,8 +70,11 @@ def test_the_schedule_warms_up_then_decays_to_zero_over_exactly_the_requested_st
     assert sched.get_last_lr()[0] == 0.0  # after the last step of the last epoch
 
 
+@pytest.mark.slow
 def test_a_stopped_and_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_path, cifar_dir):
-    common = ["--data-dir", cifar_dir, "--epochs", "3", "--log-every", "1", *QUICK]
+    # with the fast recipe's levers: EMA, alternating flip, no decay on BatchNorm, zero-initialised blocks
+    recipe = ["--ema", "0.9", "--flip", "alternate", "--norm-weight-decay", "0", "--zero-init-residual"]
+    common = ["--data-dir", cifar_dir, "--epochs", "3", "--log-every", "1", *QUICK, *recipe]
     run("train.py", *common, "--out-dir", "whole", cwd=tmp_path)
     stopped = run("train.py", *common, "--out-dir", "parts", "--stop-after", "1", cwd=tmp_path)
     assert "--resume" in stopped.stdout
@@ -81,8 +88,9 @@ def test_a_stopped_and_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_pa
 
     whole = torch.load(tmp_path / "whole" / "last.pth", weights_only=True)
     parts = torch.load(tmp_path / "parts" / "last.pth", weights_only=True)
-    for key, value in whole["model"].items():
-        assert torch.equal(value, parts["model"][key]), key
+    for weights in ("model", "training_model"):  # the average and the weights training goes on from
+        for key, value in whole[weights].items():
+            assert torch.equal(value, parts[weights][key]), key
     assert whole["accuracy"] == parts["accuracy"]
     # every line once, the interrupted epoch's leftovers gone
     for name in ("log.txt", "acc.txt", "best_acc.txt"):
@@ -92,6 +100,7 @@ def test_a_stopped_and_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_pa
     assert numbers("parts") == numbers("whole") and len(numbers("parts")) == 4
 
 
+@pytest.mark.slow
 def test_training_learns_a_separable_set_far_beyond_chance(tmp_path):
     root = write_cifar(tmp_path / "easy", n_train=256, n_test=100, seed=3)
     proc = run("train.py", "--data-dir", root, "--epochs", "3", "--batch-size", "32", "--lr", "0.01",
@@ -100,6 +109,7 @@ def test_training_learns_a_separable_set_far_beyond_chance(tmp_path):
     assert final > 90.0, proc.stdout
 
 
+@pytest.mark.slow
 def test_a_new_run_never_overwrites_a_finished_one(trained_run, cifar_dir):
     run_dir, _ = trained_run
     before = (run_dir / "acc.txt").read_text()
@@ -108,12 +118,14 @@ def test_a_new_run_never_overwrites_a_finished_one(trained_run, cifar_dir):
     assert (run_dir / "acc.txt").read_text() == before
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_has_nothing_to_do(trained_run, cifar_dir):
     run_dir, _ = trained_run
     proc = run("train.py", "--resume", "--data-dir", cifar_dir, "--device", "cpu", cwd=run_dir.parent.parent)
     assert "nothing to do" in proc.stdout
 
 
+@pytest.mark.slow
 def test_missing_data_is_a_one_line_error_that_says_make_data(tmp_path):
     proc = run("train.py", "--data-dir", tmp_path / "nothing", "--device", "cpu", cwd=tmp_path, check=False)
     assert "make data" in one_line_error(proc)

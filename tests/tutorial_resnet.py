@@ -1,5 +1,9 @@
-"""The ResNet of the ResNet50-on-Ascend tutorial (kuangliu/pytorch-cifar), kept as
-the reference that resnet.py must stay compatible with. Not used by the project."""
+"""The tutorials' networks, kept as the references resnet.py must stay compatible with. Not
+used by the project.
+
+ResNet50: the ResNet50-on-Ascend tutorial's (kuangliu/pytorch-cifar), the names resnet.py uses.
+ResNet18: the ResNet18 tutorial's own, whose stem and blocks are Sequentials: conv1.0/conv1.1,
+layerN.M.left.0/1/3/4, shortcut.0/1 and fc."""
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -62,3 +66,53 @@ class ResNet(nn.Module):
 
 def ResNet50():
     return ResNet(Bottleneck, [3, 4, 6, 3])
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, inchannel, outchannel, stride=1):
+        super(ResidualBlock, self).__init__()
+        self.left = nn.Sequential(
+            nn.Conv2d(inchannel, outchannel, kernel_size=3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(outchannel),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(outchannel, outchannel, kernel_size=3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(outchannel))
+        self.shortcut = nn.Sequential()
+        if stride != 1 or inchannel != outchannel:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(inchannel, outchannel, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(outchannel))
+
+    def forward(self, x):
+        out = self.left(x)
+        out += self.shortcut(x)
+        return F.relu(out)
+
+
+class ResNet18Tutorial(nn.Module):
+    def __init__(self, num_classes=10):
+        super(ResNet18Tutorial, self).__init__()
+        self.inchannel = 64
+        self.conv1 = nn.Sequential(nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False),
+                                   nn.BatchNorm2d(64), nn.ReLU())
+        self.layer1 = self.make_layer(ResidualBlock, 64, 2, stride=1)
+        self.layer2 = self.make_layer(ResidualBlock, 128, 2, stride=2)
+        self.layer3 = self.make_layer(ResidualBlock, 256, 2, stride=2)
+        self.layer4 = self.make_layer(ResidualBlock, 512, 2, stride=2)
+        self.fc = nn.Linear(512, num_classes)
+
+    def make_layer(self, block, channels, num_blocks, stride):
+        layers = []
+        for stride in [stride] + [1] * (num_blocks - 1):
+            layers.append(block(self.inchannel, channels, stride))
+            self.inchannel = channels
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
+        out = F.avg_pool2d(out, 4)
+        return self.fc(out.view(out.size(0), -1))
+
+
+def ResNet18():
+    return ResNet18Tutorial()

@@ -1,0 +1,60 @@
+"""The command line every script shares: its parser, and the checked number types of its flags.
+
+    p = cli.parser("Train a ResNet.")
+    p.add_argument("--epochs", type=cli.integer(min=1), default=40, help="passes over the training set")
+    p.add_argument("--lr", type=cli.real(above=0), default=None, help="peak learning rate (default: by the batch)")
+
+A value out of range (zero, negative, NaN, ...) is refused while the arguments are
+parsed, before any data is loaded: one line, `train.py: error: argument --epochs: ...`,
+and exit code 2. Standard library only.
+"""
+import argparse
+import math
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default once: its value, or, for one worked out at run time (None) and for
+    on/off switches, only the help text, which then says what happens by default."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parser(description):
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p.print_usage = lambda file=None: None  # a bad flag gets one line, not the usage block
+    return p
+
+
+def _checked(parse, name, min=None, max=None, above=None, below=None):
+    """An argparse type: parse the text, then check it lies in the range."""
+    bounds = [(min, "at least", lambda v, b: v >= b), (max, "at most", lambda v, b: v <= b),
+              (above, "more than", lambda v, b: v > b), (below, "less than", lambda v, b: v < b)]
+    wanted = " and ".join(f"{words} {bound:g}" for bound, words, _ in bounds if bound is not None)
+
+    def check(text):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if not all(ok(value, bound) for bound, _, ok in bounds if bound is not None):
+            raise argparse.ArgumentTypeError(f"must be {wanted} (got {text})")
+        return value
+
+    check.__name__ = name  # argparse names the type in some messages
+    check.checked = True
+    return check
+
+
+def integer(min=None, max=None):
+    """A whole number in [min, max]."""
+    return _checked(int, "a whole number", min=min, max=max)
+
+
+def real(min=None, max=None, above=None, below=None):
+    """A finite number, at least min / at most max / more than above / less than below."""
+    return _checked(float, "a number", min=min, max=max, above=above, below=below)

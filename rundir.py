@@ -1,0 +1,340 @@
+"""The run folder: everything a training run writes, and how it picks up again after a stop or a kill.
+
+Into RUN_DIR (train.py's --out-dir, default runs/<model>):
+    log.txt       every --log-every steps: `001 00100 | Loss: 1.234 | Acc: 56.789%`
+    acc.txt       every epoch: `EPOCH=001, Accuracy= 85.123%`
+    best_acc.txt  when the best improves: `EPOCH=12, best_acc=93.210%`
+    metrics.csv   every epoch: epoch, train/test loss and accuracy, lr, seconds, img/s
+    net_001.pth   every epoch, in resnet.checkpoint's format; best.pth, the best of them
+    last.pth      every epoch, plus the training state: where --resume starts from
+    data_dir.txt  where this machine keeps the run's data, for test.py and export.py
+                  (the checkpoints, which may be shared, keep no absolute paths)
+
+Every file is replaced atomically (written aside, flushed, renamed), so a kill at any moment
+leaves the old file or the new one. Checkpoints are written by a thread of their own while
+training goes on, each epoch's files in order and last.pth last: last.pth never names an
+epoch whose other files are missing. On resume, what an interrupted run logged after its
+last.pth is cut away, so every epoch and step appears once.
+"""
+import contextlib
+import os
+import queue
+import re
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+
+import resnet
+
+METRICS = "epoch,train_loss,train_acc,test_loss,test_acc,lr,epoch_seconds,img_s"
+# Each log's lines, with the number (epoch or step) that says which part of the run wrote them.
+LOG_LINE = r"\d{3} (\d{5}) \| Loss: \S+ \| Acc: \S+%"
+ACC_LINE = r"EPOCH=(\d+), Accuracy= *\S+%"
+METRICS_LINE = r"(\d+)(,[^,]+){7}"
+
+
+class TrainingError(Exception):
+    """Training that cannot go on; the message is one line for the user."""
+
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """Yields a temporary path beside `path`; once the block has written it without an
+    error, it is flushed to disk and renamed to `path`. Otherwise it is removed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(ckpt, path):
+    try:
+        with atomic_write(path) as tmp:
+            torch.save(ckpt, tmp)
+    except OSError as e:  # a full disk, a quota, a vanished mount
+        raise TrainingError(f"cannot write {path} ({e.strerror or e}); the previous "
+                            f"{Path(path).name}, if any, is intact") from None
+
+
+def write_text(path, text):
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+
+
+def append_line(path, line):
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
+def on_cpu(obj):
+    """A copy of a (nested) state dict with every tensor on the CPU: what a checkpoint
+    holds, taken now, so that training can change the originals meanwhile."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
+
+
+def shareable_args(args):
+    """The arguments, with paths that would reveal this machine's layout (absolute, or
+    outside the working directory) cut to their last part. The environment, which may
+    hold secrets, is never stored."""
+    out = dict(vars(args))
+    for key in ("data_dir", "out_dir", "resume"):
+        value = out.get(key)
+        if value and (os.path.isabs(value) or os.path.relpath(value).startswith("..")):
+            out[key] = os.path.basename(os.path.normpath(value))
+    return out
+
+
+def remembered_data_dir(checkpoint):
+    """The data folder noted in the run folder a checkpoint sits in, or None."""
+    note = Path(checkpoint).parent / "data_dir.txt"
+    try:
+        return note.read_text().strip() or None
+    except OSError:
+        return None
+
+
+class Start(NamedTuple):
+    """Where training starts: after `epoch` and `step` of the next one, with that epoch's
+    running sums so far, and the best (accuracy, epoch) up to there."""
+    epoch: int = 0
+    step: int = 0
+    totals: Optional[list] = None
+    best: tuple = (0.0, 0)
+
+
+def training_state(t):
+    """What last.pth adds to a checkpoint, from train.py's Training t; RunFolder.restore puts it back."""
+    state = {"optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
+             "scaler": t.scaler.state_dict(), "rng_cpu": torch.get_rng_state()}
+    if t.ema is not None:  # the checkpoint's "model" holds the average; training goes on from these
+        state.update(training_model=resnet.clean_state_dict(t.model.state_dict()), ema_updates=t.ema.updates)
+    return state
+
+
+class Writer:
+    """Writes files on a thread of its own, in the order they are handed over. A failure
+    stops the writing and is raised in the training thread at its next call."""
+
+    def __init__(self, pending=2):
+        self.jobs = queue.Queue(maxsize=pending)  # a bound, so snapshots never pile up in memory
+        self.error = None
+        self.thread = threading.Thread(target=self._work, name="checkpoint-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, work):
+        self._raise()
+        self.jobs.put(work)
+
+    def close(self, raise_error=True):
+        """Wait until everything handed over is written."""
+        self.jobs.put(None)
+        self.thread.join()
+        if raise_error:
+            self._raise()
+
+    def _raise(self):
+        if self.error is not None:
+            raise self.error
+
+    def _work(self):
+        for work in iter(self.jobs.get, None):
+            if self.error is None:
+                try:
+                    work()
+                except Exception as e:  # noqa: BLE001  handed to the training thread
+                    self.error = e if isinstance(e, TrainingError) else TrainingError(f"writing the run: {e}")
+
+
+class RunFolder:
+    """One run's folder. Only the main process of a torchrun job writes (is_main)."""
+
+    def __init__(self, path, is_main=True):
+        self.path, self.is_main = Path(path), is_main
+        self.writer = Writer() if is_main else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.writer is not None:  # a finished epoch is written even when the next one fails
+            self.writer.close(raise_error=exc_type is None)
+
+    def resume_path(self, resume):
+        """The checkpoint --resume names: PATH, or '' for last.pth here."""
+        return Path(resume) if resume else self.path / "last.pth"
+
+    def resume(self, args, recipe, defaults):
+        """The saved state that --resume (args.resume) continues from, or None to start afresh.
+        The run keeps its recipe: args' values of the names in `recipe` become the saved ones
+        (defaults: the parser's, to tell a flag that was given from one that was not)."""
+        if args.resume is None:
+            if (self.path / "last.pth").exists():
+                raise resnet.CheckpointError(f"{self.path} already holds a run: continue it with --resume, "
+                                             "or choose another --out-dir (RUN_DIR=)")
+            return None
+        path, state = self.resume_path(args.resume), self.load(args.resume)
+        if state is None:
+            self.say(f"note: {path} does not exist yet; starting the run from the beginning")
+            return None
+        for key in recipe:
+            saved, given = state["args"].get(key, getattr(defaults, key)), getattr(args, key)
+            if given != saved and given != getattr(defaults, key):
+                self.say(f"note: ignoring --{key.replace('_', '-')} {given}; the run keeps its own ({saved})")
+            setattr(args, key, saved)
+        where = f"epoch {state['epoch']}" + (f", step {state['step']}" if state.get("step") else "")
+        self.say(f"resuming {path} after {where} of {args.epochs}"
+                 + ("" if "optimizer" in state else " (weights only: the optimizer's momentum starts afresh)"))
+        return state
+
+    @staticmethod
+    def restore(t, state, steps_per_epoch):
+        """Put a saved state back into train.py's Training t; returns where to start."""
+        t.model.load_state_dict(state.get("training_model", state["model"]))  # "model" holds the EMA, if any
+        if t.ema is not None:
+            t.ema.model.load_state_dict(state["model"])
+            t.ema.updates = state.get("ema_updates", 0)
+        epoch = state["epoch"]
+        if "optimizer" in state:
+            t.optimizer.load_state_dict(state["optimizer"])
+            t.scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):
+                t.scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng_cpu"])
+        else:  # weights only (net_XXX.pth): the schedule picks up where that epoch ended
+            t.scheduler.last_epoch = epoch * steps_per_epoch - 1
+            with warnings.catch_warnings():  # "scheduler stepped before optimizer": on purpose here
+                warnings.simplefilter("ignore", UserWarning)
+                t.scheduler.step()
+        # Every checkpoint carries the best so far; one written before they did, only its own accuracy.
+        best = (state.get("best_accuracy", state.get("accuracy") or 0.0), state.get("best_epoch", epoch))
+        return Start(epoch, state.get("step", 0), state.get("totals"), best)
+
+    def begin(self, data_dir, start, steps_per_epoch):
+        """Make the folder ready to write from `start` on: note the data folder, and cut the
+        logs back to what the run had then."""
+        if self.is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_text(self.path / "data_dir.txt", str(Path(data_dir).resolve()) + "\n")
+            self.repair(start.epoch, start.epoch * steps_per_epoch + start.step, start.best)
+
+    def say(self, line):
+        if self.is_main:
+            print(line, flush=True)
+
+    def load(self, resume):
+        """The checkpoint to continue from (None: nothing saved yet, so start afresh)."""
+        path = self.resume_path(resume)
+        if not resume and not path.exists():
+            return None
+        try:
+            state = resnet.load_checkpoint(path)
+        except resnet.CheckpointError as e:
+            fallback = next(self.good_epoch_checkpoints(path.parent), None)
+            hint = f"; resume from the newest good epoch instead: --resume {fallback}" if fallback else ""
+            raise resnet.CheckpointError(f"{e}{hint}") from None
+        if not {"args", "epoch", "model"} <= set(state):
+            raise resnet.CheckpointError(f"{path}: not a checkpoint of train.py; --resume needs last.pth "
+                                         "or net_XXX.pth")
+        return state
+
+    @staticmethod
+    def good_epoch_checkpoints(folder):
+        """net_XXX.pth files of a run that load, newest first."""
+        for path in sorted(Path(folder).glob("net_*.pth"), reverse=True):
+            try:
+                resnet.load_checkpoint(path)
+                yield path
+            except resnet.CheckpointError:
+                continue
+
+    def repair(self, epoch, iteration, best):
+        """Cut the logs back to what a run had when it saved epoch `epoch` (and step
+        `iteration` of the whole run): lines written after it, and half a line from a
+        kill mid-write, go. best: (accuracy, epoch) so far, for best_acc.txt."""
+        self._keep(self.path / "log.txt", LOG_LINE, iteration)
+        self._keep(self.path / "acc.txt", ACC_LINE, epoch)
+        self._keep(self.path / "metrics.csv", METRICS_LINE, epoch, header=METRICS)
+        if best[1]:
+            write_text(self.path / "best_acc.txt", f"EPOCH={best[1]}, best_acc={best[0]:.3f}%\n")
+
+    @staticmethod
+    def _keep(path, pattern, last, header=None):
+        def keep(line):
+            match = re.fullmatch(pattern, line)
+            return line == header or (match is not None and int(match.group(1)) <= last)
+
+        if path.exists():
+            lines = path.read_text().splitlines()
+            kept = [ln for ln in lines if keep(ln)]
+            if kept != lines:
+                write_text(path, "".join(ln + "\n" for ln in kept))
+
+    def log_step(self, epoch, iteration, loss, acc):
+        if self.is_main:
+            append_line(self.path / "log.txt", f"{epoch:03d} {iteration:05d} | Loss: {loss:.3f} | Acc: {acc:.3f}%")
+
+    def save_epoch(self, ckpt, training_state, is_best, metrics):
+        """Hand a finished epoch to the writer: net_XXX.pth, best.pth and best_acc.txt if it
+        is the best, acc.txt, metrics.csv, then last.pth (ckpt plus training_state), the
+        commit point of --resume. The tensors are copied now, the files written meanwhile."""
+        if not self.is_main:
+            return
+        ckpt, training_state = on_cpu(ckpt), on_cpu(training_state)
+        epoch, acc = ckpt["epoch"], ckpt["accuracy"]
+
+        def write():
+            save_checkpoint(ckpt, self.path / f"net_{epoch:03d}.pth")
+            if is_best:
+                save_checkpoint(ckpt, self.path / "best.pth")
+                write_text(self.path / "best_acc.txt", f"EPOCH={epoch}, best_acc={acc:.3f}%\n")
+            append_line(self.path / "acc.txt", f"EPOCH={epoch:03d}, Accuracy= {acc:.3f}%")
+            with open(self.path / "metrics.csv", "a") as f:
+                f.write(("" if f.tell() else METRICS + "\n") + ",".join(metrics) + "\n")
+            save_checkpoint({**ckpt, **training_state}, self.path / "last.pth")
+
+        self.writer.put(write)
+
+    def save_stopped(self, state):
+        """last.pth of a run stopped mid-epoch (state holds its step and running sums)."""
+        if self.is_main:
+            state = on_cpu(state)
+            self.writer.put(lambda: save_checkpoint(state, self.path / "last.pth"))
+
+
+class StepLog:
+    """What the terminal shows during an epoch: a tqdm bar, or without a terminal (CI, a log
+    file) a plain line at each log point. Silent in every process of a torchrun job but the first."""
+
+    def __init__(self, total, desc, enabled=True, initial=0):
+        from tqdm import tqdm
+        self.tty, self.enabled = sys.stdout.isatty(), enabled
+        self.bar = tqdm(total=total, desc=desc, file=sys.stdout, leave=False, initial=initial,
+                        disable=not (self.tty and enabled), dynamic_ncols=True)
+        self.desc, self.done, self.total = desc, initial, total
+
+    def update(self, done, **stats):
+        self.bar.update(done - self.done)
+        self.done = done
+        text = " ".join(f"{k} {v}" for k, v in stats.items())
+        if self.tty:
+            self.bar.set_postfix_str(text)
+        elif self.enabled:
+            print(f"{self.desc} step {done}/{self.total} {text}", flush=True)
+
+    def close(self):
+        self.bar.close()

@@ -1,0 +1,98 @@
+"""Every numeric flag of every script is checked while the arguments are parsed: a value out of
+range is one line and a non-zero exit, before any data is loaded; --help states each default once."""
+import argparse
+import importlib.util
+import re
+
+import pytest
+
+import bench
+import cli
+import data
+import export
+import gui
+import plot
+import predict
+import train
+from conftest import ROOT, one_line_error, run
+
+
+def parser_of_test_py():
+    spec = importlib.util.spec_from_file_location("script_test", ROOT / "test.py")  # not Python's own `test`
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_args_parser()
+
+
+PARSERS = {"train.py": train.get_args_parser, "test.py": parser_of_test_py,
+           "predict.py": predict.get_args_parser, "bench.py": bench.get_args_parser,
+           "export.py": export.get_args_parser, "data.py": data.get_args_parser, "gui.py": gui.get_args_parser,
+           "plot.py": plot.get_args_parser}
+POSITIONAL = {"predict.py": ["x.jpg"], "plot.py": ["runs/x"]}  # what each needs besides the flag
+
+
+def numeric_flags():
+    for script, make in PARSERS.items():
+        for action in make()._actions:
+            if action.option_strings and (action.type in (int, float) or getattr(action.type, "checked", False)):
+                yield pytest.param(script, action, id=f"{script} {action.option_strings[0]}")
+
+
+def parse(script, *args):
+    return PARSERS[script]().parse_args([*POSITIONAL.get(script, []), *args])
+
+
+def test_the_checked_types_accept_their_range_and_refuse_the_rest():
+    positive, fraction = cli.integer(min=1), cli.real(min=0, below=1)
+    assert positive("3") == 3 and fraction("0") == 0.0 and fraction("0.5") == 0.5
+    for check, text, says in [(positive, "0", "must be at least 1 (got 0)"), (positive, "-1", "at least 1"),
+                              (positive, "2.5", "'2.5' is not a whole number"), (fraction, "1", "less than 1"),
+                              (fraction, "nan", "not a finite number"), (fraction, "inf", "not a finite number"),
+                              (fraction, "-0.1", "at least 0"), (cli.real(above=0), "0", "more than 0")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(says)):
+            check(text)
+
+
+@pytest.mark.parametrize("script, action", list(numeric_flags()))
+def test_every_numeric_flag_is_checked(script, action):
+    assert getattr(action.type, "checked", False), f"{script} {action.option_strings[0]} takes unchecked numbers"
+    flag = action.option_strings[0]
+    for bad in ("nan", "-1", "abc"):
+        with pytest.raises(SystemExit) as e:
+            parse(script, flag, bad)
+        assert e.value.code == 2
+    if action.default is not None:  # the default itself passes its own check
+        assert getattr(parse(script, flag, str(action.default)), action.dest) == action.default
+
+
+@pytest.mark.parametrize("script, args", [
+    ("train.py", ["--epochs", "0"]), ("train.py", ["--batch-size", "0"]), ("train.py", ["--batch-size", "-1"]),
+    ("train.py", ["--subset", "0"]), ("train.py", ["--lr", "0"]), ("train.py", ["--warmup", "1"]),
+    ("train.py", ["--ema", "1"]), ("train.py", ["--label-smoothing", "nan"]), ("test.py", ["--batch-size", "-1"]),
+    ("predict.py", ["--topk", "0"]), ("bench.py", ["--batch-size", "0"]), ("export.py", ["--tolerance", "0"]),
+    ("data.py", ["--image-size", "0"]), ("bench.py", ["--speedrun", "0"])])
+def test_the_values_that_used_to_slip_through_are_refused_in_one_line(script, args, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(script, *args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert err[0].startswith(f"{PARSERS[script]().prog}: error: argument {args[0]}")
+
+
+@pytest.mark.parametrize("script", PARSERS)
+def test_help_states_each_default_once(script):
+    parser = PARSERS[script]()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        text = formatter._expand_help(action) if action.help else ""
+        assert text.count("(default:") <= 1 and "(default: None)" not in text and "(default: False)" not in text, text
+
+
+@pytest.mark.slow
+def test_a_bad_number_stops_train_py_before_it_loads_anything(tmp_path):
+    proc = run("train.py", "--epochs", "0", "--data-dir", tmp_path / "nowhere", cwd=tmp_path, check=False)
+    assert one_line_error(proc) == "train.py: error: argument --epochs: must be at least 1 (got 0)"
+    assert proc.returncode == 2 and not (tmp_path / "runs").exists()
+    proc = run("bench.py", "--batch-size", "0", cwd=tmp_path, check=False, timeout=60)
+    assert "--batch-size" in one_line_error(proc)
+

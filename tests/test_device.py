@@ -1,0 +1,160 @@
+"""device.py: which device, precision and layout a run gets; the processes of a torchrun job;
+and torch_npu installed without CANN's environment, the commonest Ascend set-up mistake."""
+import platform
+import statistics
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import device
+import resnet
+from conftest import ROOT, one_line_error, run
+
+# stand-ins: torch.device("npu") exists only where torch_npu is installed
+CPU, CUDA, NPU, MPS = (types.SimpleNamespace(type=t) for t in ("cpu", "cuda", "npu", "mps"))
+
+
+def test_auto_precision_is_bf16_where_the_chip_has_it_fp16_where_not_and_fp32_on_other_cpus(monkeypatch):
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: False)
+    assert device.resolve_amp("auto", CPU) is None and device.resolve_amp("auto", MPS) is None
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
+    assert device.resolve_amp("auto", CPU) == torch.bfloat16 and device.resolve_amp("auto", MPS) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert device.resolve_amp("auto", CUDA) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert device.resolve_amp("auto", CUDA) == torch.float16
+    monkeypatch.setattr(torch, "npu", types.SimpleNamespace(is_bf16_supported=lambda: True), raising=False)
+    assert device.resolve_amp("auto", NPU) == torch.bfloat16
+    assert device.resolve_amp("off", CUDA) is None
+    assert device.resolve_amp("fp16", CPU) == torch.float16 and device.resolve_amp("bf16", CPU) == torch.bfloat16
+
+
+def test_channels_last_is_used_on_cuda_and_cpu_but_not_forced_on_npu_or_mps():
+    assert device.use_channels_last("auto", CPU) and device.use_channels_last("auto", CUDA)
+    assert not device.use_channels_last("auto", NPU) and not device.use_channels_last("auto", MPS)
+    assert not device.use_channels_last("off", CUDA) and device.use_channels_last("on", MPS)
+
+
+def test_the_cpu_flags_decide_whether_it_has_bf16_instructions(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    for flags, fast in [("fpu avx2 avx512f avx512bw", False), ("fpu avx2 avx512f avx512_bf16", True),
+                        ("fpu amx_bf16 amx_tile", True)]:
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+        assert device.cpu_has_fast_bf16(cpuinfo) is fast, flags
+    assert device.cpu_has_fast_bf16(tmp_path / "missing") is False  # no /proc (macOS, Windows): fp32
+
+
+def test_auto_device_falls_back_to_the_cpu_without_accelerators():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert device.pick_device("auto").type in ("cpu", "mps")
+
+
+def test_a_torchrun_process_reads_its_place_from_the_environment_once(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert device.job() == device.Job(0, 1, 0) and device.job().is_main
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert device.job() == device.Job(5, 8, 1) and not device.job().is_main
+
+
+def test_a_single_process_needs_no_process_group_and_its_reductions_are_identities():
+    with device.process_group(device.Job(), torch.device("cpu")):
+        t = torch.tensor([1.0, 2.0])
+        assert device.all_reduce(t) is t and t.tolist() == [1.0, 2.0]
+        assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a setting of glibc's allocator")
+@pytest.mark.slow
+def test_on_a_cpu_freed_memory_serves_the_next_big_tensor_instead_of_fresh_pages_from_the_kernel():
+    script = """if True:
+        import resource, sys, torch, device
+        if sys.argv[1] == "keep":
+            device.keep_freed_memory(torch.device("cpu"))
+        for _ in range(20):  # 40 MB each: over the 32 MB up to which glibc reuses freed blocks
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            torch.ones(10_000_000)
+            print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)"""
+    faults = {mode: statistics.median(map(int, subprocess.run(
+                  [sys.executable, "-c", script, mode], cwd=ROOT, check=True, capture_output=True, text=True
+              ).stdout.split())) for mode in ("as-is", "keep")}
+    assert faults["as-is"] > 9000  # each 40 MB tensor mapped and zeroed afresh, 4 KB page by page
+    assert faults["keep"] < faults["as-is"] / 20  # (the heap grows a few times first: hence the median)
+    device.keep_freed_memory(CUDA)  # elsewhere it does nothing (and does not fail)
+
+
+# ---------------------------------------------------------------------------
+# torch_npu
+
+def without_torch_npu():
+    try:
+        import torch_npu  # noqa: F401
+    except ImportError:
+        return
+    pytest.skip("torch_npu is installed here")
+
+
+@pytest.mark.slow
+def test_device_npu_without_torch_npu_is_a_one_line_error(tmp_path, cifar_dir):
+    without_torch_npu()
+    proc = run("train.py", "--device", "npu", "--data-dir", cifar_dir, cwd=tmp_path, check=False)
+    assert "torch_npu" in one_line_error(proc)
+
+
+@pytest.fixture
+def torch_npu_without_cann(tmp_path):
+    """An installed torch_npu whose import fails as it does where CANN's set_env.sh was not sourced,
+    registered, as the real wheel is, as a device backend that `import torch` loads by itself."""
+    site = tmp_path / "site"
+    (site / "torch_npu").mkdir(parents=True)
+    (site / "torch_npu" / "__init__.py").write_text(
+        'raise ImportError("libhccl.so: cannot open shared object file: No such file or directory")\n')
+    info = site / "torch_npu-2.14.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: torch-npu\nVersion: 2.14.0\n")
+    (info / "entry_points.txt").write_text("[torch.backends]\ntorch_npu = torch_npu:_autoload\n")
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_DEVICE_BACKEND_AUTOLOAD"}
+    return {**env, "PYTHONPATH": str(site)}
+
+
+@pytest.mark.slow
+def test_the_stand_in_breaks_import_torch_as_the_real_wheel_does(torch_npu_without_cann):
+    proc = subprocess.run([sys.executable, "-c", "import torch"], env=torch_npu_without_cann,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Failed to load the backend extension: torch_npu" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["npu", "auto"])
+def test_torch_npu_without_cann_names_the_missing_library_and_set_env_sh(tmp_path, torch_npu_without_cann, name):
+    torch.save(resnet.checkpoint(resnet.build_model("resnet18"), "resnet18", resnet.CIFAR10_CLASSES, (0.5,) * 3,
+                                 (0.25,) * 3, 32, "cifar10", 1, 10.0, {}), tmp_path / "model.pth")
+    from PIL import Image
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
+    proc = run("predict.py", "red.png", "--checkpoint", "model.pth", "--device", name, cwd=tmp_path, check=False,
+               env=torch_npu_without_cann)
+    line = one_line_error(proc)
+    assert "torch_npu is installed" in line and "CANN library" in line and "libhccl.so" in line
+    assert "set_env.sh" in line
+
+
+@pytest.mark.slow
+def test_torch_npu_without_cann_leaves_cpu_and_cuda_working(tmp_path, torch_npu_without_cann):
+    torch.save(resnet.checkpoint(resnet.build_model("resnet18"), "resnet18", resnet.CIFAR10_CLASSES, (0.5,) * 3,
+                                 (0.25,) * 3, 32, "cifar10", 1, 10.0, {}), tmp_path / "model.pth")
+    from PIL import Image
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
+    proc = run("predict.py", "red.png", "--checkpoint", "model.pth", "--device", "cpu", cwd=tmp_path,
+               env=torch_npu_without_cann)
+    assert proc.stdout.startswith("red.png: ")
+    if not torch.cuda.is_available():  # torch imported, and --device cuda got as far as looking for a GPU
+        proc = run("predict.py", "red.png", "--checkpoint", "model.pth", "--device", "cuda", cwd=tmp_path,
+                   check=False, env=torch_npu_without_cann)
+        assert "no CUDA GPU" in one_line_error(proc)

@@ -1,0 +1,118 @@
+"""rundir.py: files written whole or not at all, checkpoints written off the training path in
+order with last.pth last, a failed write that surfaces in the training thread, the logs cut
+back on resume, and the run's data folder noted in the run folder."""
+import threading
+import time
+
+import pytest
+import torch
+
+import resnet
+import rundir
+
+
+def epoch(folder, number, accuracy, is_best):
+    ckpt = resnet.checkpoint(resnet.build_model("resnet18"), "resnet18", resnet.CIFAR10_CLASSES, (0.5,) * 3,
+                             (0.25,) * 3, 32, "cifar10", number, accuracy, {}, best_accuracy=accuracy,
+                             best_epoch=number)
+    folder.save_epoch(ckpt, {"optimizer": {"state": {}, "param_groups": []}}, is_best,
+                      [str(number), "1.0", "50.0", "1.0", f"{accuracy:.3f}", "0.1", "1.0", "100.0"])
+
+
+def test_an_epoch_is_written_in_the_background_in_order_with_last_pth_last(tmp_path, monkeypatch):
+    written, gate = [], threading.Event()
+    real_save = rundir.save_checkpoint
+
+    def slow_save(ckpt, path):
+        gate.wait(timeout=30)  # held until the training thread has gone on
+        written.append(path.name)
+        real_save(ckpt, path)
+
+    monkeypatch.setattr(rundir, "save_checkpoint", slow_save)
+    with rundir.RunFolder(tmp_path) as folder:
+        epoch(folder, 1, 40.0, is_best=True)
+        assert written == []  # handed over: the training thread did not wait for the disk
+        gate.set()
+    assert written == ["net_001.pth", "best.pth", "last.pth"]
+    last = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert last["epoch"] == 1 and "optimizer" in last and "optimizer" not in torch.load(tmp_path / "net_001.pth",
+                                                                                         weights_only=True)
+    assert (tmp_path / "acc.txt").read_text() == "EPOCH=001, Accuracy= 40.000%\n"
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[0] == rundir.METRICS
+
+
+def test_the_snapshot_is_taken_when_handed_over_not_when_written(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    state = {"model": model.state_dict(), "epoch": 1, "accuracy": 1.0}
+    with rundir.RunFolder(tmp_path) as folder:
+        folder.save_stopped(state)
+        with torch.no_grad():
+            model.weight.add_(1.0)  # training goes on meanwhile
+    saved = torch.load(tmp_path / "last.pth", weights_only=True)["model"]["weight"]
+    torch.testing.assert_close(saved + 1.0, model.weight.detach())
+
+
+def test_a_failed_write_stops_the_writing_and_is_raised_in_the_training_thread(tmp_path, monkeypatch):
+    def full_disk(ckpt, path):
+        raise rundir.TrainingError(f"cannot write {path} (No space left on device)")
+
+    folder = rundir.RunFolder(tmp_path)
+    monkeypatch.setattr(rundir, "save_checkpoint", full_disk)
+    epoch(folder, 1, 40.0, is_best=False)
+    deadline = time.monotonic() + 30
+    while folder.writer.error is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(rundir.TrainingError, match="net_001.pth"):
+        epoch(folder, 2, 40.0, is_best=False)  # the next hand-over raises it
+    with pytest.raises(rundir.TrainingError, match="net_001.pth"):
+        folder.writer.close()
+    assert not (tmp_path / "acc.txt").exists()  # nothing after the failure was written
+
+
+def test_when_training_fails_the_finished_epochs_are_still_written(tmp_path):
+    with pytest.raises(ZeroDivisionError):
+        with rundir.RunFolder(tmp_path) as folder:
+            epoch(folder, 1, 40.0, is_best=True)
+            1 / 0
+    assert torch.load(tmp_path / "last.pth", weights_only=True)["epoch"] == 1
+
+
+def test_an_interrupted_write_leaves_the_previous_file_and_no_temporary(tmp_path):
+    (tmp_path / "acc.txt").write_text("old\n")
+    with pytest.raises(OSError):
+        with rundir.atomic_write(tmp_path / "acc.txt") as tmp:
+            tmp.write_text("half")
+            raise OSError("disk full")
+    assert (tmp_path / "acc.txt").read_text() == "old\n" and list(tmp_path.iterdir()) == [tmp_path / "acc.txt"]
+
+
+def test_resume_cuts_the_logs_back_to_the_saved_state_and_rewrites_best_acc(tmp_path):
+    (tmp_path / "log.txt").write_text("001 00001 | Loss: 2.000 | Acc: 10.000%\n001 00002 | Loss: 1.900 | Acc: 12.000%\n"
+                                      "002 00003 | Loss: 1.800 | Acc: 14.000%\n002 0")
+    (tmp_path / "acc.txt").write_text("EPOCH=001, Accuracy= 20.000%\nEPOCH=002, Accuracy= 30.000%\n")
+    (tmp_path / "metrics.csv").write_text(f"{rundir.METRICS}\n1,2,3,4,5,6,7,8\n2,2,3,4,5,6,7,8\n")
+    folder = rundir.RunFolder(tmp_path)
+    folder.begin(tmp_path, rundir.Start(epoch=1, step=0, best=(20.0, 1)), steps_per_epoch=2)
+    folder.writer.close()
+    assert [line[:9] for line in (tmp_path / "log.txt").read_text().splitlines()] == ["001 00001", "001 00002"]
+    assert (tmp_path / "acc.txt").read_text() == "EPOCH=001, Accuracy= 20.000%\n"
+    assert (tmp_path / "metrics.csv").read_text() == f"{rundir.METRICS}\n1,2,3,4,5,6,7,8\n"
+    assert (tmp_path / "best_acc.txt").read_text() == "EPOCH=1, best_acc=20.000%\n"
+
+
+def test_the_run_folder_notes_its_data_folder_for_test_py_and_export_py(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    folder = rundir.RunFolder(tmp_path / "runs" / "r")
+    folder.begin("data", rundir.Start(), 1)
+    folder.writer.close()
+    assert rundir.remembered_data_dir(tmp_path / "runs" / "r" / "best.pth") == str(tmp_path / "data")
+    assert rundir.remembered_data_dir(tmp_path / "elsewhere" / "best.pth") is None
+
+
+def test_only_the_main_process_writes(tmp_path):
+    with rundir.RunFolder(tmp_path / "run", is_main=False) as folder:
+        folder.begin(tmp_path, rundir.Start(), 1)
+        folder.log_step(1, 1, 1.0, 50.0)
+        epoch(folder, 1, 40.0, is_best=True)
+    assert not (tmp_path / "run").exists()
