@@ -173,10 +173,9 @@ def cold_start(picture, repeats):
 
 
 def pipeline(side, args, device_name, conn):
-    """One side of the comparison, in an interpreter of its own as the two programs would run
-    (the tutorials' keeps glibc's allocator as it is, this project's sets it as train.py does).
-    Builds its network and loaders, says which precision it trains in, then times what the
-    parent names until it sends None."""
+    """One side of the comparison, in an interpreter of its own as the two programs would run (the
+    tutorials' keeps glibc's allocator as it is, this project's sets it as train.py does): says which
+    precision it trains in, then times what the parent names until it sends None."""
     torch.manual_seed(0)  # the same random images and the same initial weights on both sides
     dev = device.pick_device(device_name)
     n = args.batch_size * (args.steps + args.warmup) * 2

@@ -201,8 +201,7 @@ class RunFolder:
                  + ("" if "optimizer" in state else " (weights only: the optimizer's momentum starts afresh)"))
         return state
 
-    @staticmethod
-    def restore(t, state, steps_per_epoch):
+    def restore(self, t, state, steps_per_epoch):
         """Put a saved state back into train.py's Training t; returns where to start."""
         t.model.load_state_dict(state.get("training_model", state["model"]))  # "model" holds the EMA, if any
         if t.ema is not None:
@@ -220,9 +219,21 @@ class RunFolder:
             with warnings.catch_warnings():  # "scheduler stepped before optimizer": on purpose here
                 warnings.simplefilter("ignore", UserWarning)
                 t.scheduler.step()
-        # Every checkpoint carries the best so far; one written before they did, only its own accuracy.
-        best = (state.get("best_accuracy", state.get("accuracy") or 0.0), state.get("best_epoch", epoch))
-        return Start(epoch, state.get("step", 0), state.get("totals"), best)
+        return Start(epoch, state.get("step", 0), state.get("totals"), self.best_until(state))
+
+    def best_until(self, state):
+        """(best accuracy, its epoch) up to a saved state. Every checkpoint carries them; for one
+        written before they did, best.pth here says it, if it is not from a later epoch."""
+        if "best_accuracy" in state:
+            return state["best_accuracy"], state["best_epoch"]
+        best = (state.get("accuracy") or 0.0, state["epoch"] if state.get("accuracy") is not None else 0)
+        try:
+            kept = resnet.load_checkpoint(self.path / "best.pth")
+        except resnet.CheckpointError:
+            return best
+        if kept.get("epoch", state["epoch"] + 1) <= state["epoch"] and (kept.get("accuracy") or 0.0) > best[0]:
+            return kept["accuracy"], kept["epoch"]
+        return best
 
     def begin(self, data_dir, start, steps_per_epoch):
         """Make the folder ready to write from `start` on: note the data folder, and cut the

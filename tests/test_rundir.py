@@ -116,3 +116,14 @@ def test_only_the_main_process_writes(tmp_path):
         folder.log_step(1, 1, 1.0, 50.0)
         epoch(folder, 1, 40.0, is_best=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_from_before_the_best_was_recorded_in_it_takes_the_best_from_best_pth(tmp_path):
+    folder = rundir.RunFolder(tmp_path, is_main=False)
+    old = {"epoch": 3, "accuracy": 50.0, "model": {}, "args": {}}  # net_003.pth as train.py wrote it before
+    assert folder.best_until(old) == (50.0, 3)  # no best.pth: its own
+    torch.save({"epoch": 2, "accuracy": 55.0, "model": {}}, tmp_path / "best.pth")
+    assert folder.best_until(old) == (55.0, 2)
+    torch.save({"epoch": 4, "accuracy": 60.0, "model": {}}, tmp_path / "best.pth")  # from after it: not yet reached
+    assert folder.best_until(old) == (50.0, 3)
+    assert folder.best_until({**old, "best_accuracy": 52.0, "best_epoch": 1}) == (52.0, 1)
