@@ -27,7 +27,7 @@ def test_channels_last_changes_the_layout_not_the_numbers():
     # In float64 the two layouts agree to rounding; in float32 the gradients of a
     # fresh network (BatchNorm over a small batch) amplify rounding to ~1%.
     torch.manual_seed(0)
-    x, y = torch.randn(16, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (16,))
+    x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (4,))
     results = []
     for fmt in (torch.contiguous_format, torch.channels_last):
         torch.manual_seed(1)
@@ -138,7 +138,7 @@ def test_training_steps_and_evaluation_batches_never_make_the_host_wait_for_the_
     # a fixed number at the end of an epoch or evaluation (and at each log point), where
     # the sums are read; none per step or per batch.
     short = device_ops_of_training_and_evaluation(2, tmp_path, recipe)
-    long = device_ops_of_training_and_evaluation(5, tmp_path, recipe)
+    long = device_ops_of_training_and_evaluation(4, tmp_path, recipe)
     assert long[0].waits == short[0].waits, "a training step waits for the device"
     assert long[1].waits == short[1].waits, "an evaluation batch waits for the device"
 
