@@ -346,7 +346,8 @@ def run_epochs(args, t, loaders, describe, folder, stop, start, t0):
                                  **rundir.training_state(t), "step": r.stopped_at, "totals": r.totals})
             return stopped(folder, r.signum, f"at epoch {epoch}, step {r.stopped_at} of {len(train_loader)}")
         tick = time.perf_counter()
-        for model in {t.model, scored}:  # every process evaluates, and saves, what process 0 has
+        # Every process evaluates, and saves, what process 0 has; the models in the same order everywhere.
+        for model in (t.model,) if scored is t.model else (t.model, scored):
             device.broadcast_buffers(model)
         test_loss, acc = evaluate(scored, test_loader, len(describe["classes"]), t.amp, args.tta,
                                   train_loader.memory_format)
