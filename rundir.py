@@ -299,13 +299,15 @@ class RunFolder:
         if self.is_main:
             append_line(self.path / "log.txt", f"{epoch:03d} {iteration:05d} | Loss: {loss:.3f} | Acc: {acc:.3f}%")
 
-    def save_epoch(self, ckpt, training_state, is_best, metrics):
+    def save_epoch(self, checkpoint, t, is_best, metrics):
         """Hand a finished epoch to the writer: net_XXX.pth, best.pth and best_acc.txt if it
-        is the best, acc.txt, metrics.csv, then last.pth (ckpt plus training_state), the
-        commit point of --resume. The tensors are copied now, the files written meanwhile."""
+        is the best, acc.txt, metrics.csv, then last.pth (the checkpoint plus the training
+        state of train.py's Training t), the commit point of --resume. checkpoint() builds the
+        epoch's checkpoint; it and the training state are built and their tensors copied now,
+        in the process that saves and only there, and the files written meanwhile."""
         if not self.is_main:
             return
-        ckpt, training_state = on_cpu(ckpt), on_cpu(training_state)
+        ckpt, state = on_cpu(checkpoint()), on_cpu(training_state(t))
         epoch, acc = ckpt["epoch"], ckpt["accuracy"]
 
         def write():
@@ -316,14 +318,14 @@ class RunFolder:
             append_line(self.path / "acc.txt", f"EPOCH={epoch:03d}, Accuracy= {acc:.3f}%")
             with open(self.path / "metrics.csv", "a") as f:
                 f.write(("" if f.tell() else METRICS + "\n") + ",".join(metrics) + "\n")
-            save_checkpoint({**ckpt, **training_state}, self.path / "last.pth")
+            save_checkpoint({**ckpt, **state}, self.path / "last.pth")
 
         self.writer.put(write)
 
-    def save_stopped(self, state):
-        """last.pth of a run stopped mid-epoch (state holds its step and running sums)."""
+    def save_stopped(self, checkpoint, t, step, totals):
+        """last.pth of a run stopped mid-epoch after `step` steps, with that epoch's running sums."""
         if self.is_main:
-            state = on_cpu(state)
+            state = on_cpu({**checkpoint(), **training_state(t), "step": step, "totals": totals})
             self.writer.put(lambda: save_checkpoint(state, self.path / "last.pth"))
 
 

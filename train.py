@@ -333,6 +333,10 @@ def run_epochs(args, t, loaders, describe, folder, stop, start, t0):
     train_seconds = eval_seconds = first_step = 0.0
     acc, images, last_epoch = 0.0, 0, min(args.epochs, args.stop_after or args.epochs)
     scored = t.ema.model if t.ema else t.model  # what is evaluated and saved as "model"
+
+    def snapshot(epoch, accuracy):
+        return resnet.checkpoint(scored, epoch=epoch, accuracy=accuracy, best_accuracy=best[0], best_epoch=best[1],
+                                 **describe)
     for epoch in range(start.epoch + 1, last_epoch + 1):
         train_loader.set_epoch(epoch)
         first = epoch == start.epoch + 1  # a run stopped mid-epoch goes on from its step
@@ -341,23 +345,18 @@ def run_epochs(args, t, loaders, describe, folder, stop, start, t0):
         train_seconds, images = train_seconds + r.seconds, images + r.images
         first_step = first_step or r.first_step
         if r.stopped_at:  # a stop was asked for: save mid-epoch and leave
-            folder.save_stopped({**resnet.checkpoint(scored, epoch=epoch - 1, accuracy=None, best_accuracy=best[0],
-                                                     best_epoch=best[1], **describe),
-                                 **rundir.training_state(t), "step": r.stopped_at, "totals": r.totals})
+            folder.save_stopped(lambda: snapshot(epoch - 1, None), t, r.stopped_at, r.totals)
             return stopped(folder, r.signum, f"at epoch {epoch}, step {r.stopped_at} of {len(train_loader)}")
         tick = time.perf_counter()
-        # Every process evaluates, and saves, what process 0 has; the models in the same order everywhere.
-        for model in (t.model,) if scored is t.model else (t.model, scored):
-            device.broadcast_buffers(model)
+        for model in (t.model,) if scored is t.model else (t.model, scored):  # one order in every process
+            device.broadcast_buffers(model)  # every process evaluates, and saves, what process 0 has
         test_loss, acc = evaluate(scored, test_loader, len(describe["classes"]), t.amp, args.tta,
                                   train_loader.memory_format)
         eval_seconds += time.perf_counter() - tick
         is_best = acc > best[0]
         best = (acc, epoch) if is_best else best
         lr = t.scheduler.get_last_lr()[0]
-        ckpt = resnet.checkpoint(scored, epoch=epoch, accuracy=acc, best_accuracy=best[0], best_epoch=best[1],
-                                 **describe)
-        folder.save_epoch(ckpt, rundir.training_state(t), is_best,
+        folder.save_epoch(lambda: snapshot(epoch, acc), t, is_best,
                           [str(epoch), f"{r.loss:.4f}", f"{r.acc:.3f}", f"{test_loss:.4f}", f"{acc:.3f}", f"{lr:.6g}",
                            f"{r.seconds:.2f}", f"{r.images / r.seconds:.1f}"])
         folder.say(f"epoch {epoch:3d}/{args.epochs} | train loss {r.loss:.3f} acc {r.acc:6.2f}% | test loss "

@@ -9,13 +9,24 @@ import torch
 
 import resnet
 import rundir
+import train
 
 
-def epoch(folder, number, accuracy, is_best):
-    ckpt = resnet.checkpoint(resnet.build_model("resnet18"), "resnet18", resnet.CIFAR10_CLASSES, (0.5,) * 3,
-                             (0.25,) * 3, 32, "cifar10", number, accuracy, {}, best_accuracy=accuracy,
-                             best_epoch=number)
-    folder.save_epoch(ckpt, {"optimizer": {"state": {}, "param_groups": []}}, is_best,
+def training(model):
+    """train.py's Training of a model, with the default recipe."""
+    return train.make_training(model, train.get_args_parser().parse_args([]), torch.device("cpu"), None, 10)
+
+
+def epoch(folder, number, accuracy, is_best, built=None):
+    model = resnet.build_model("resnet18")
+
+    def checkpoint():
+        if built is not None:
+            built.append(number)
+        return resnet.checkpoint(model, "resnet18", resnet.CIFAR10_CLASSES, (0.5,) * 3, (0.25,) * 3, 32, "cifar10",
+                                 number, accuracy, {}, best_accuracy=accuracy, best_epoch=number)
+
+    folder.save_epoch(checkpoint, training(model), is_best,
                       [str(number), "1.0", "50.0", "1.0", f"{accuracy:.3f}", "0.1", "1.0", "100.0"])
 
 
@@ -43,13 +54,14 @@ def test_an_epoch_is_written_in_the_background_in_order_with_last_pth_last(tmp_p
 
 def test_the_snapshot_is_taken_when_handed_over_not_when_written(tmp_path):
     model = torch.nn.Linear(2, 2)
-    state = {"model": model.state_dict(), "epoch": 1, "accuracy": 1.0}
     with rundir.RunFolder(tmp_path) as folder:
-        folder.save_stopped(state)
+        folder.save_stopped(lambda: {"model": model.state_dict(), "epoch": 0, "accuracy": None}, training(model),
+                            3, [1.0, 2.0, 3.0])
         with torch.no_grad():
             model.weight.add_(1.0)  # training goes on meanwhile
-    saved = torch.load(tmp_path / "last.pth", weights_only=True)["model"]["weight"]
-    torch.testing.assert_close(saved + 1.0, model.weight.detach())
+    saved = torch.load(tmp_path / "last.pth", weights_only=True)
+    torch.testing.assert_close(saved["model"]["weight"] + 1.0, model.weight.detach())
+    assert saved["step"] == 3 and saved["totals"] == [1.0, 2.0, 3.0] and "optimizer" in saved
 
 
 def test_a_failed_write_stops_the_writing_and_is_raised_in_the_training_thread(tmp_path, monkeypatch):
@@ -110,12 +122,17 @@ def test_the_run_folder_notes_its_data_folder_for_test_py_and_export_py(tmp_path
     assert rundir.remembered_data_dir(tmp_path / "elsewhere" / "best.pth") is None
 
 
-def test_only_the_main_process_writes(tmp_path):
+def test_only_the_main_process_writes_or_builds_a_checkpoint(tmp_path):
+    built = []
     with rundir.RunFolder(tmp_path / "run", is_main=False) as folder:
         folder.begin(tmp_path, rundir.Start(), 1)
         folder.log_step(1, 1, 1.0, 50.0)
-        epoch(folder, 1, 40.0, is_best=True)
-    assert not (tmp_path / "run").exists()
+        epoch(folder, 1, 40.0, is_best=True, built=built)
+    assert not (tmp_path / "run").exists() and built == []
+    with rundir.RunFolder(tmp_path / "main") as folder:
+        folder.begin(tmp_path, rundir.Start(), 1)
+        epoch(folder, 1, 40.0, is_best=True, built=built)
+    assert built == [1]
 
 
 def test_a_checkpoint_from_before_the_best_was_recorded_in_it_takes_the_best_from_best_pth(tmp_path):
