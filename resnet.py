@@ -368,12 +368,12 @@ def read_checkpoint(ckpt, arch=None, source="checkpoint"):
     found = ckpt["arch"] if kind == "project" else infer_arch(state, source)
     if arch is not None and arch != found:
         raise CheckpointError(f"{source}: holds a {found}, not a {arch}")
+    if found not in ARCHS:
+        raise CheckpointError(f"{source}: a network named {found!r}, which is none of {', '.join(MODELS)}")
     if "linear.weight" not in state:
         raise CheckpointError(f"{source}: has no final layer (linear.weight); not a ResNet of this project")
     num_classes = state["linear.weight"].shape[0]
-    model = ResNet(*ARCHS[found], num_classes=num_classes) if found in ARCHS else None
-    if model is None:
-        raise CheckpointError(f"{source}: a network named {found!r}, which is none of {', '.join(MODELS)}")
+    model = build_model(found, num_classes)
     _fit(model, state, found, source)
     described = {"arch": found, "dataset": "cifar10", "num_classes": num_classes, "image_size": 32,
                  "classes": CIFAR10_CLASSES if num_classes == 10 else [str(i) for i in range(num_classes)],

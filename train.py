@@ -114,8 +114,9 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.updates = decay, 0
         pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
-        self.floats = [list(t) for t in zip(*[p for p in pairs if p[0].is_floating_point()])]
-        self.counts = [p for p in pairs if not p[0].is_floating_point()]  # BatchNorm's batch counts
+        self.averages = [a for a, _ in pairs if a.is_floating_point()]
+        self.sources = [m for a, m in pairs if a.is_floating_point()]
+        self.counts = [(a, m) for a, m in pairs if not a.is_floating_point()]  # BatchNorm's batch counts
 
     def decay_now(self):
         # A short memory at first, while the weights still move fast (as TensorFlow's EMA does).
@@ -124,7 +125,7 @@ class EMA:
     @torch.no_grad()
     def update(self):
         self.updates += 1
-        torch._foreach_lerp_(self.floats[0], self.floats[1], 1 - self.decay_now())
+        torch._foreach_lerp_(self.averages, self.sources, 1 - self.decay_now())
         for average, count in self.counts:
             average.copy_(count)
 
@@ -395,6 +396,5 @@ if __name__ == "__main__":
         where = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
         sys.exit(f"{where}error: {e}")
     except KeyboardInterrupt:
-        print("\ninterrupted at once; the last finished epoch is in last.pth: continue with --resume",
-              file=sys.stderr)
+        print("\ninterrupted at once; the last finished epoch is in last.pth: continue with --resume", file=sys.stderr)
         sys.exit(130)

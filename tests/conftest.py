@@ -149,8 +149,7 @@ def in_process_only(request, monkeypatch):
 
 
 # Fixtures that run the project's scripts, shared between tests (they are set up before in_process_only).
-PROCESS_FIXTURES = {"trained_run", "reference", "reference_of_four_steps", "project", "folder_run", "exported",
-                    "tutorial_checkpoints"}
+PROCESS_FIXTURES = {"trained_run", "reference", "reference_of_four_steps", "project", "folder_run", "exported"}
 
 
 # Small and fast on a 2-core CPU: a few steps of ResNet18 per epoch.
