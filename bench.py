@@ -70,7 +70,7 @@ def get_args_parser():
                    help="timed repeats per pipeline (median reported)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile this project's networks, as train.py --compile does "
-                        "(compilation falls in the warm-up)")
+                        "(compilation falls in the warm-up: train_warmup_s, eval_warmup_s)")
     p.add_argument("--cold-start", metavar="PICTURE", default=None,
                    help="instead: time `python predict.py PICTURE` from a cold start against the tutorials' "
                         "predict flow (tests/tutorial_predict.py), each started --repeats x 2 times, alternating")
@@ -83,15 +83,17 @@ def get_args_parser():
 
 
 def timed(fn, dev, steps, warmup):
-    """Seconds per call of fn, after warm-up, waiting for the device at both ends."""
+    """Seconds per call of fn after warm-up, and the seconds the warm-up took, waiting for
+    the device at both ends."""
+    start = time.perf_counter()
     for _ in range(warmup):
         fn()
     device.synchronize(dev)
-    start = time.perf_counter()
+    warmed = time.perf_counter()
     for _ in range(steps):
         fn()
     device.synchronize(dev)
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - warmed) / steps, warmed - start
 
 
 def matmul_gflops(dev, dtype, steps, warmup):
@@ -99,7 +101,7 @@ def matmul_gflops(dev, dtype, steps, warmup):
     8192x8192 on an accelerator (smaller ones do not fill a GPU)."""
     n = 2048 if dev.type == "cpu" else 8192
     a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
-    return 2 * n ** 3 / timed(lambda: a @ b, dev, steps, warmup) / 1e9
+    return 2 * n ** 3 / timed(lambda: a @ b, dev, steps, warmup)[0] / 1e9
 
 
 def training_flops_per_image(model):
@@ -230,8 +232,8 @@ def pipeline(side, args, device_name, conn):
         if name == "matmul":
             conn.send(matmul_gflops(dev, amp or torch.float32, args.steps, args.warmup))
         else:  # loading alone is quick: time more of it
-            count = args.steps * (20 if name == "loader" else 1)
-            conn.send(args.batch_size / timed(steps[name], dev, count, args.warmup))
+            seconds, warmup_seconds = timed(steps[name], dev, args.steps * (20 if name == "loader" else 1), args.warmup)
+            conn.send((args.batch_size / seconds, warmup_seconds))
 
 
 def main(args):
@@ -255,14 +257,16 @@ def main(args):
         print(f"{args.model} on {dev}, batch {args.batch_size}: {args.repeats} repeats of {args.steps} steps "
               f"after {args.warmup} warm-up steps, the two pipelines in two processes taking turns", flush=True)
         results = {f"{prefix}{kind}_img_s": [] for kind in ("train", "eval", "loader") for prefix in ("", "tutorial_")}
-        gflops = []
+        gflops, warmups = [], {}  # the first warm-up of each: compilation (--compile), cuDNN's choices
         for repeat in range(args.repeats):
             sides["ours"].send("matmul")
             gflops.append(sides["ours"].recv())
             for name in results:
                 side = "tutorial" if name.startswith("tutorial_") else "ours"
                 sides[side].send(name.removeprefix("tutorial_").removesuffix("_img_s"))
-                results[name].append(sides[side].recv())
+                rate, warmup_seconds = sides[side].recv()
+                results[name].append(rate)
+                warmups.setdefault(name, warmup_seconds)
             print(f"repeat {repeat + 1}: " + " ".join(f"{k}={v[-1]:.1f}" for k, v in results.items()), flush=True)
         for conn in sides.values():
             conn.send(None)
@@ -285,7 +289,8 @@ def main(args):
             f"eval_ratio={med['eval_img_s'] / med['tutorial_eval_img_s']:.2f} "
             f"loader_img_s={med['loader_img_s']:.0f} tutorial_loader_img_s={med['tutorial_loader_img_s']:.0f} "
             f"matmul_gflops={matmul:.1f} train_gflop_per_img={flops / 1e9:.2f} "
-            f"train_mfu={med['train_img_s'] * flops / (matmul * 1e9):.2f}")
+            f"train_mfu={med['train_img_s'] * flops / (matmul * 1e9):.2f} "
+            f"train_warmup_s={warmups['train_img_s']:.2f} eval_warmup_s={warmups['eval_img_s']:.2f}")
     print(line)
     return line
 
@@ -331,7 +336,11 @@ def run_quietly(args):
 
 
 if __name__ == "__main__":
+    parser = get_args_parser()
+    args = parser.parse_args()
+    if args.compile and not args.warmup:
+        parser.error("--compile needs --warmup 1 or more: the compilation must not be timed")
     try:
-        main(get_args_parser().parse_args())
+        main(args)
     except (device.DeviceError, data.DataError, resnet.CheckpointError, rundir.TrainingError) as e:
         sys.exit(f"error: {e}")

@@ -156,12 +156,19 @@ def test_bench_times_both_pipelines_and_ends_with_one_machine_readable_line(tmp_
     fields = dict(kv.split("=") for kv in last.split()[1:])
     assert last.startswith("bench model=resnet18 device=cpu batch=8 ")
     for key in ("train_img_s", "tutorial_train_img_s", "train_ratio", "eval_img_s", "tutorial_eval_img_s", "eval_ratio",
-                "loader_img_s", "tutorial_loader_img_s", "matmul_gflops", "train_mfu"):
+                "loader_img_s", "tutorial_loader_img_s", "matmul_gflops", "train_mfu", "train_warmup_s",
+                "eval_warmup_s"):
         assert float(fields[key]) > 0, key
     ratio = float(fields["train_img_s"]) / float(fields["tutorial_train_img_s"])
     assert abs(ratio / float(fields["train_ratio"]) - 1) < 0.1  # the printed rates are rounded
     # ResNet18: 0.56 GMAC forward per 32x32 image, so about 3.3 GFLOP to train on it
     assert abs(float(fields["train_gflop_per_img"]) - 3.34) < 0.05
+
+
+@pytest.mark.slow
+def test_bench_refuses_to_time_compilation_as_training(tmp_path):
+    proc = run("bench.py", "--compile", "--warmup", "0", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "--compile needs --warmup 1 or more" in one_line_error(proc)
 
 
 def test_bench_times_the_training_step_train_py_runs(monkeypatch):
@@ -174,7 +181,8 @@ def test_bench_times_the_training_step_train_py_runs(monkeypatch):
     bench.pipeline("ours", args, "cpu", types.SimpleNamespace(send=replies.append, recv=lambda: next(requests)))
     assert len(steps) == 3 and all(isinstance(t.model, resnet.ResNet) for t in steps)  # warm-up + 2 timed
     assert steps[0].label_smoothing == train.get_args_parser().parse_args([]).label_smoothing
-    assert replies[0] in ("fp32", "bf16") and replies[1] > 0  # the precision, then the img/s
+    img_s, warmup_s = replies[1]
+    assert replies[0] in ("fp32", "bf16") and img_s > 0 and warmup_s > 0  # the precision, then the timing
 
 
 @pytest.mark.slow
