@@ -114,9 +114,9 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.updates = decay, 0
         pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
-        self.averages = [a for a, _ in pairs if a.is_floating_point()]
-        self.sources = [m for a, m in pairs if a.is_floating_point()]
-        self.counts = [(a, m) for a, m in pairs if not a.is_floating_point()]  # BatchNorm's batch counts
+        self.averages, self.sources = zip(*[(a, m) for a, m in pairs if a.is_floating_point()])
+        self.counts = [a for a, _ in pairs if not a.is_floating_point()]  # BatchNorm's batch counts: copied
+        self.count_sources = [m for a, m in pairs if not a.is_floating_point()]
 
     def decay_now(self):
         # A short memory at first, while the weights still move fast (as TensorFlow's EMA does).
@@ -126,8 +126,8 @@ class EMA:
     def update(self):
         self.updates += 1
         torch._foreach_lerp_(self.averages, self.sources, 1 - self.decay_now())
-        for average, count in self.counts:
-            average.copy_(count)
+        if self.counts:
+            torch._foreach_copy_(self.counts, self.count_sources)
 
 
 class Training(NamedTuple):
