@@ -281,7 +281,7 @@ class RunFolder:
         self._keep(self.path / "acc.txt", ACC_LINE, epoch)
         self._keep(self.path / "metrics.csv", METRICS_LINE, epoch, header=METRICS)
         if best[1]:
-            write_text(self.path / "best_acc.txt", f"EPOCH={best[1]}, best_acc={best[0]:.3f}%\n")
+            self.write_best(*best)
 
     @staticmethod
     def _keep(path, pattern, last, header=None):
@@ -294,6 +294,9 @@ class RunFolder:
             kept = [ln for ln in lines if keep(ln)]
             if kept != lines:
                 write_text(path, "".join(ln + "\n" for ln in kept))
+
+    def write_best(self, accuracy, epoch):
+        write_text(self.path / "best_acc.txt", f"EPOCH={epoch}, best_acc={accuracy:.3f}%\n")
 
     def log_step(self, epoch, iteration, loss, acc):
         if self.is_main:
@@ -314,7 +317,7 @@ class RunFolder:
             save_checkpoint(ckpt, self.path / f"net_{epoch:03d}.pth")
             if is_best:
                 save_checkpoint(ckpt, self.path / "best.pth")
-                write_text(self.path / "best_acc.txt", f"EPOCH={epoch}, best_acc={acc:.3f}%\n")
+                self.write_best(acc, epoch)
             append_line(self.path / "acc.txt", f"EPOCH={epoch:03d}, Accuracy= {acc:.3f}%")
             with open(self.path / "metrics.csv", "a") as f:
                 f.write(("" if f.tell() else METRICS + "\n") + ",".join(metrics) + "\n")
