@@ -511,10 +511,11 @@ class CifarLoader:
         perm = torch.randperm(n, generator=g)
         dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=g)
         dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=g)
-        mirror = torch.rand(n, generator=g) < 0.5
         if self.flip == "alternate":  # the coin comes from epoch 0's generator, which no epoch uses
             coin = torch.rand(n, generator=torch.Generator().manual_seed(self.seed << 20)) < 0.5
             mirror = coin ^ (self.epoch % 2 == 0)
+        else:
+            mirror = torch.rand(n, generator=g) < 0.5
         device = self.images.device
         perm, dy, dx, mirror = (t.to(device) for t in (perm, dy, dx, mirror))
         batch = min(self.batch_size, n)
