@@ -153,7 +153,7 @@ PROCESS_FIXTURES = {"trained_run", "reference", "reference_of_four_steps", "proj
 
 
 # Small and fast on a 2-core CPU: a few steps of ResNet18 per epoch.
-QUICK = ["--device", "cpu", "--batch-size", "32", "--subset", "64", "--eval-batch-size", "100"]
+QUICK = ["--device", "cpu", "--batch-size", "8", "--subset", "16", "--eval-batch-size", "100"]
 
 
 @pytest.fixture(scope="session")

@@ -49,8 +49,9 @@ def folder_run(tmp_path_factory):
     """A ResNet18 trained for one epoch on a picture folder (odd files included), at 40x40."""
     work = tmp_path_factory.mktemp("folder-run")
     write_folder(work / "photos")
+    # all 36 pictures of each split, so that the normalization is the whole folder's
     proc = run("train.py", "--dataset", "folder", "--data-dir", "photos", "--image-size", "40", "--epochs", "1",
-               "--out-dir", "runs/photos", *QUICK, cwd=work)
+               "--out-dir", "runs/photos", *QUICK, "--subset", "36", "--batch-size", "12", cwd=work)
     return work, proc
 
 

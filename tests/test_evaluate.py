@@ -105,5 +105,5 @@ def test_training_with_tta_logs_what_test_py_tta_reports_for_that_epoch(tmp_path
     run("train.py", "--data-dir", cifar_dir, "--epochs", "1", "--tta", *QUICK, cwd=tmp_path)
     logged = (tmp_path / "runs" / "resnet18" / "acc.txt").read_text().split("= ")[1].strip()
     proc = run("test.py", "--checkpoint", "runs/resnet18/net_001.pth", "--data-dir", cifar_dir, "--device", "cpu",
-               "--subset", "64", "--tta", cwd=tmp_path)
+               "--subset", "16", "--tta", cwd=tmp_path)
     assert re.search(r"^accuracy (\S+)%", proc.stdout, re.M).group(1) == f"{float(logged[:-1]):.2f}"

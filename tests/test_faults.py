@@ -19,7 +19,7 @@ import resnet
 from conftest import injected, QUICK, ROOT, make_archive, one_line_error, run, write_cifar
 
 EPOCHS = 4
-# 64 images in steps of 32: two steps an epoch, a log line each
+# 16 images in steps of 8: two steps an epoch, a log line each
 ARGS = ["--epochs", str(EPOCHS), "--log-every", "1", *QUICK]
 
 
@@ -154,7 +154,7 @@ def test_kill_9_during_evaluation(tmp_path, cifar_dir, reference):
 
 
 # With an EMA of the weights, whose state a stop mid-epoch must save too.
-SIGNAL_ARGS = ["--epochs", "2", "--log-every", "1", "--device", "cpu", "--batch-size", "16", "--subset", "64",
+SIGNAL_ARGS = ["--epochs", "2", "--log-every", "1", "--device", "cpu", "--batch-size", "4", "--subset", "16",
                "--eval-batch-size", "100", "--ema", "0.9"]
 
 
@@ -385,7 +385,7 @@ def test_checkpoints_and_logs_hold_no_absolute_paths_or_environment(tmp_path, ci
         if f.name != "data_dir.txt":  # the one local note, for test.py and export.py; never in a checkpoint
             assert str(tmp_path).encode() not in content and str(cifar_dir.resolve()).encode() not in content, f.name
     args = resnet.load_checkpoint(out / "best.pth")["args"]
-    assert args["data_dir"] == cifar_dir.name and args["batch_size"] == 32
+    assert args["data_dir"] == cifar_dir.name and args["batch_size"] == 8
 
 
 @pytest.mark.slow

@@ -64,7 +64,7 @@ def test_data_train_eval_predict_chain_as_a_user_types_them(project, tmp_path):
     assert (d / "mydata" / "cifar-10-batches-py" / "test_batch").is_file()
     assert (d / "test" / "0_3.jpg").is_file()
 
-    make("train", "DATA_DIR=mydata", "EPOCHS=1", "BATCH=32", "DEVICE=cpu", "ARGS=--subset 64")
+    make("train", "DATA_DIR=mydata", "EPOCHS=1", "BATCH=8", "DEVICE=cpu", "ARGS=--subset 16")
     run_dir = d / "runs" / "resnet18"
     assert (run_dir / "net_001.pth").is_file() and (run_dir / "acc.txt").read_text().startswith("EPOCH=001")
 
@@ -95,10 +95,10 @@ def test_speedrun_trains_runs_times_and_ends_with_the_summary_line(project, tmp_
     _, make = project
     root = write_cifar(tmp_path / "data", n_train=64, n_test=20)
     out = make("speedrun", f"DATA_DIR={root}", "DEVICE=cpu", "RUNS=2",
-               "ARGS=--epochs 1 --subset 64 --batch-size 32 --eval-batch-size 100 --tta flip").stdout
+               "ARGS=--epochs 1 --subset 16 --batch-size 8 --eval-batch-size 100 --tta flip").stdout
     lines = out.strip().splitlines()
     assert [ln.split()[1] for ln in lines if ln.startswith("speedrun run=")] == ["run=1", "run=2"]
-    assert re.fullmatch(r"speedrun model=resnet18 device=cpu runs=2 epochs=1 batch=32 mean_acc=\d+\.\d\d "
+    assert re.fullmatch(r"speedrun model=resnet18 device=cpu runs=2 epochs=1 batch=8 mean_acc=\d+\.\d\d "
                         r"min_acc=\d+\.\d\d mean_train_s=\d+\.\d\d max_train_s=\d+\.\d\d img_s=\d+ "
                         r"warmup_s=\d+\.\d\d", lines[-1])
 

@@ -202,7 +202,7 @@ def test_bench_cold_start_times_predict_py_against_the_tutorials_predict_flow(tm
 
 @pytest.mark.slow
 def test_speedrun_trains_the_fast_recipe_with_seeds_0_to_runs_and_sums_up_in_one_line(tmp_path, cifar_dir, capsys):
-    recipe = ["--epochs", "1", "--subset", "64", "--batch-size", "32", "--eval-batch-size", "100", "--tta", "flip"]
+    recipe = ["--epochs", "1", "--subset", "16", "--batch-size", "8", "--eval-batch-size", "100", "--tta", "flip"]
     args = bench.get_args_parser().parse_args(["--speedrun", "2", "--device", "cpu", "--data-dir", str(cifar_dir),
                                                "--", *recipe])
     line = bench.speedrun(args)
@@ -211,7 +211,7 @@ def test_speedrun_trains_the_fast_recipe_with_seeds_0_to_runs_and_sums_up_in_one
     assert [r["seed"] for r in runs] == ["0", "1"]
     assert out[-1] == line
     fields = dict(kv.split("=") for kv in line.split()[1:])
-    assert fields["runs"] == "2" and fields["epochs"] == "1" and fields["batch"] == "32" and fields["device"] == "cpu"
+    assert fields["runs"] == "2" and fields["epochs"] == "1" and fields["batch"] == "8" and fields["device"] == "cpu"
     accs = [float(r["acc"]) for r in runs]
     assert float(fields["mean_acc"]) == pytest.approx(sum(accs) / 2, abs=0.01) and float(fields["min_acc"]) == min(accs)
     seconds = [float(r["train_s"]) for r in runs]
