@@ -7,7 +7,7 @@
 #   make data train DATASET=folder DATA_DIR=photos RUN_DIR=runs/photos   # your own pictures
 #   make export                                  # $(RUN_DIR)/model.onnx, for onnxruntime or Ascend's ATC
 #   make speedrun DEVICE=cuda RUNS=3             # time to accuracy of the fast recipe
-#   make test                                    # the whole suite; make test-fast: the in-process tests
+#   make test                                    # the whole suite; make test-fast: the quick tests
 
 DEVICE   ?= auto
 MODEL    ?= resnet18
@@ -127,7 +127,7 @@ export: install install-extra ## write RUN_DIR/model.onnx from RUN_DIR/best.pth,
 test: install-dev install-gui install-extra ## run the whole test suite (what CI runs)
 	$(PYTHON) -m pytest --durations=10 tests/ $(ARGS)
 
-test-fast: install-dev install-gui install-extra ## run the in-process tests only: under a minute, for the edit loop
+test-fast: install-dev install-gui install-extra ## run the tests that start no process and train no whole run: under a minute
 	$(PYTHON) -m pytest -m "not slow" tests/ $(ARGS)
 
 clean: ## remove caches and install stamps (keeps data/, runs/, test/ and .venv)

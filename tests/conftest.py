@@ -3,12 +3,16 @@
 The tiny dataset is easy on purpose: each class has its own colour, so a
 network that learns at all separates it quickly, while chance stays at 10%.
 """
+import contextlib
 import hashlib
+import io
 import os
 import pickle
+import runpy
 import subprocess
 import sys
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +113,44 @@ def run(script, *args, cwd, check=True, timeout=600, env=None):
     """Run one of the project's scripts as a user would, in cwd; returns the CompletedProcess."""
     proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env=env)
+    return checked(proc, script, args, check)
+
+
+def run_here(script, *args, cwd, check=True):
+    """Run a script as `python script args` does, its __main__ block included, but in this
+    process, where torch is already imported: seconds less a run. Its output and exit code are
+    the process's, warnings included (those printed while torch imports excepted: each script
+    keeps a test through run() for its first line); kills, signals and injected faults need run()."""
+    argv, here, out, err = sys.argv, os.getcwd(), io.StringIO(), io.StringIO()
+    sys.argv, code = [str(ROOT / script), *map(str, args)], 0
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.resetwarnings()  # Python's default filters, not pytest's, and printed to stderr
+            for action, category, module in PYTHON_WARNING_FILTERS:
+                warnings.filterwarnings(action, category=category, module=module, append=True)
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: (
+                sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line)))
+            try:
+                runpy.run_path(sys.argv[0], run_name="__main__")
+            except SystemExit as e:  # what the interpreter does with it
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+    return checked(subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue()), script, args,
+                   check)
+
+
+# What a Python started without -W or PYTHONWARNINGS shows (the warnings module's documentation).
+PYTHON_WARNING_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, ""),
+                          ("ignore", PendingDeprecationWarning, ""), ("ignore", ImportWarning, ""),
+                          ("ignore", ResourceWarning, "")]
+
+
+def checked(proc, script, args, check):
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode}\n"
                              f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")

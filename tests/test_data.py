@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import data
-from conftest import make_archive, one_line_error, run, write_cifar
+from conftest import make_archive, one_line_error, run, run_here, write_cifar
 
 
 # --- augmentation and normalization, exact on known tensors -----------------
@@ -261,7 +261,7 @@ def test_offline_gives_one_line_that_says_to_pass_archive_or_cifar_url(tmp_path)
 @pytest.mark.slow
 def test_data_py_extracts_an_archive_and_writes_sample_pictures(tmp_path, archive):
     path, md5 = archive
-    proc = run("data.py", "--data-dir", "d", "--archive", path, "--md5", md5, cwd=tmp_path)
+    proc = run_here("data.py", "--data-dir", "d", "--archive", path, "--md5", md5, cwd=tmp_path)
     assert "0_3.jpg" in proc.stdout
     assert data.is_prepared(tmp_path / "d")
     # the tiny archive's test split holds one picture per class

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import data
-from conftest import FINE_CLASSES, QUICK, make_archive, one_line_error, run, write_cifar100, write_folder
+from conftest import (FINE_CLASSES, QUICK, make_archive, one_line_error, run, run_here, write_cifar100,
+                      write_folder)
 
 
 @pytest.fixture(scope="module")
@@ -23,23 +24,23 @@ def test_cifar100_from_its_archive_trains_evaluates_and_predicts_with_its_fine_l
                cwd=tmp_path)
     assert "CIFAR-100 ready in data/cifar-100-python" in proc.stdout
     assert (tmp_path / "test" / "cifar100").is_dir()  # CIFAR-10's test/<label>_<k>.jpg stay its own
-    run("train.py", "--dataset", "cifar100", "--data-dir", "data", "--epochs", "1", *QUICK, cwd=tmp_path)
+    run_here("train.py", "--dataset", "cifar100", "--data-dir", "data", "--epochs", "1", *QUICK, cwd=tmp_path)
     ckpt = torch.load(tmp_path / "runs" / "resnet18" / "best.pth", weights_only=True)
     assert ckpt["dataset"] == "cifar100" and ckpt["classes"] == FINE_CLASSES and ckpt["num_classes"] == 100
     assert ckpt["mean"] == list(data.CIFAR100_MEAN) and ckpt["std"] == list(data.CIFAR100_STD)
-    proc = run("test.py", "--checkpoint", "runs/resnet18/best.pth", "--device", "cpu", cwd=tmp_path)
+    proc = run_here("test.py", "--checkpoint", "runs/resnet18/best.pth", "--device", "cpu", cwd=tmp_path)
     assert re.search(r"^accuracy \d+\.\d\d% \(\d+/100\)", proc.stdout, re.M)
     assert "fine07" in proc.stdout  # per-class lines name the fine classes
     sample = sorted((tmp_path / "test" / "cifar100").glob("*_0.jpg"))[0]
-    proc = run("predict.py", sample, "--json", cwd=tmp_path)
+    proc = run_here("predict.py", sample, "--json", cwd=tmp_path)
     assert json.loads(proc.stdout)["results"][0]["class"] in FINE_CLASSES
 
 
 @pytest.mark.slow
 def test_cifar100_is_checked_against_its_own_official_md5(tmp_path, cifar100_archive):
     archive, _ = cifar100_archive  # our tiny archive is not the official file
-    proc = run("data.py", "--dataset", "cifar100", "--data-dir", "data", "--archive", archive, cwd=tmp_path,
-               check=False)
+    proc = run_here("data.py", "--dataset", "cifar100", "--data-dir", "data", "--archive", archive, cwd=tmp_path,
+                    check=False)
     assert "expected eb9058c3a382ffc7106e4002c42a8d85" in one_line_error(proc)
     assert "CIFAR-100" in one_line_error(proc) and not (tmp_path / "data" / "cifar-100-python").exists()
 
@@ -73,12 +74,12 @@ def test_a_picture_folder_trains_with_its_folder_names_as_classes_and_skips_what
 @pytest.mark.slow
 def test_predict_and_test_use_a_folder_trained_model_with_no_extra_flags(folder_run):
     work, _ = folder_run
-    proc = run("predict.py", "photos/test/dog/003.png", "--checkpoint", "runs/photos/best.pth", "--topk", "3",
-               "--json", cwd=work)
+    proc = run_here("predict.py", "photos/test/dog/003.png", "--checkpoint", "runs/photos/best.pth", "--topk", "3",
+                    "--json", cwd=work)
     result = json.loads(proc.stdout)["results"][0]
     assert result["class"] in ("cat", "dog", "ship")
     assert sorted(t["class"] for t in result["top"]) == ["cat", "dog", "ship"]
-    proc = run("test.py", "--checkpoint", "runs/photos/best.pth", "--device", "cpu", cwd=work)
+    proc = run_here("test.py", "--checkpoint", "runs/photos/best.pth", "--device", "cpu", cwd=work)
     assert re.search(r"^accuracy \d+\.\d\d% \(\d+/36\)", proc.stdout, re.M)  # 3 classes x 12 test pictures
     assert re.search(r"^ +ship +\d+\.\d\d%", proc.stdout, re.M)
 
@@ -108,16 +109,16 @@ def test_the_decoded_pictures_are_cached_and_rebuilt_when_the_folder_changes(tmp
 @pytest.mark.slow
 def test_a_folder_without_class_folders_is_a_one_line_error(tmp_path):
     (tmp_path / "photos" / "train").mkdir(parents=True)
-    proc = run("train.py", "--dataset", "folder", "--data-dir", "photos", *QUICK, cwd=tmp_path, check=False)
+    proc = run_here("train.py", "--dataset", "folder", "--data-dir", "photos", *QUICK, cwd=tmp_path, check=False)
     assert "photos/test/<class>/" in one_line_error(proc)
     (tmp_path / "photos" / "test").mkdir()
-    proc = run("train.py", "--dataset", "folder", "--data-dir", "photos", *QUICK, cwd=tmp_path, check=False)
+    proc = run_here("train.py", "--dataset", "folder", "--data-dir", "photos", *QUICK, cwd=tmp_path, check=False)
     assert "no class folders" in one_line_error(proc)
 
 
 @pytest.mark.slow
 def test_cifar_pictures_keep_their_size(tmp_path, cifar_dir):
-    proc = run("train.py", "--data-dir", cifar_dir, "--image-size", "64", *QUICK, cwd=tmp_path, check=False)
+    proc = run_here("train.py", "--data-dir", cifar_dir, "--image-size", "64", *QUICK, cwd=tmp_path, check=False)
     assert "--image-size is for folder datasets" in one_line_error(proc)
 
 
@@ -132,6 +133,6 @@ def test_a_folder_that_cannot_hold_the_cache_still_loads_and_says_so(tmp_path, c
 def test_evaluating_on_a_folder_with_other_classes_is_a_one_line_error(folder_run):
     work, _ = folder_run
     write_folder(work / "other", per_class=2, classes=("apple", "pear", "plum"), odd_files=False)
-    proc = run("test.py", "--checkpoint", "runs/photos/best.pth", "--data-dir", "other", "--device", "cpu",
-               cwd=work, check=False)
+    proc = run_here("test.py", "--checkpoint", "runs/photos/best.pth", "--data-dir", "other", "--device", "cpu",
+                    cwd=work, check=False)
     assert "cat, dog, ship" in one_line_error(proc)

@@ -34,11 +34,18 @@ def losses(path):
     return [float(line.split("Loss: ")[1].split()[0]) for line in path.read_text().splitlines()]
 
 
-def test_two_processes_train_and_write_exactly_one_set_of_files(tmp_path):
-    root = write_cifar(tmp_path / "data", n_train=64, n_test=50)
-    proc = torchrun("--data-dir", root, *COMMON, "--out-dir", "run", cwd=tmp_path)
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """An uninterrupted two-process run, and its data."""
+    work = tmp_path_factory.mktemp("ddp")
+    root = write_cifar(work / "data", n_train=64, n_test=50)
+    proc = torchrun("--data-dir", root, *COMMON, "--out-dir", "run", cwd=work)
     assert proc.returncode == 0, proc.stderr
-    run = tmp_path / "run"
+    return work / "run", root, proc
+
+
+def test_two_processes_train_and_write_exactly_one_set_of_files(two_process_run):
+    run, _, proc = two_process_run
     assert {p.name for p in run.iterdir()} == {"log.txt", "acc.txt", "best_acc.txt", "metrics.csv", "net_001.pth",
                                                "net_002.pth", "best.pth", "last.pth", "data_dir.txt"}
     assert [ln[:9] for ln in (run / "log.txt").read_text().splitlines()] == ["001 00002", "002 00004"]
@@ -55,7 +62,7 @@ def test_with_sync_bn_two_processes_match_one_at_the_same_global_batch(tmp_path)
     root = write_cifar(tmp_path / "data", n_train=64, n_test=50)
     # in fp32, where the comparison is tight (bf16 would round away what is measured)
     # and with batches of 16: BatchNorm over halves of 4 images magnifies rounding past these bounds
-    args = [*COMMON, "--amp", "off", "--batch-size", "16", "--subset", "32"]
+    args = [*COMMON, "--amp", "off", "--batch-size", "16", "--subset", "32", "--epochs", "1", "--log-every", "1"]
     assert single("--data-dir", root, *args, "--out-dir", "one", cwd=tmp_path).returncode == 0
     two = torchrun("--data-dir", root, *args, "--sync-bn", "--out-dir", "two", cwd=tmp_path)
     assert two.returncode == 0, two.stderr
@@ -67,17 +74,15 @@ def test_with_sync_bn_two_processes_match_one_at_the_same_global_batch(tmp_path)
     assert ((w1 - w2).norm() / w1.norm()).item() < 4e-3
 
 
-def test_a_two_process_run_resumes_after_an_interruption(tmp_path):
-    root = write_cifar(tmp_path / "data", n_train=64, n_test=50)
-    whole = torchrun("--data-dir", root, *COMMON, "--out-dir", "whole", cwd=tmp_path)
+def test_a_two_process_run_resumes_after_an_interruption(tmp_path, two_process_run):
+    whole, root, _ = two_process_run
     first = torchrun("--data-dir", root, *COMMON, "--out-dir", "parts", "--stop-after", "1", cwd=tmp_path)
-    assert whole.returncode == 0 and first.returncode == 0, first.stderr
+    assert first.returncode == 0, first.stderr
     rest = torchrun("--resume", "--out-dir", "parts", "--data-dir", root, "--device", "cpu", cwd=tmp_path)
     assert rest.returncode == 0, rest.stderr
-    assert (tmp_path / "parts" / "acc.txt").read_text() == (tmp_path / "whole" / "acc.txt").read_text()
-    assert (tmp_path / "parts" / "log.txt").read_text() == (tmp_path / "whole" / "log.txt").read_text()
-    torch.testing.assert_close(flat_weights(tmp_path / "parts" / "last.pth"),
-                               flat_weights(tmp_path / "whole" / "last.pth"))
+    assert (tmp_path / "parts" / "acc.txt").read_text() == (whole / "acc.txt").read_text()
+    assert (tmp_path / "parts" / "log.txt").read_text() == (whole / "log.txt").read_text()
+    torch.testing.assert_close(flat_weights(tmp_path / "parts" / "last.pth"), flat_weights(whole / "last.pth"))
 
 
 def test_a_failing_process_ends_the_whole_job_promptly_with_an_error(tmp_path):

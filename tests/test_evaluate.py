@@ -6,7 +6,7 @@ import torch
 
 import data
 import resnet
-from conftest import QUICK, one_line_error, run
+from conftest import QUICK, one_line_error, run_here
 
 pytestmark = pytest.mark.slow  # each test runs the scripts
 
@@ -29,8 +29,8 @@ def direct_accuracy(checkpoint, cifar_dir, tta=False, norm=None):
 
 def test_accuracy_equals_a_direct_computation(trained_run, cifar_dir):
     run_dir, _ = trained_run
-    proc = run("test.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--device", "cpu",
-               "--amp", "off", cwd=run_dir)
+    proc = run_here("test.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--device", "cpu",
+                    "--amp", "off", cwd=run_dir)
     reported = float(re.search(r"^accuracy (\S+)% \((\d+)/100\)", proc.stdout, re.M).group(1))
     expected, _, _ = direct_accuracy(run_dir / "best.pth", cifar_dir)
     assert " in fp32" in proc.stdout
@@ -39,8 +39,8 @@ def test_accuracy_equals_a_direct_computation(trained_run, cifar_dir):
 
 def test_bf16_scores_within_a_picture_or_two_of_fp32_and_says_so(trained_run, cifar_dir):
     run_dir, _ = trained_run
-    proc = run("test.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--device", "cpu",
-               "--amp", "bf16", cwd=run_dir)
+    proc = run_here("test.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--device", "cpu",
+                    "--amp", "bf16", cwd=run_dir)
     reported = float(re.search(r"^accuracy (\S+)% \((\d+)/100\)", proc.stdout, re.M).group(1))
     assert " in bf16" in proc.stdout
     assert abs(reported - direct_accuracy(run_dir / "best.pth", cifar_dir)[0]) <= 2
@@ -48,8 +48,8 @@ def test_bf16_scores_within_a_picture_or_two_of_fp32_and_says_so(trained_run, ci
 
 def test_tta_scores_each_image_together_with_its_mirror_image(trained_run, cifar_dir):
     run_dir, _ = trained_run
-    proc = run("test.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--device", "cpu",
-               "--tta", "--amp", "off", cwd=run_dir)
+    proc = run_here("test.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--device", "cpu",
+                    "--tta", "--amp", "off", cwd=run_dir)
     reported = float(re.search(r"^accuracy (\S+)% \((\d+)/100\)", proc.stdout, re.M).group(1))
     assert "with flip TTA" in proc.stdout
     assert reported == round(direct_accuracy(run_dir / "best.pth", cifar_dir, tta=True)[0], 2)
@@ -57,8 +57,8 @@ def test_tta_scores_each_image_together_with_its_mirror_image(trained_run, cifar
 
 def test_per_class_accuracy_and_the_confusion_matrix_are_printed_with_class_names(trained_run, cifar_dir):
     run_dir, _ = trained_run
-    proc = run("test.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--device", "cpu",
-               cwd=run_dir)
+    proc = run_here("test.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--device", "cpu",
+                    cwd=run_dir)
     _, predicted, labels = direct_accuracy(run_dir / "best.pth", cifar_dir)
     truck = ((predicted == 9) & (labels == 9)).sum().item()
     assert re.search(rf"truck +\d+\.\d\d%  \({truck}/10\)", proc.stdout)
@@ -72,12 +72,13 @@ def test_the_run_remembers_its_data_folder(trained_run, cifar_dir, tmp_path):
     # trained_run used an absolute --data-dir: the run folder notes it, the shareable checkpoint does not
     run_dir, _ = trained_run
     assert (run_dir / "data_dir.txt").read_text().strip() == str(cifar_dir.resolve())
-    proc = run("test.py", "--checkpoint", run_dir / "best.pth", "--device", "cpu", cwd=tmp_path)
+    proc = run_here("test.py", "--checkpoint", run_dir / "best.pth", "--device", "cpu", cwd=tmp_path)
     expected, _, _ = direct_accuracy(run_dir / "best.pth", cifar_dir)
     assert f"accuracy {expected:.2f}% (" in proc.stdout and str(cifar_dir.resolve()) in proc.stdout
     # a checkpoint copied elsewhere, without its run folder, asks for the data folder
     (tmp_path / "shared.pth").write_bytes((run_dir / "best.pth").read_bytes())
-    line = one_line_error(run("test.py", "--checkpoint", "shared.pth", "--device", "cpu", cwd=tmp_path, check=False))
+    line = one_line_error(run_here("test.py", "--checkpoint", "shared.pth", "--device", "cpu", cwd=tmp_path,
+                                   check=False))
     assert "--data-dir" in line
 
 
@@ -85,8 +86,8 @@ def test_a_bare_state_dict_is_evaluated_as_the_tutorials_normalize_and_says_so(t
     run_dir, _ = trained_run
     ckpt = torch.load(run_dir / "best.pth", weights_only=True)
     torch.save(ckpt["model"], tmp_path / "bare.pth")  # what the tutorials save
-    proc = run("test.py", "--checkpoint", tmp_path / "bare.pth", "--data-dir", cifar_dir, "--device", "cpu",
-               "--amp", "off", cwd=tmp_path)
+    proc = run_here("test.py", "--checkpoint", tmp_path / "bare.pth", "--data-dir", cifar_dir, "--device", "cpu",
+                    "--amp", "off", cwd=tmp_path)
     expected, _, _ = direct_accuracy(run_dir / "best.pth", cifar_dir, norm=(resnet.TUTORIAL_MEAN, resnet.TUTORIAL_STD))
     assert f"accuracy {expected:.2f}%" in proc.stdout
     note = proc.stderr.strip().splitlines()
@@ -94,16 +95,17 @@ def test_a_bare_state_dict_is_evaluated_as_the_tutorials_normalize_and_says_so(t
 
 
 def test_no_checkpoint_or_a_file_that_is_not_one_is_a_one_line_error(tmp_path, cifar_dir):
-    proc = run("test.py", "--data-dir", cifar_dir, cwd=tmp_path, check=False)
+    proc = run_here("test.py", "--data-dir", cifar_dir, cwd=tmp_path, check=False)
     assert "best.pth" in one_line_error(proc)
     (tmp_path / "notes.pth").write_text("not a checkpoint")
-    proc = run("test.py", "--checkpoint", tmp_path / "notes.pth", "--data-dir", cifar_dir, cwd=tmp_path, check=False)
+    proc = run_here("test.py", "--checkpoint", tmp_path / "notes.pth", "--data-dir", cifar_dir, cwd=tmp_path,
+                    check=False)
     assert "notes.pth" in one_line_error(proc)
 
 
 def test_training_with_tta_logs_what_test_py_tta_reports_for_that_epoch(tmp_path, cifar_dir):
-    run("train.py", "--data-dir", cifar_dir, "--epochs", "1", "--tta", *QUICK, cwd=tmp_path)
+    run_here("train.py", "--data-dir", cifar_dir, "--epochs", "1", "--tta", *QUICK, cwd=tmp_path)
     logged = (tmp_path / "runs" / "resnet18" / "acc.txt").read_text().split("= ")[1].strip()
-    proc = run("test.py", "--checkpoint", "runs/resnet18/net_001.pth", "--data-dir", cifar_dir, "--device", "cpu",
-               "--subset", "16", "--tta", cwd=tmp_path)
+    proc = run_here("test.py", "--checkpoint", "runs/resnet18/net_001.pth", "--data-dir", cifar_dir, "--device", "cpu",
+                    "--subset", "16", "--tta", cwd=tmp_path)
     assert re.search(r"^accuracy (\S+)%", proc.stdout, re.M).group(1) == f"{float(logged[:-1]):.2f}"

@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import injected, one_line_error, run
+from conftest import injected, one_line_error, run, run_here
 
 pytestmark = pytest.mark.slow  # each test runs the scripts
 
@@ -61,7 +61,7 @@ def test_without_onnxruntime_export_says_what_to_install_in_one_line(trained_run
 
 def test_an_export_that_does_not_match_is_not_written(trained_run, cifar_dir, tmp_path):
     run_dir, _ = trained_run
-    proc = run("export.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--output",
-               tmp_path / "m.onnx", "--images", "20", "--tolerance", "1e-12", cwd=tmp_path, check=False)
+    proc = run_here("export.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--output",
+                    tmp_path / "m.onnx", "--images", "20", "--tolerance", "1e-12", cwd=tmp_path, check=False)
     assert "nothing written" in one_line_error(proc)
     assert list(tmp_path.glob("m.onnx*")) == []

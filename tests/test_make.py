@@ -81,11 +81,11 @@ def test_data_train_eval_predict_chain_as_a_user_types_them(project, tmp_path):
 def test_model_and_run_dir_pass_through_to_train_and_eval_finds_an_absolute_data_dir(project, tmp_path):
     d, make = project
     root = write_cifar(tmp_path / "data", n_train=40, n_test=20)  # an absolute DATA_DIR
-    make("train", f"DATA_DIR={root}", "MODEL=resnet34", "RUN_DIR=runs/r34", "EPOCHS=1", "BATCH=20",
-         "DEVICE=cpu", "ARGS=--subset 20")
+    make("train", f"DATA_DIR={root}", "MODEL=resnet34", "RUN_DIR=runs/r34", "EPOCHS=1", "BATCH=4",
+         "DEVICE=cpu", "ARGS=--subset 4")
     import torch
     ckpt = torch.load(d / "runs" / "r34" / "best.pth", map_location="cpu", weights_only=True)
-    assert ckpt["arch"] == "resnet34" and ckpt["args"]["batch_size"] == 20 and ckpt["args"]["epochs"] == 1
+    assert ckpt["arch"] == "resnet34" and ckpt["args"]["batch_size"] == 4 and ckpt["args"]["epochs"] == 1
     assert str(root) not in str(ckpt["args"])  # the shareable checkpoint keeps no absolute path ...
     evaluation = make("eval", "RUN_DIR=runs/r34", "DEVICE=cpu").stdout  # ... the run folder does
     assert re.search(r"^accuracy \d+\.\d\d% \(\d+/20\)", evaluation, re.M)

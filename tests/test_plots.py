@@ -8,7 +8,7 @@ import sys
 from PIL import Image
 
 import plot
-from conftest import injected, ROOT, one_line_error, run
+from conftest import injected, ROOT, one_line_error, run_here
 
 pytestmark = pytest.mark.slow  # each test runs the scripts
 
@@ -45,7 +45,7 @@ def is_png(path, min_width, min_height):
 
 def test_plot_py_draws_loss_accuracy_and_learning_rate_of_a_run(trained_run, tmp_path):
     run_dir, _ = trained_run
-    proc = run("plot.py", run_dir, "--out", tmp_path / "curves.png", cwd=tmp_path)
+    proc = run_here("plot.py", run_dir, "--out", tmp_path / "curves.png", cwd=tmp_path)
     assert "curves.png" in proc.stdout
     is_png(tmp_path / "curves.png", 1200, 400)
 
@@ -66,8 +66,8 @@ def test_a_plot_of_two_runs_names_both_in_its_legends(trained_run, tmp_path):
 
 def test_test_py_draws_the_confusion_matrix_with_per_class_accuracy(trained_run, cifar_dir, tmp_path):
     run_dir, _ = trained_run
-    proc = run("test.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--device", "cpu",
-               "--confusion-png", tmp_path / "confusion.png", cwd=tmp_path)
+    proc = run_here("test.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--device", "cpu",
+                    "--confusion-png", tmp_path / "confusion.png", cwd=tmp_path)
     assert "wrote" in proc.stdout
     is_png(tmp_path / "confusion.png", 700, 500)
     fig = plot.plot_confusion([[3, 1], [0, 4]], ["cat", "dog"], tmp_path / "small.png")
@@ -78,7 +78,7 @@ def test_test_py_draws_the_confusion_matrix_with_per_class_accuracy(trained_run,
 
 
 def test_a_run_without_metrics_is_a_one_line_error(tmp_path):
-    assert "metrics.csv" in one_line_error(run("plot.py", tmp_path, cwd=tmp_path, check=False))
+    assert "metrics.csv" in one_line_error(run_here("plot.py", tmp_path, cwd=tmp_path, check=False))
 
 
 def test_without_matplotlib_one_line_says_how_to_install_it(tmp_path, trained_run, cifar_dir):

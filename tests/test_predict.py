@@ -12,7 +12,7 @@ from PIL import Image
 import data
 import predict
 import resnet
-from conftest import one_line_error, run
+from conftest import one_line_error, run_here
 
 pytestmark = pytest.mark.slow  # each test runs the scripts
 
@@ -47,7 +47,7 @@ def workdir(trained_run):
 
 def test_a_picture_gets_the_models_class_and_softmax_confidence(workdir, pictures):
     d, image, _ = pictures
-    proc = run("predict.py", d / "cifar.png", cwd=workdir)
+    proc = run_here("predict.py", d / "cifar.png", cwd=workdir)
     name, confidence = re.fullmatch(LINE.format(re.escape(str(d / "cifar.png"))), proc.stdout.strip()).groups()
     model, ckpt = resnet.load_model(workdir / "runs" / "resnet18" / "best.pth")
     with torch.no_grad():
@@ -60,7 +60,7 @@ def test_a_picture_gets_the_models_class_and_softmax_confidence(workdir, picture
                                   "palette.gif", "large.jpg"])
 def test_any_picture_pillow_reads_is_classified(workdir, pictures, name):
     d, _, _ = pictures
-    proc = run("predict.py", d / name, cwd=workdir)
+    proc = run_here("predict.py", d / name, cwd=workdir)
     assert re.fullmatch(LINE.format(re.escape(str(d / name))), proc.stdout.strip())
 
 
@@ -83,8 +83,8 @@ def test_large_pictures_are_center_cropped_then_resized(tmp_path):
 
 def test_a_bad_picture_gets_one_line_and_the_others_are_still_predicted(workdir, pictures):
     d, _, _ = pictures
-    proc = run("predict.py", d / "cifar.png", d / "notes.jpg", d / "missing.png", d / "photo.jpg",
-               cwd=workdir, check=False)
+    proc = run_here("predict.py", d / "cifar.png", d / "notes.jpg", d / "missing.png", d / "photo.jpg",
+                    cwd=workdir, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     errors = proc.stderr.strip().splitlines()
     assert len(errors) == 2 and "notes.jpg" in errors[0] and "missing.png" in errors[1]
@@ -93,7 +93,7 @@ def test_a_bad_picture_gets_one_line_and_the_others_are_still_predicted(workdir,
 
 def test_a_folder_is_predicted_picture_by_picture(workdir, pictures):
     d, _, _ = pictures
-    proc = run("predict.py", d, "--json", cwd=workdir, check=False)
+    proc = run_here("predict.py", d, "--json", cwd=workdir, check=False)
     results = json.loads(proc.stdout)["results"]
     by_name = {os.path.basename(r["path"]): r for r in results}
     assert set(by_name) == {"cifar.png", "photo.jpg", "gray.png", "rgba.png", "sixteen.png", "cmyk.jpg",
@@ -104,11 +104,11 @@ def test_a_folder_is_predicted_picture_by_picture(workdir, pictures):
 
 def test_topk_lists_the_k_most_likely_classes_in_order(workdir, pictures):
     d, _, _ = pictures
-    proc = run("predict.py", d / "cifar.png", "--topk", "3", "--json", cwd=workdir)
+    proc = run_here("predict.py", d / "cifar.png", "--topk", "3", "--json", cwd=workdir)
     top = json.loads(proc.stdout)["results"][0]["top"]
     assert len(top) == 3 and top[0]["confidence"] >= top[1]["confidence"] >= top[2]["confidence"]
     assert len({t["class"] for t in top}) == 3
-    text = run("predict.py", d / "cifar.png", "--topk", "3", cwd=workdir).stdout.splitlines()
+    text = run_here("predict.py", d / "cifar.png", "--topk", "3", cwd=workdir).stdout.splitlines()
     assert len(text) == 3 and text[1].strip().startswith("2. ") and text[2].strip().startswith("3. ")
 
 
@@ -124,7 +124,7 @@ def test_the_default_checkpoint_is_the_newest_runs_best(tmp_path, trained_run):
 
 def test_no_checkpoint_yet_says_to_train_first(tmp_path, pictures):
     d, _, _ = pictures
-    line = one_line_error(run("predict.py", d / "cifar.png", cwd=tmp_path, check=False))
+    line = one_line_error(run_here("predict.py", d / "cifar.png", cwd=tmp_path, check=False))
     assert "make train" in line and "--checkpoint" in line
 
 
@@ -132,9 +132,9 @@ def test_a_bare_state_dict_needs_no_model_flag_and_another_network_named_is_refu
     d, _, _ = pictures
     ckpt = torch.load(workdir / "runs" / "resnet18" / "best.pth", weights_only=True)
     torch.save(ckpt["model"], tmp_path / "bare.pth")
-    proc = run("predict.py", d / "cifar.png", "--checkpoint", tmp_path / "bare.pth", cwd=workdir)
+    proc = run_here("predict.py", d / "cifar.png", "--checkpoint", tmp_path / "bare.pth", cwd=workdir)
     assert re.fullmatch(LINE.format(re.escape(str(d / "cifar.png"))), proc.stdout.strip())
     assert "normalization" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    line = one_line_error(run("predict.py", d / "cifar.png", "--checkpoint", tmp_path / "bare.pth",
-                              "--model", "resnet50", cwd=workdir, check=False))
+    line = one_line_error(run_here("predict.py", d / "cifar.png", "--checkpoint", tmp_path / "bare.pth",
+                                   "--model", "resnet50", cwd=workdir, check=False))
     assert "holds a resnet18, not a resnet50" in line

@@ -13,13 +13,13 @@ import device
 import resnet
 import rundir
 import train
-from conftest import QUICK, one_line_error, run
+from conftest import QUICK, one_line_error, run, run_here
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flag", [["--amp", "fp8"], ["--channels-last", "maybe"], ["--compile", "yes"]])
 def test_a_bad_value_is_a_one_line_error(tmp_path, flag):
-    line = one_line_error(run("train.py", *flag, cwd=tmp_path, check=False))
+    line = one_line_error(run_here("train.py", *flag, cwd=tmp_path, check=False))
     assert line.startswith("train.py: error:")
 
 
@@ -54,8 +54,8 @@ def test_amp_off_is_exactly_what_auto_does_on_a_cpu_without_bf16(tmp_path, cifar
 
 @pytest.mark.slow
 def test_bf16_autocast_trains_and_still_saves_fp32_weights(tmp_path, cifar_dir):
-    proc = run("train.py", "--data-dir", cifar_dir, "--epochs", "1", "--amp", "bf16", "--device", "cpu",
-               "--batch-size", "16", "--subset", "16", "--eval-batch-size", "100", cwd=tmp_path)
+    proc = run_here("train.py", "--data-dir", cifar_dir, "--epochs", "1", "--amp", "bf16", "--device", "cpu",
+                    "--batch-size", "16", "--subset", "16", "--eval-batch-size", "100", cwd=tmp_path)
     assert ", bf16," in proc.stdout
     state = torch.load(tmp_path / "runs" / "resnet18" / "best.pth", weights_only=True)["model"]
     assert state["conv1.weight"].dtype == torch.float32
@@ -167,7 +167,7 @@ def test_bench_times_both_pipelines_and_ends_with_one_machine_readable_line(tmp_
 
 @pytest.mark.slow
 def test_bench_refuses_to_time_compilation_as_training(tmp_path):
-    proc = run("bench.py", "--compile", "--warmup", "0", cwd=tmp_path, check=False)
+    proc = run_here("bench.py", "--compile", "--warmup", "0", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "--compile needs --warmup 1 or more" in one_line_error(proc)
 
 
@@ -196,7 +196,7 @@ def test_bench_cold_start_times_predict_py_against_the_tutorials_predict_flow(tm
     assert float(fields["predict_s"]) > 0 and float(fields["tutorial_predict_s"]) > 0
     ratio = float(fields["predict_s"]) / float(fields["tutorial_predict_s"])
     assert abs(ratio / float(fields["predict_ratio"]) - 1) < 0.05  # the printed times are rounded
-    proc = run("bench.py", "--cold-start", "missing.jpg", cwd=tmp_path, check=False)
+    proc = run_here("bench.py", "--cold-start", "missing.jpg", cwd=tmp_path, check=False)
     assert "missing.jpg" in one_line_error(proc)
 
 

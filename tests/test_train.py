@@ -6,7 +6,7 @@ import torch
 
 import resnet
 import train
-from conftest import QUICK, one_line_error, run, write_cifar
+from conftest import QUICK, one_line_error, run_here, write_cifar
 
 
 @pytest.mark.slow
@@ -75,16 +75,16 @@ def test_a_stopped_and_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_pa
     # with the fast recipe's levers: EMA, alternating flip, no decay on BatchNorm, zero-initialised blocks
     recipe = ["--ema", "0.9", "--flip", "alternate", "--norm-weight-decay", "0", "--zero-init-residual"]
     common = ["--data-dir", cifar_dir, "--epochs", "3", "--log-every", "1", *QUICK, *recipe]
-    run("train.py", *common, "--out-dir", "whole", cwd=tmp_path)
-    stopped = run("train.py", *common, "--out-dir", "parts", "--stop-after", "1", cwd=tmp_path)
+    run_here("train.py", *common, "--out-dir", "whole", cwd=tmp_path)
+    stopped = run_here("train.py", *common, "--out-dir", "parts", "--stop-after", "1", cwd=tmp_path)
     assert "--resume" in stopped.stdout
     # As if killed during epoch 2: lines of an unfinished epoch are in the logs.
     with open(tmp_path / "parts" / "log.txt", "a") as f:
         f.write("002 00003 | Loss: 9.999 | Acc: 0.000%\n")
     with open(tmp_path / "parts" / "acc.txt", "a") as f:
         f.write("EPOCH=002, Accuracy= 0.000%\n")
-    run("train.py", "--resume", tmp_path / "parts" / "last.pth", "--data-dir", cifar_dir, "--device", "cpu",
-        "--log-every", "1", cwd=tmp_path)
+    run_here("train.py", "--resume", tmp_path / "parts" / "last.pth", "--data-dir", cifar_dir, "--device", "cpu",
+             "--log-every", "1", cwd=tmp_path)
 
     whole = torch.load(tmp_path / "whole" / "last.pth", weights_only=True)
     parts = torch.load(tmp_path / "parts" / "last.pth", weights_only=True)
@@ -103,8 +103,8 @@ def test_a_stopped_and_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_pa
 @pytest.mark.slow
 def test_training_learns_a_separable_set_far_beyond_chance(tmp_path):
     root = write_cifar(tmp_path / "easy", n_train=96, n_test=50, seed=3)
-    proc = run("train.py", "--data-dir", root, "--epochs", "3", "--batch-size", "16", "--lr", "0.01",
-               "--device", "cpu", cwd=tmp_path)
+    proc = run_here("train.py", "--data-dir", root, "--epochs", "3", "--batch-size", "16", "--lr", "0.01",
+                    "--device", "cpu", cwd=tmp_path)
     final = float((tmp_path / "runs" / "resnet18" / "acc.txt").read_text().splitlines()[-1].split("= ")[1][:-1])
     assert final > 90.0, proc.stdout
 
@@ -113,7 +113,7 @@ def test_training_learns_a_separable_set_far_beyond_chance(tmp_path):
 def test_a_new_run_never_overwrites_a_finished_one(trained_run, cifar_dir):
     run_dir, _ = trained_run
     before = (run_dir / "acc.txt").read_text()
-    proc = run("train.py", "--data-dir", cifar_dir, *QUICK, cwd=run_dir.parent.parent, check=False)
+    proc = run_here("train.py", "--data-dir", cifar_dir, *QUICK, cwd=run_dir.parent.parent, check=False)
     assert "--resume" in one_line_error(proc)
     assert (run_dir / "acc.txt").read_text() == before
 
@@ -121,11 +121,11 @@ def test_a_new_run_never_overwrites_a_finished_one(trained_run, cifar_dir):
 @pytest.mark.slow
 def test_resuming_a_finished_run_has_nothing_to_do(trained_run, cifar_dir):
     run_dir, _ = trained_run
-    proc = run("train.py", "--resume", "--data-dir", cifar_dir, "--device", "cpu", cwd=run_dir.parent.parent)
+    proc = run_here("train.py", "--resume", "--data-dir", cifar_dir, "--device", "cpu", cwd=run_dir.parent.parent)
     assert "nothing to do" in proc.stdout
 
 
 @pytest.mark.slow
 def test_missing_data_is_a_one_line_error_that_says_make_data(tmp_path):
-    proc = run("train.py", "--data-dir", tmp_path / "nothing", "--device", "cpu", cwd=tmp_path, check=False)
+    proc = run_here("train.py", "--data-dir", tmp_path / "nothing", "--device", "cpu", cwd=tmp_path, check=False)
     assert "make data" in one_line_error(proc)
