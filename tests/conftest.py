@@ -207,5 +207,5 @@ def cifar_dir(tmp_path_factory):
 def trained_run(cifar_dir, tmp_path_factory):
     """A finished 2-epoch ResNet18 run on the tiny data, shared by the read-only tests."""
     work = tmp_path_factory.mktemp("trained")
-    proc = run("train.py", "--data-dir", cifar_dir, "--epochs", "2", "--log-every", "1", *QUICK, cwd=work)
+    proc = run_here("train.py", "--data-dir", cifar_dir, "--epochs", "2", "--log-every", "1", *QUICK, cwd=work)
     return work / "runs" / "resnet18", proc

@@ -51,8 +51,8 @@ def folder_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("folder-run")
     write_folder(work / "photos")
     # all 36 pictures of each split, so that the normalization is the whole folder's
-    proc = run("train.py", "--dataset", "folder", "--data-dir", "photos", "--image-size", "40", "--epochs", "1",
-               "--out-dir", "runs/photos", *QUICK, "--subset", "36", "--batch-size", "12", cwd=work)
+    proc = run_here("train.py", "--dataset", "folder", "--data-dir", "photos", "--image-size", "40", "--epochs", "1",
+                    "--out-dir", "runs/photos", *QUICK, "--subset", "36", "--batch-size", "12", cwd=work)
     return work, proc
 
 
