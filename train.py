@@ -307,6 +307,7 @@ def main(args):
             args.eval_batch_size or device.eval_batch_size(dev), args.seed, args.flip,
             (state["mean"], state["std"]) if state and "mean" in state else None,
             device=dev, rank=job.rank, world_size=job.world_size, memory_format=layout)
+        load_seconds = time.perf_counter() - t0
         model = resnet.build_model(args.model, len(classes), args.zero_init_residual).to(dev, memory_format=layout)
         if job.world_size > 1 and args.sync_bn:
             model = device.convert_sync_bn(model, dev)
@@ -322,7 +323,7 @@ def main(args):
                    f"{device.PRECISION_NAMES[amp]}{', channels_last' if layout == torch.channels_last else ''}"
                    f"{', compiled' if args.compile else ''}: {n} training / {len(loaders[1].labels)} test images, "
                    f"{steps} step{'s' if steps > 1 else ''} of {min(args.batch_size, n)} per epoch, data loaded in "
-                   f"{time.perf_counter() - t0:.1f}s; writing to {folder.path}")
+                   f"{load_seconds:.1f}s; writing to {folder.path}")
         describe = dict(arch=args.model, classes=classes, mean=norm[0], std=norm[1], image_size=args.image_size,
                         dataset=args.dataset, args=rundir.shareable_args(args))
         return run_epochs(args, t, loaders, describe, folder, stop, start, t0)
