@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import data
-from conftest import (FINE_CLASSES, QUICK, make_archive, one_line_error, run, run_here, write_cifar100,
+from conftest import (FINE_CLASSES, QUICK, make_archive, one_line_error, run_here, write_cifar100,
                       write_folder)
 
 
@@ -20,8 +20,8 @@ def cifar100_archive(tmp_path_factory):
 def test_cifar100_from_its_archive_trains_evaluates_and_predicts_with_its_fine_label_names(tmp_path,
                                                                                            cifar100_archive):
     archive, md5 = cifar100_archive
-    proc = run("data.py", "--dataset", "cifar100", "--data-dir", "data", "--archive", archive, "--md5", md5,
-               cwd=tmp_path)
+    proc = run_here("data.py", "--dataset", "cifar100", "--data-dir", "data", "--archive", archive, "--md5", md5,
+                    cwd=tmp_path)
     assert "CIFAR-100 ready in data/cifar-100-python" in proc.stdout
     assert (tmp_path / "test" / "cifar100").is_dir()  # CIFAR-10's test/<label>_<k>.jpg stay its own
     run_here("train.py", "--dataset", "cifar100", "--data-dir", "data", "--epochs", "1", *QUICK, cwd=tmp_path)

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from conftest import injected, ROOT, write_cifar
+from conftest import injected, ROOT, run_here, write_cifar
 
 pytestmark = pytest.mark.slow  # each test runs the scripts
 
@@ -18,11 +18,6 @@ def torchrun(*args, cwd, nproc=2, env=None, timeout=300):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={nproc}", str(ROOT / "train.py"), *map(str, args)],
                           cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def single(*args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
 
 
 def flat_weights(path):
@@ -63,7 +58,7 @@ def test_with_sync_bn_two_processes_match_one_at_the_same_global_batch(tmp_path)
     # in fp32, where the comparison is tight (bf16 would round away what is measured)
     # and with batches of 16: BatchNorm over halves of 4 images magnifies rounding past these bounds
     args = [*COMMON, "--amp", "off", "--batch-size", "16", "--subset", "32", "--epochs", "1", "--log-every", "1"]
-    assert single("--data-dir", root, *args, "--out-dir", "one", cwd=tmp_path).returncode == 0
+    run_here("train.py", "--data-dir", root, *args, "--out-dir", "one", cwd=tmp_path)
     two = torchrun("--data-dir", root, *args, "--sync-bn", "--out-dir", "two", cwd=tmp_path)
     assert two.returncode == 0, two.stderr
     for a, b in zip(losses(tmp_path / "one" / "log.txt"), losses(tmp_path / "two" / "log.txt")):

@@ -18,8 +18,8 @@ def exported(trained_run, cifar_dir, tmp_path_factory):
     run_dir, _ = trained_run
     out = tmp_path_factory.mktemp("export") / "model.onnx"
     # no --data-dir: the run trained on an absolute path, which its run folder noted
-    proc = run("export.py", "--checkpoint", run_dir / "best.pth", "--output", out, "--images", "100",
-               cwd=tmp_path_factory.mktemp("elsewhere"))
+    proc = run_here("export.py", "--checkpoint", run_dir / "best.pth", "--output", out, "--images", "100",
+                    cwd=tmp_path_factory.mktemp("elsewhere"))
     assert str(cifar_dir.resolve()) in proc.stdout
     return out, proc
 

@@ -208,7 +208,7 @@ def test_a_truncated_last_pth_names_the_file_and_an_earlier_epoch_to_resume_from
 def test_a_truncated_checkpoint_is_a_one_line_error_naming_it(tmp_path, reference, cifar_dir, script):
     (tmp_path / "best.pth").write_bytes((reference / "best.pth").read_bytes()[:3000])
     args = ["--data-dir", cifar_dir] if script == "test.py" else ["picture.png"]
-    line = one_line_error(run(script, *args, "--checkpoint", tmp_path / "best.pth", cwd=tmp_path, check=False))
+    line = one_line_error(run_here(script, *args, "--checkpoint", tmp_path / "best.pth", cwd=tmp_path, check=False))
     assert "best.pth" in line
 
 
@@ -377,11 +377,11 @@ def test_a_folder_without_pictures_and_a_missing_path_are_one_line_each(tmp_path
 
 
 @pytest.mark.slow
-def test_checkpoints_and_logs_hold_no_absolute_paths_or_environment(tmp_path, cifar_dir):
-    env = {**os.environ, "API_TOKEN": "s3cr3t-t0k3n-value"}
+def test_checkpoints_and_logs_hold_no_absolute_paths_or_environment(tmp_path, cifar_dir, monkeypatch):
+    monkeypatch.setenv("API_TOKEN", "s3cr3t-t0k3n-value")
     out = tmp_path / "abs-run"
-    run("train.py", "--data-dir", cifar_dir.resolve(), "--out-dir", out.resolve(), "--epochs", "1", *QUICK,
-        cwd=tmp_path, env=env)
+    run_here("train.py", "--data-dir", cifar_dir.resolve(), "--out-dir", out.resolve(), "--epochs", "1", *QUICK,
+             cwd=tmp_path)
     for f in out.iterdir():
         content = f.read_bytes()
         assert b"s3cr3t" not in content, f.name

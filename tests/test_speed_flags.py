@@ -13,7 +13,7 @@ import device
 import resnet
 import rundir
 import train
-from conftest import QUICK, one_line_error, run, run_here
+from conftest import QUICK, one_line_error, run_here
 
 
 @pytest.mark.slow
@@ -55,7 +55,7 @@ def test_amp_off_is_exactly_what_auto_does_on_a_cpu_without_bf16(tmp_path, cifar
 @pytest.mark.slow
 def test_bf16_autocast_trains_and_still_saves_fp32_weights(tmp_path, cifar_dir):
     proc = run_here("train.py", "--data-dir", cifar_dir, "--epochs", "1", "--amp", "bf16", "--device", "cpu",
-                    "--batch-size", "16", "--subset", "16", "--eval-batch-size", "100", cwd=tmp_path)
+                    "--batch-size", "8", "--subset", "8", "--eval-batch-size", "100", cwd=tmp_path)
     assert ", bf16," in proc.stdout
     state = torch.load(tmp_path / "runs" / "resnet18" / "best.pth", weights_only=True)["model"]
     assert state["conv1.weight"].dtype == torch.float32
@@ -150,11 +150,12 @@ def test_training_and_evaluation_need_no_float64_which_apples_gpus_lack(tmp_path
 
 @pytest.mark.slow
 def test_bench_times_both_pipelines_and_ends_with_one_machine_readable_line(tmp_path):
-    proc = run("bench.py", "--device", "cpu", "--batch-size", "8", "--steps", "1", "--warmup", "1", "--repeats", "1",
-               cwd=tmp_path)
+    # the two pipelines run in processes of their own, started by the benchmark
+    proc = run_here("bench.py", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--warmup", "1",
+                    "--repeats", "1", cwd=tmp_path)
     last = proc.stdout.strip().splitlines()[-1]
     fields = dict(kv.split("=") for kv in last.split()[1:])
-    assert last.startswith("bench model=resnet18 device=cpu batch=8 ")
+    assert last.startswith("bench model=resnet18 device=cpu batch=2 ")
     for key in ("train_img_s", "tutorial_train_img_s", "train_ratio", "eval_img_s", "tutorial_eval_img_s", "eval_ratio",
                 "loader_img_s", "tutorial_loader_img_s", "matmul_gflops", "train_mfu", "train_warmup_s",
                 "eval_warmup_s"):
@@ -189,7 +190,7 @@ def test_bench_times_the_training_step_train_py_runs(monkeypatch):
 def test_bench_cold_start_times_predict_py_against_the_tutorials_predict_flow(tmp_path):
     from PIL import Image
     Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.jpg")
-    proc = run("bench.py", "--cold-start", "red.jpg", "--repeats", "1", cwd=tmp_path)
+    proc = run_here("bench.py", "--cold-start", "red.jpg", "--repeats", "1", cwd=tmp_path)  # it starts the processes
     last = proc.stdout.strip().splitlines()[-1]
     fields = dict(kv.split("=") for kv in last.split()[2:])
     assert last.startswith("bench cold_start picture=red.jpg ")
