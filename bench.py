@@ -241,8 +241,6 @@ def main(args):
         return cold_start(args.cold_start, args.repeats)
     if args.speedrun:
         return speedrun(args)
-    if args.train_args:
-        raise data.DataError(f"train.py flags ({' '.join(args.train_args)}) go with --speedrun only")
     dev = device.pick_device(args.device)  # a one-line error here, before any process starts
     context = multiprocessing.get_context("spawn")  # a fresh interpreter, not a copy of this one
     sides, finished = {}, False
@@ -340,6 +338,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.compile and not args.warmup:
         parser.error("--compile needs --warmup 1 or more: the compilation must not be timed")
+    if args.train_args and not args.speedrun:
+        parser.error(f"train.py flags ({' '.join(args.train_args)}) go with --speedrun only")
     try:
         main(args)
     except (device.DeviceError, data.DataError, resnet.CheckpointError, rundir.TrainingError) as e:

@@ -222,7 +222,6 @@ def test_speedrun_trains_the_fast_recipe_with_seeds_0_to_runs_and_sums_up_in_one
     assert fast.flip == "alternate" and fast.norm_weight_decay == 0 and fast.tta == "flip"
 
 
-def test_train_py_flags_without_speedrun_are_refused_in_one_line():
-    args = bench.get_args_parser().parse_args(["--", "--epochs", "3"])
-    with pytest.raises(data.DataError, match="--speedrun"):
-        bench.main(args)
+def test_train_py_flags_without_speedrun_are_refused_in_one_line(tmp_path):
+    proc = run_here("bench.py", "--", "--epochs", "3", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "--epochs 3) go with --speedrun only" in one_line_error(proc)
