@@ -29,7 +29,8 @@ def project(tmp_path_factory):
             shutil.copy(f, d / f.name)
     env = {k: v for k, v in os.environ.items() if k not in ("CONDA_PREFIX", "MAKEFLAGS", "MAKELEVEL", *VARIABLES)}
     env["VIRTUAL_ENV"] = sys.prefix
-    # That environment runs this suite, so it holds requirements.txt: its install stamp says so.
+    # That environment runs this suite, so it holds requirements.txt: its install stamp (the Makefile's
+    # STAMP, named after the environment's path) says so, and make skips a pip run that would change nothing.
     (d / ".make").mkdir()
     (d / ".make" / (os.path.abspath(sys.prefix).replace("/", "_") + ".run")).touch()
 
