@@ -62,7 +62,8 @@ def reference(cifar_dir, tmp_path_factory):
 def run_and_maybe_kill(args, cwd, delay):
     """Start train.py; `delay` seconds after it has started working (its first line
     of output, once torch is imported and the data loaded), kill -9 it unless it has
-    finished. Timing from that line keeps the kills inside the run on any machine."""
+    finished (delay None: let it finish). Timing from that line keeps the kills inside
+    the run on any machine."""
     proc = start(args, cwd)
     lines, started = [], threading.Event()
 
@@ -77,19 +78,21 @@ def run_and_maybe_kill(args, cwd, delay):
     started.wait(timeout=120)
     killed = False
     try:
-        proc.wait(timeout=delay)
+        proc.wait(timeout=600 if delay is None else delay)
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGKILL)
         killed = True
     proc.wait()
     reader.join()
+    assert not (killed and delay is None), "the run hung"
     return proc.returncode, "".join(lines), killed
 
 
 @pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_loses_nothing(tmp_path, cifar_dir, reference):
     """Runs are killed at random moments (fixed seed) and resumed until they finish;
-    rounds repeat until at least six kills have landed inside a run."""
+    rounds repeat until at least six kills have landed inside a run. Once they have,
+    the round in progress is resumed without kills to its end."""
     rng = random.Random(1234)
     reference_seconds = float((reference.parent / "seconds").read_text())  # kill windows scale with the machine
     kills, rounds = 0, 0
@@ -98,8 +101,9 @@ def test_kill_9_at_random_moments_then_resume_loses_nothing(tmp_path, cifar_dir,
         run_dir = tmp_path / f"run{rounds}"
         for attempt in range(60):
             done_before = len((run_dir / "acc.txt").read_text().splitlines()) if (run_dir / "acc.txt").exists() else 0
+            delay = rng.uniform(0.0, 0.6 * reference_seconds) if kills < 6 else None
             code, out, killed = run_and_maybe_kill(["--data-dir", cifar_dir, *ARGS, "--out-dir", run_dir, "--resume"],
-                                                   tmp_path, delay=rng.uniform(0.0, 0.6 * reference_seconds))
+                                                   tmp_path, delay)
             kills += killed
             assert "Traceback" not in out, out
             if "resuming" in out:  # at most the epoch in progress is redone
