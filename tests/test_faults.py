@@ -93,15 +93,15 @@ def test_kill_9_at_random_moments_then_resume_loses_nothing(tmp_path, cifar_dir,
     """Runs are killed at random moments (fixed seed) and resumed until they finish;
     rounds repeat until at least six kills have landed inside a run. Once they have,
     the round in progress is resumed without kills to its end."""
-    rng = random.Random(1234)
+    rng, wanted = random.Random(1234), 6
     reference_seconds = float((reference.parent / "seconds").read_text())  # kill windows scale with the machine
     kills, rounds = 0, 0
-    while kills < 6:
+    while kills < wanted:
         rounds += 1
         run_dir = tmp_path / f"run{rounds}"
         for attempt in range(60):
             done_before = len((run_dir / "acc.txt").read_text().splitlines()) if (run_dir / "acc.txt").exists() else 0
-            delay = rng.uniform(0.0, 0.6 * reference_seconds) if kills < 6 else None
+            delay = rng.uniform(0.0, 0.6 * reference_seconds) if kills < wanted else None
             code, out, killed = run_and_maybe_kill(["--data-dir", cifar_dir, *ARGS, "--out-dir", run_dir, "--resume"],
                                                    tmp_path, delay)
             kills += killed
