@@ -258,6 +258,8 @@ def run_test_split(ckpt, data_dir=None, dataset=None, subset=None, remembered=No
     folder the checkpoint names (kept only when it was a relative path inside the working
     directory). Returns (images, labels, classes, data_dir, dataset)."""
     dataset = dataset or ckpt.get("dataset", "cifar10")
+    if dataset not in DATASETS:
+        raise DataError(f"the checkpoint's dataset {dataset!r} is none of {', '.join(DATASETS)}: pass --dataset")
     given = data_dir is not None
     data_dir = data_dir or remembered or ckpt.get("args", {}).get("data_dir") or "data"
     if not given and not is_prepared(data_dir, dataset):

@@ -14,6 +14,7 @@ This file imports only torch: copy it alone into another project.
     print(ckpt["arch"], ckpt["classes"], ckpt["accuracy"])
 """
 import copy
+import math
 import re
 
 import torch
@@ -109,6 +110,8 @@ ARCHS = {
     "resnet152": (Bottleneck, (3, 8, 36, 3)),
 }
 MODELS = list(ARCHS)
+# The picture sides train.py trains at; a checkpoint claiming another is refused.
+IMAGE_SIZES = (8, 1024)
 
 
 def build_model(arch, num_classes=10, zero_init_residual=False):
@@ -385,7 +388,40 @@ def read_checkpoint(ckpt, arch=None, source="checkpoint"):
         described.update(mean=list(TUTORIAL_MEAN), std=list(TUTORIAL_STD),
                          assumed=f"{source}: a {kind} without its normalization; assuming the tutorials' "
                                  f"mean {TUTORIAL_MEAN} and std {TUTORIAL_STD}")
+    _check_description(described, num_classes, source)
     return model.eval(), described
+
+
+def _check_description(d, num_classes, source):
+    """The keys the scripts read must be what checkpoint() writes; a file edited by hand or
+    saved by other code with the same keys gets one line naming the first key that is not."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def whole(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    classes = d["classes"]
+    checks = [
+        ("num_classes", d["num_classes"] == num_classes, f"{num_classes}, the outputs of its final layer"),
+        ("classes", isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes)
+         and len(classes) == num_classes, f"{num_classes} class names, one per output of its final layer"),
+        ("mean", isinstance(d["mean"], (list, tuple)) and len(d["mean"]) == 3 and all(map(number, d["mean"])),
+         "three numbers, one per colour channel"),
+        ("std", isinstance(d["std"], (list, tuple)) and len(d["std"]) == 3
+         and all(number(v) and v > 0 for v in d["std"]), "three numbers above 0, one per colour channel"),
+        ("image_size", whole(d["image_size"]) and IMAGE_SIZES[0] <= d["image_size"] <= IMAGE_SIZES[1],
+         f"a whole number from {IMAGE_SIZES[0]} to {IMAGE_SIZES[1]}"),
+        ("dataset", isinstance(d["dataset"], str), "a name"),
+        ("epoch", d["epoch"] is None or whole(d["epoch"]), "a whole number"),
+        ("accuracy", d["accuracy"] is None or number(d["accuracy"]), "a number"),
+        ("args", isinstance(d.get("args", {}), dict), "a dict of train.py's flags"),
+    ]
+    for key, ok, wanted in checks:
+        if not ok:
+            value = repr(d[key])
+            value = value if len(value) <= 60 else value[:57] + "..."
+            raise CheckpointError(f"{source}: its {key!r} is {value}, where it should be {wanted}")
 
 
 def load_model(path, arch=None):

@@ -76,7 +76,7 @@ def add_run_args(p):
     d = p.add_argument_group("data and device")
     d.add_argument("--dataset", default="cifar10", choices=data.DATASETS,
                    help="cifar10, cifar100 (fine labels), or folder: DATA_DIR/{train,test}/<class>/<picture>")
-    d.add_argument("--image-size", type=cli.integer(min=8, max=1024), default=32,
+    d.add_argument("--image-size", type=cli.integer(*resnet.IMAGE_SIZES), default=32,
                    help="side the pictures are resized to (folder datasets; CIFAR is 32)")
     d.add_argument("--data-dir", default="data",
                    help="folder holding cifar-10-batches-py/ or cifar-100-python/ (folder: the pictures' root)")

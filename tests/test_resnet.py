@@ -103,6 +103,37 @@ def test_a_state_dict_with_a_layer_too_many_or_too_few_names_it():
     assert "lacks layer2.0.bn1.running_mean" in str(e.value) and "has extra layer4.1.extra.weight" in str(e.value)
 
 
+def saved(**changes):
+    """A checkpoint as train.py writes it, with some of its description changed."""
+    ckpt = resnet.checkpoint(resnet.ResNet18(), "resnet18", resnet.CIFAR10_CLASSES, [0.49, 0.48, 0.45],
+                             [0.25, 0.24, 0.26], 32, "cifar10", 3, 61.5, {"epochs": 40})
+    return {**ckpt, **changes}
+
+
+def test_a_checkpoint_as_train_py_writes_it_is_read_with_its_own_description():
+    _, ckpt = resnet.read_checkpoint(saved(), source="best.pth")
+    assert ckpt["classes"] == resnet.CIFAR10_CLASSES and ckpt["image_size"] == 32 and ckpt["epoch"] == 3
+    assert ckpt["std"] == [0.25, 0.24, 0.26] and "assumed" not in ckpt
+    _, ckpt = resnet.read_checkpoint(saved(epoch=0, accuracy=None, args={}))  # a run stopped in its first epoch
+    assert ckpt["accuracy"] is None
+
+
+@pytest.mark.parametrize("key, value", [
+    ("classes", ["airplane"]), ("classes", list(range(10))), ("classes", "airplane"), ("num_classes", 5),
+    ("mean", "0.5"), ("mean", [0.5, 0.5]), ("mean", [0.5, float("nan"), 0.5]),
+    ("std", [0.2, 0.0, 0.2]), ("std", [0.2, -0.2, 0.2]), ("std", [0.2, 0.2, 0.2, 0.2]),
+    ("image_size", -3), ("image_size", 0), ("image_size", 32.0), ("image_size", 10 ** 6), ("image_size", True),
+    ("dataset", 10), ("epoch", "one"), ("epoch", 2.5), ("accuracy", "high"), ("accuracy", float("inf")),
+    ("args", "--epochs 40")])
+def test_a_description_that_does_not_fit_the_weights_or_the_format_is_refused_naming_the_key(key, value):
+    # what the scripts would otherwise trip over later: a class list shorter than the outputs, a
+    # std of 0 (every confidence NaN), a picture side of -3
+    with pytest.raises(resnet.CheckpointError) as e:
+        resnet.read_checkpoint(saved(**{key: value}), source="edited.pth")
+    message = str(e.value)
+    assert message.startswith(f"edited.pth: its '{key}' is ") and "\n" not in message
+
+
 def test_checkpoints_load_with_weights_only(tmp_path):
     marker = tmp_path / "ran"
 
