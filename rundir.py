@@ -56,6 +56,11 @@ def atomic_write(path):
         tmp.unlink(missing_ok=True)
 
 
+def named(classes):
+    """'3 classes (cat, dog, ship)', the first five named."""
+    return f"{len(classes)} classes ({', '.join(map(str, classes[:5]))}{', ...' if len(classes) > 5 else ''})"
+
+
 def save_checkpoint(ckpt, path):
     try:
         with atomic_write(path) as tmp:
@@ -166,6 +171,7 @@ class RunFolder:
     def __init__(self, path, is_main=True):
         self.path, self.is_main = Path(path), is_main
         self.writer = Writer() if is_main else None
+        self.resumed_from = None  # the checkpoint load() read
 
     def __enter__(self):
         return self
@@ -201,8 +207,23 @@ class RunFolder:
                  + ("" if "optimizer" in state else " (weights only: the optimizer's momentum starts afresh)"))
         return state
 
-    def restore(self, t, state, steps_per_epoch):
-        """Put a saved state back into train.py's Training t; returns where to start."""
+    def restore(self, t, state, steps_per_epoch, classes):
+        """Put a saved state back into train.py's Training t, whose network was built for
+        `classes`, the data's; returns where to start."""
+        path = self.resumed_from
+        try:
+            saved = list(state.get("classes", classes))
+            if saved != list(classes):  # a folder dataset whose class folders changed since
+                raise resnet.CheckpointError(f"{path}: the run trained on {named(saved)} and the data now has "
+                                             f"{named(classes)}: resume with the data it trained on, or start a "
+                                             "new run in another --out-dir")
+            return self._restore(t, state, steps_per_epoch)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a file edited, or saved by other code
+            detail = " ".join(str(e).split())
+            raise resnet.CheckpointError(f"{path}: its training state does not load into this run "
+                                         f"({type(e).__name__}: {detail[:200]})") from None
+
+    def _restore(self, t, state, steps_per_epoch):
         t.model.load_state_dict(state.get("training_model", state["model"]))  # "model" holds the EMA, if any
         if t.ema is not None:
             t.ema.model.load_state_dict(state["model"])
@@ -258,9 +279,11 @@ class RunFolder:
             fallback = next(self.good_epoch_checkpoints(path.parent), None)
             hint = f"; resume from the newest good epoch instead: --resume {fallback}" if fallback else ""
             raise resnet.CheckpointError(f"{e}{hint}") from None
-        if not {"args", "epoch", "model"} <= set(state):
+        whole = all(isinstance(state.get(k, 0), int) and state.get(k, 0) >= 0 for k in ("epoch", "step"))
+        if not {"args", "epoch", "model"} <= set(state) or not isinstance(state["args"], dict) or not whole:
             raise resnet.CheckpointError(f"{path}: not a checkpoint of train.py; --resume needs last.pth "
                                          "or net_XXX.pth")
+        self.resumed_from = path
         return state
 
     @staticmethod

@@ -312,7 +312,7 @@ def main(args):
         if job.world_size > 1 and args.sync_bn:
             model = device.convert_sync_bn(model, dev)
         t = make_training(model, args, dev, amp, args.epochs * len(loaders[0]))
-        start = folder.restore(t, state, len(loaders[0])) if state else rundir.Start()
+        start = folder.restore(t, state, len(loaders[0]), classes) if state else rundir.Start()
         folder.begin(args.data_dir, start, len(loaders[0]))
         if start.epoch >= args.epochs:
             folder.say(f"nothing to do: the run already finished its {args.epochs} epochs "

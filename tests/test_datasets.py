@@ -1,6 +1,7 @@
 """Beyond CIFAR-10: CIFAR-100 and the user's own picture folders, end to end."""
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -136,3 +137,20 @@ def test_evaluating_on_a_folder_with_other_classes_is_a_one_line_error(folder_ru
     proc = run_here("test.py", "--checkpoint", "runs/photos/best.pth", "--data-dir", "other", "--device", "cpu",
                     cwd=work, check=False)
     assert "cat, dog, ship" in one_line_error(proc)
+
+
+@pytest.mark.slow
+def test_resuming_a_folder_run_after_a_class_folder_was_added_is_one_line_and_keeps_the_run(folder_run, tmp_path):
+    work, _ = folder_run
+    shutil.copytree(work / "photos", tmp_path / "photos")
+    shutil.copytree(work / "runs", tmp_path / "runs")
+    for split in ("train", "test"):
+        shutil.copytree(tmp_path / "photos" / split / "cat", tmp_path / "photos" / split / "bird")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "runs" / "photos").iterdir()}
+    proc = run_here("train.py", "--resume", "runs/photos/last.pth", "--data-dir", "photos", "--device", "cpu",
+                    cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr  # after the skipped odd files, one line:
+    assert proc.stderr.splitlines()[-1].startswith(
+        "error: runs/photos/last.pth: the run trained on 3 classes (cat, dog, ship) and the data now has 4 classes "
+        "(bird, cat, dog, ship)")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "runs" / "photos").iterdir()} == before

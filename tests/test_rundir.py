@@ -112,6 +112,52 @@ def test_resume_cuts_the_logs_back_to_the_saved_state_and_rewrites_best_acc(tmp_
     assert (tmp_path / "best_acc.txt").read_text() == "EPOCH=1, best_acc=20.000%\n"
 
 
+def finished_epoch(path):
+    """A run folder holding epoch 1's files, last.pth included."""
+    with rundir.RunFolder(path) as folder:
+        epoch(folder, 1, 40.0, is_best=True)
+    return path / "last.pth"
+
+
+def test_resume_restores_what_last_pth_saved(tmp_path):
+    folder = rundir.RunFolder(tmp_path)
+    state = folder.load(str(finished_epoch(tmp_path)))
+    start = folder.restore(training(resnet.build_model("resnet18")), state, 10, resnet.CIFAR10_CLASSES)
+    assert (start.epoch, start.step, start.best) == (1, 0, (40.0, 1))
+
+
+@pytest.mark.parametrize("changes", [{"args": "--epochs 40"}, {"epoch": "1"}, {"epoch": -1}, {"step": 2.5}])
+def test_resume_refuses_a_last_pth_whose_args_epoch_or_step_train_py_did_not_write(tmp_path, changes):
+    last = finished_epoch(tmp_path)
+    torch.save({**torch.load(last, weights_only=True), **changes}, last)
+    with pytest.raises(resnet.CheckpointError, match="last.pth: not a checkpoint of train.py"):
+        rundir.RunFolder(tmp_path).load(str(last))
+
+
+@pytest.mark.parametrize("changes", [{"optimizer": {"state": {}}}, {"rng_cpu": torch.zeros(3)},
+                                     {"model": {"linear.weight": torch.zeros(10, 512)}}])
+def test_a_training_state_that_does_not_load_is_one_line_naming_the_file_and_the_logs_stay(tmp_path, changes):
+    last = finished_epoch(tmp_path)
+    torch.save({**torch.load(last, weights_only=True), **changes}, last)
+    logs = {name: (tmp_path / name).read_text() for name in ("acc.txt", "best_acc.txt", "metrics.csv")}
+    folder = rundir.RunFolder(tmp_path)
+    with pytest.raises(resnet.CheckpointError) as e:
+        folder.restore(training(resnet.build_model("resnet18")), folder.load(str(last)), 10, resnet.CIFAR10_CLASSES)
+    assert str(e.value).startswith(f"{last}: its training state does not load into this run (")
+    assert "\n" not in str(e.value)
+    assert {name: (tmp_path / name).read_text() for name in logs} == logs
+
+
+def test_resuming_after_the_class_folders_changed_names_both_class_lists(tmp_path):
+    last = finished_epoch(tmp_path)  # trained on CIFAR-10's classes
+    folder = rundir.RunFolder(tmp_path)
+    with pytest.raises(resnet.CheckpointError) as e:
+        folder.restore(training(resnet.build_model("resnet18", 3)), folder.load(str(last)), 10, ["cat", "dog", "ship"])
+    assert str(e.value) == (f"{last}: the run trained on 10 classes (airplane, automobile, bird, cat, deer, ...) and "
+                            "the data now has 3 classes (cat, dog, ship): resume with the data it trained on, or "
+                            "start a new run in another --out-dir")
+
+
 def test_the_run_folder_notes_its_data_folder_for_test_py_and_export_py(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
