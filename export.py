@@ -112,6 +112,7 @@ def main(args):
     metadata = {"arch": ckpt["arch"], "dataset": dataset, "classes": list(classes), "mean": list(mean),
                 "std": list(std), "image_size": size}
     # Renamed into place only once it has passed the check: a model.onnx on disk always matched its checkpoint.
+    out.parent.mkdir(parents=True, exist_ok=True)
     with rundir.atomic_write(out) as tmp:
         export(resnet.for_inference(model), tmp, size, metadata)
         diff, scale, mismatched = compare(model, tmp, images, mean, std)
@@ -132,7 +133,7 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
-    except (ExportError, data.DataError, resnet.CheckpointError) as e:
+    except (ExportError, data.DataError, resnet.CheckpointError, OSError) as e:  # OSError: --output not writable
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit(130)

@@ -274,6 +274,14 @@ def test_data_py_extracts_an_archive_and_writes_sample_pictures(tmp_path, archiv
     assert sorted(p.name for p in (tmp_path / "test").iterdir()) == [f"{c}_0.jpg" for c in range(10)]
 
 
+@pytest.mark.slow
+def test_a_data_folder_that_cannot_be_made_is_one_line(tmp_path, archive):
+    path, md5 = archive
+    (tmp_path / "a-file").write_text("")
+    proc = run_here("data.py", "--data-dir", "a-file/d", "--archive", path, "--md5", md5, cwd=tmp_path, check=False)
+    assert "a-file" in one_line_error(proc)
+
+
 def test_samples_are_the_first_ten_test_pictures_of_each_class_named_label_index(tmp_path, cifar_dir):
     from PIL import Image
     images, labels, _ = data.load_split(cifar_dir, train=False)

@@ -16,7 +16,7 @@ ort = pytest.importorskip("onnxruntime")
 @pytest.fixture(scope="module")
 def exported(trained_run, cifar_dir, tmp_path_factory):
     run_dir, _ = trained_run
-    out = tmp_path_factory.mktemp("export") / "model.onnx"
+    out = tmp_path_factory.mktemp("export") / "onnx" / "model.onnx"  # its folder is made for it
     # no --data-dir: the run trained on an absolute path, which its run folder noted
     proc = run_here("export.py", "--checkpoint", run_dir / "best.pth", "--output", out, "--images", "100",
                     cwd=tmp_path_factory.mktemp("elsewhere"))
@@ -65,3 +65,11 @@ def test_an_export_that_does_not_match_is_not_written(trained_run, cifar_dir, tm
                     tmp_path / "m.onnx", "--images", "20", "--tolerance", "1e-12", cwd=tmp_path, check=False)
     assert "nothing written" in one_line_error(proc)
     assert list(tmp_path.glob("m.onnx*")) == []
+
+
+def test_an_output_that_cannot_be_written_is_one_line(trained_run, cifar_dir, tmp_path):
+    run_dir, _ = trained_run
+    (tmp_path / "a-file").write_text("")
+    proc = run_here("export.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--output",
+                    tmp_path / "a-file" / "m.onnx", "--images", "20", cwd=tmp_path, check=False)
+    assert "a-file" in one_line_error(proc)
