@@ -355,7 +355,7 @@ def run_epochs(args, t, loaders, describe, folder, stop, start, t0):
         test_loss, acc = evaluate(scored, test_loader, len(describe["classes"]), t.amp, args.tta,
                                   train_loader.memory_format)
         eval_seconds += time.perf_counter() - tick
-        is_best = acc > best[0]
+        is_best = acc > best[0] or not best[1]  # the first epoch is the best so far even at 0%: best.pth exists
         best = (acc, epoch) if is_best else best
         lr = t.scheduler.get_last_lr()[0]
         folder.save_epoch(lambda: snapshot(epoch, acc), t, is_best,

@@ -57,6 +57,15 @@ def test_progress_without_a_terminal_is_plain_lines_and_the_last_line_sums_up(tr
                         proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
+def test_a_run_that_never_scores_above_0_percent_still_has_a_best_pth(tmp_path, cifar_dir, monkeypatch):
+    monkeypatch.setattr(train, "evaluate", lambda *args: (2.3, 0.0))  # every epoch: 0% of the test pictures
+    args = ["--data-dir", str(cifar_dir), "--out-dir", str(tmp_path / "run"), "--epochs", "2", *QUICK]
+    assert train.main(train.get_args_parser().parse_args(args)).code == 0
+    assert (tmp_path / "run" / "best_acc.txt").read_text() == "EPOCH=1, best_acc=0.000%\n"
+    assert torch.load(tmp_path / "run" / "best.pth", weights_only=True)["epoch"] == 1
+
+
 def test_the_schedule_warms_up_then_decays_to_zero_over_exactly_the_requested_steps():
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.4)
     sched = train.make_schedule(opt, total_steps=100, warmup=0.15)
