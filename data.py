@@ -342,9 +342,16 @@ def load_picture(path, size):
 
 
 def visible_files(folder):
-    """Files under folder, sorted, skipping hidden ones (.DS_Store, .cache/ and the like)."""
-    return sorted(f for f in Path(folder).rglob("*")
-                  if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+    """Files under folder, sorted, skipping hidden ones (.DS_Store, .cache/ and the like). Its
+    sub-folders may be links (class folders linked in from elsewhere, as datasets are often put
+    together); links further down are not followed, so a link loop cannot trap the walk."""
+    found = []
+    for entry in Path(folder).iterdir():
+        if entry.is_dir():
+            found += [f for f in entry.rglob("*") if f.is_file()]
+        elif entry.is_file():
+            found.append(entry)
+    return sorted(f for f in found if not any(part.startswith(".") for part in f.relative_to(folder).parts))
 
 
 def folder_classes(data_dir):
@@ -406,6 +413,10 @@ def load_folder(data_dir, train, image_size=32):
             print(f"  and {len(skipped) - 20} more", file=sys.stderr)
     if not images:
         raise DataError(f"{split_dir}: no readable pictures in its class folders")
+    empty = sorted(set(classes) - {classes[i] for i in set(labels)})
+    if train and empty:  # a class the network could never learn
+        raise DataError(f"{split_dir}: no readable pictures in the class folders {', '.join(empty[:5])}"
+                        f"{', ...' if len(empty) > 5 else ''}; add some, or remove those folders")
     order = np.random.RandomState(0).permutation(len(images))
     images, labels = np.stack(images)[order], np.asarray(labels, dtype=np.int64)[order]
     try:

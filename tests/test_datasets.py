@@ -107,6 +107,26 @@ def test_the_decoded_pictures_are_cached_and_rebuilt_when_the_folder_changes(tmp
     assert changed_labels.bincount().tolist() == [4, 3, 5]
 
 
+def test_a_class_folder_linked_in_from_elsewhere_is_read_and_a_link_loop_is_not_followed(tmp_path):
+    elsewhere = write_folder(tmp_path / "elsewhere", per_class=3, odd_files=False)
+    root = tmp_path / "photos"
+    shutil.copytree(elsewhere, root, ignore=shutil.ignore_patterns("cat"))
+    (root / "train" / "cat").symlink_to(elsewhere / "train" / "cat", target_is_directory=True)
+    (root / "train" / "dog" / "loop").symlink_to(root / "train", target_is_directory=True)
+    images, labels, classes = data.load_folder(root, train=True, image_size=32)
+    assert classes == ["cat", "dog", "ship"] and labels.bincount().tolist() == [3, 3, 3]
+
+
+def test_a_training_class_folder_without_pictures_is_refused_by_name_and_the_test_split_may_lack_one(tmp_path):
+    root = write_folder(tmp_path / "photos", per_class=2, odd_files=False)
+    (root / "train" / "bird").mkdir()
+    (root / "train" / "bird" / "notes.txt").write_text("pictures to come")
+    with pytest.raises(data.DataError, match="photos/train: no readable pictures in the class folders bird; add"):
+        data.load_folder(root, train=True, image_size=32)
+    _, labels, classes = data.load_folder(root, train=False, image_size=32)
+    assert classes == ["bird", "cat", "dog", "ship"] and labels.bincount().tolist() == [0, 2, 2, 2]
+
+
 @pytest.mark.slow
 def test_a_folder_without_class_folders_is_a_one_line_error(tmp_path):
     (tmp_path / "photos" / "train").mkdir(parents=True)
