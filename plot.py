@@ -8,13 +8,19 @@ Reads metrics.csv, the per-epoch table train.py writes into each run directory.
 Needs matplotlib: pip install -r requirements-extra.txt (`make plot` does it).
 """
 import csv
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import cli
 
 COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds", "img_s"]
 INSTALL = "pip install -r requirements-extra.txt (or run `make plot`)"
+# Fonts with Chinese, Japanese and Korean characters, used where installed for the characters
+# matplotlib's own font lacks: a picture folder's class names may well be 猫 and 狗.
+CJK_FONTS = ["Noto Sans CJK SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Microsoft YaHei",
+             "SimHei", "PingFang SC", "Hiragino Sans GB", "Heiti SC", "Noto Sans CJK JP", "Arial Unicode MS"]
 
 
 class PlotError(Exception):
@@ -29,7 +35,30 @@ def pyplot():
         raise PlotError(f"plotting needs matplotlib: {INSTALL}") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import font_manager
+    known = {f.name for f in font_manager.fontManager.ttflist}
+    plt.rcParams["font.family"] = ["sans-serif", *[f for f in CJK_FONTS if f in known]]
     return plt
+
+
+def save(fig, out):
+    """Write fig to out. Characters no known font has are named in one note instead of a
+    warning per character and drawing."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fig.savefig(out, dpi=100)
+    missing = set()
+    for w in caught:
+        glyph = re.match(r"Glyph (\d+) .*missing from font", str(w.message))
+        if glyph:
+            missing.add(chr(int(glyph.group(1))))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if missing:
+        import matplotlib
+        print(f"note: no font matplotlib knows has {''.join(sorted(missing)[:10])}, drawn as boxes in {out}; "
+              "install one (Debian/Ubuntu: sudo apt install fonts-noto-cjk), then remove "
+              f"{matplotlib.get_cachedir()}/fontlist-*.json so that matplotlib finds it", file=sys.stderr)
 
 
 def read_metrics(run_dir):
@@ -69,7 +98,7 @@ def plot_runs(run_dirs, out):
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    fig.savefig(out, dpi=100)
+    save(fig, out)
     plt.close(fig)
     return fig
 
@@ -108,7 +137,7 @@ def plot_confusion(confusion, classes, out, normalize=True):
     acc_ax.set_title("Per class")
     for i, a in enumerate(accuracy):
         acc_ax.text(min(a + 1, 80), i, f"{a:.1f}%", va="center", fontsize=8)
-    fig.savefig(out, dpi=100)
+    save(fig, out)
     plt.close(fig)
     return fig
 

@@ -4,6 +4,7 @@ import csv
 import re
 import subprocess
 import sys
+import warnings
 
 from PIL import Image
 
@@ -75,6 +76,36 @@ def test_test_py_draws_the_confusion_matrix_with_per_class_accuracy(trained_run,
     assert [t.get_text() for t in heatmap.get_xticklabels()] == ["cat", "dog"]
     assert [t.get_text() for t in heatmap.texts] == ["75", "25", "0", "100"]  # row-normalized %
     assert [t.get_text() for t in accuracy.texts] == ["75.0%", "100.0%"]
+
+
+CHINESE = ["狗", "猫", "船"]  # a picture folder's class names
+
+
+def test_chinese_class_names_are_drawn_with_a_chinese_font_where_one_is_installed(tmp_path, capsys):
+    from matplotlib import font_manager, ft2font
+    for path in font_manager.findSystemFonts():
+        if ft2font.FT2Font(path).family_name in plot.CJK_FONTS:
+            font_manager.fontManager.addfont(path)  # known now, even if matplotlib's font cache predates it
+            break
+    else:
+        pytest.skip("no font with Chinese characters on this machine")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot.plot_confusion([[3, 1, 0], [0, 4, 0], [0, 0, 4]], CHINESE, tmp_path / "c.png")
+    assert not caught and capsys.readouterr().err == ""
+    is_png(tmp_path / "c.png", 500, 400)
+
+
+def test_characters_no_font_has_are_named_in_one_note_instead_of_a_warning_each(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(plot, "CJK_FONTS", [])  # matplotlib's own font alone, which has no Chinese
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot.plot_confusion([[3, 1, 0], [0, 4, 0], [0, 0, 4]], CHINESE, tmp_path / "c.png")
+    assert not caught
+    note = capsys.readouterr().err.strip()
+    assert "\n" not in note and note.startswith("note: no font matplotlib knows has 狗猫船, drawn as boxes in ")
+    assert "fonts-noto-cjk" in note and "fontlist-*.json" in note
+    is_png(tmp_path / "c.png", 500, 400)
 
 
 def test_a_run_without_metrics_is_a_one_line_error(tmp_path):
