@@ -10,6 +10,7 @@ import it by path; `import test` finds the standard library's.)
 """
 import os
 import sys
+import unicodedata
 
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # torch_npu loads in device.py, which explains failures
 
@@ -45,13 +46,25 @@ def get_args_parser():
     return p
 
 
+def columns(text):
+    """Terminal columns text takes: two for a Chinese, Japanese or Korean character, else one."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def right(text, width):
+    """text right-aligned in `width` columns, cut to fit."""
+    while columns(text) > width:
+        text = text[:-1]
+    return " " * (width - columns(text)) + text
+
+
 def format_confusion(confusion, classes):
     """The confusion matrix as a text table: rows are true classes, columns predictions."""
     width = max(6, len(str(int(confusion.max()))) + 1)
-    name_width = max(len(c) for c in classes)
-    lines = [" " * name_width + "".join(f"{c[:width - 1]:>{width}}" for c in classes)]
+    name_width = max(columns(c) for c in classes)
+    lines = [" " * name_width + "".join(" " + right(c, width - 1) for c in classes)]
     for name, row in zip(classes, confusion.tolist()):
-        lines.append(f"{name:>{name_width}}" + "".join(f"{v:>{width}}" for v in row))
+        lines.append(right(name, name_width) + "".join(f"{v:>{width}}" for v in row))
     return "\n".join(lines)
 
 
@@ -84,7 +97,8 @@ def main(args):
           f"{'' if args.tta == 'off' else f', with {args.tta} TTA'}")
     print("\nper-class accuracy:")
     for i, (name, acc) in enumerate(zip(classes, per_class)):
-        print(f"  {name:>12} {acc:6.2f}%  ({int(confusion[i, i])}/{int(confusion[i].sum())})")
+        name = right(name, max(12, columns(name)))
+        print(f"  {name} {acc:6.2f}%  ({int(confusion[i, i])}/{int(confusion[i].sum())})")
     print("\nconfusion matrix (rows: true class, columns: predicted):")
     print(format_confusion(confusion, classes))
     accuracy = 100.0 * correct / max(total, 1)

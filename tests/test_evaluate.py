@@ -7,6 +7,7 @@ import torch
 import data
 import resnet
 from conftest import QUICK, one_line_error, run_here
+from test_tutorials import load_script
 
 pytestmark = pytest.mark.slow  # each test runs the scripts
 
@@ -66,6 +67,14 @@ def test_per_class_accuracy_and_the_confusion_matrix_are_printed_with_class_name
     assert table[0].split() == ["airpl", "autom", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     rows = {ln.split()[0]: [int(v) for v in ln.split()[1:]] for ln in table[1:]}
     assert sum(rows["airplane"]) == 10 and rows["truck"][9] == truck
+
+
+def test_the_confusion_table_stays_aligned_with_chinese_class_names():
+    # a Chinese character takes two columns of a terminal
+    table = load_script("test").format_confusion(torch.tensor([[12, 0], [3, 9]]), ["猫", "飞机"])
+    assert table.splitlines() == ["        猫  飞机",
+                                  "  猫    12     0",
+                                  "飞机     3     9"]
 
 
 def test_the_run_remembers_its_data_folder(trained_run, cifar_dir, tmp_path):
