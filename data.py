@@ -421,7 +421,7 @@ def load_folder(data_dir, train, image_size=32):
     images, labels = np.stack(images)[order], np.asarray(labels, dtype=np.int64)[order]
     try:
         cache.parent.mkdir(exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp.npz")
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp.npz")  # a name of its own for each torchrun process
         np.savez(tmp, images=images, labels=labels, fingerprint=np.array(fingerprint))
         os.replace(tmp, cache)
     except OSError as e:  # a read-only folder: everything works, only slower next time

@@ -1,8 +1,10 @@
 """Beyond CIFAR-10: CIFAR-100 and the user's own picture folders, end to end."""
 import json
+import os
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,6 +143,28 @@ def test_a_folder_without_class_folders_is_a_one_line_error(tmp_path):
 def test_cifar_pictures_keep_their_size(tmp_path, cifar_dir):
     proc = run_here("train.py", "--data-dir", cifar_dir, "--image-size", "64", *QUICK, cwd=tmp_path, check=False)
     assert "--image-size is for folder datasets" in one_line_error(proc)
+
+
+def test_processes_that_build_the_cache_at_the_same_time_do_not_trip_over_each_other(tmp_path, capsys, monkeypatch):
+    # under torchrun every process decodes a new folder; here a second one writes and renames
+    # the cache while the first is between writing its copy and renaming it
+    root = write_folder(tmp_path / "photos", per_class=2, odd_files=False)
+    real_savez, others = np.savez, []
+
+    def savez(path, **arrays):
+        real_savez(path, **arrays)
+        if not others:
+            others.append(1)
+            with monkeypatch.context() as other_process:
+                other_process.setattr(os, "getpid", lambda: 99999)
+                data.load_folder(root, train=True, image_size=32)
+
+    monkeypatch.setattr(np, "savez", savez)
+    images, _, _ = data.load_folder(root, train=True, image_size=32)
+    assert others and capsys.readouterr().err == ""
+    assert [p.name for p in (root / ".cache").iterdir()] == ["train-32px.npz"]
+    with np.load(root / ".cache" / "train-32px.npz") as z:
+        assert np.array_equal(z["images"], images.numpy())
 
 
 def test_a_folder_that_cannot_hold_the_cache_still_loads_and_says_so(tmp_path, capsys):
