@@ -256,6 +256,13 @@ class RunFolder:
             return kept["accuracy"], kept["epoch"]
         return best
 
+    def where_data_was(self, data_dir):
+        """For an error on resume: the data folder the run noted, where that is not data_dir."""
+        noted = remembered_data_dir(self.path / "last.pth")
+        if noted is None or Path(noted) == Path(data_dir).resolve():
+            return ""
+        return f"; this run trained on the data in {noted}: pass --data-dir {noted} (DATA_DIR= with make)"
+
     def begin(self, data_dir, start, steps_per_epoch):
         """Make the folder ready to write from `start` on: note the data folder, and cut the
         logs back to what the run had then."""

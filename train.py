@@ -302,11 +302,14 @@ def main(args):
         amp, layout = device.resolve_amp(args.amp, dev), device.memory_format(args.channels_last, dev)
         t0 = time.perf_counter()
         # A resumed run keeps the normalization it started with, even if a folder has changed since.
-        loaders, classes, norm = data.training_loaders(
-            args.data_dir, args.dataset, args.image_size, args.subset, args.batch_size,
-            args.eval_batch_size or device.eval_batch_size(dev), args.seed, args.flip,
-            (state["mean"], state["std"]) if state and "mean" in state else None,
-            device=dev, rank=job.rank, world_size=job.world_size, memory_format=layout)
+        try:
+            loaders, classes, norm = data.training_loaders(
+                args.data_dir, args.dataset, args.image_size, args.subset, args.batch_size,
+                args.eval_batch_size or device.eval_batch_size(dev), args.seed, args.flip,
+                (state["mean"], state["std"]) if state and "mean" in state else None,
+                device=dev, rank=job.rank, world_size=job.world_size, memory_format=layout)
+        except data.DataError as e:  # a resumed run says where its data was
+            raise data.DataError(f"{e}{folder.where_data_was(args.data_dir) if state else ''}") from None
         load_seconds = time.perf_counter() - t0
         model = resnet.build_model(args.model, len(classes), args.zero_init_residual).to(dev, memory_format=layout)
         if job.world_size > 1 and args.sync_bn:

@@ -198,3 +198,12 @@ def test_resuming_a_folder_run_after_a_class_folder_was_added_is_one_line_and_ke
         "error: runs/photos/last.pth: the run trained on 3 classes (cat, dog, ship) and the data now has 4 classes "
         "(bird, cat, dog, ship)")
     assert {p.name: p.read_bytes() for p in (tmp_path / "runs" / "photos").iterdir()} == before
+
+
+@pytest.mark.slow
+def test_resuming_without_the_runs_data_folder_names_the_folder_it_trained_on(folder_run, tmp_path):
+    work, _ = folder_run
+    shutil.copytree(work / "runs", tmp_path / "runs")
+    proc = run_here("train.py", "--resume", "runs/photos/last.pth", "--device", "cpu", cwd=tmp_path, check=False)
+    assert one_line_error(proc).endswith(f"; this run trained on the data in {(work / 'photos').resolve()}: pass "
+                                         f"--data-dir {(work / 'photos').resolve()} (DATA_DIR= with make)")
