@@ -293,6 +293,18 @@ def main(args):
     return line
 
 
+# train.py's settings a speedrun makes itself; their flags are refused after --.
+SPEEDRUN_OWNS = ["seed", "out_dir", "resume", "stop_after"]
+
+
+def owned_flags(train_args):
+    """The flags among train_args (abbreviated or not) that set what a speedrun sets itself."""
+    p = train.get_args_parser()
+    p.set_defaults(**dict.fromkeys(SPEEDRUN_OWNS))  # None: not given
+    given = vars(p.parse_args(train_args))
+    return ["--" + key.replace("_", "-") for key in SPEEDRUN_OWNS if given[key] is not None]
+
+
 def speedrun(args):
     """Train the fast recipe args.speedrun times (seeds 0, 1, ...); a line per run, then a summary line."""
     base = [*FAST_RECIPE, "--model", args.model, "--device", args.device, "--data-dir", args.data_dir,
@@ -340,6 +352,10 @@ if __name__ == "__main__":
         parser.error("--compile needs --warmup 1 or more: the compilation must not be timed")
     if args.train_args and not args.speedrun:
         parser.error(f"train.py flags ({' '.join(args.train_args)}) go with --speedrun only")
+    owned = owned_flags(args.train_args)
+    if owned:
+        parser.error(f"{', '.join(owned)}: the speedrun sets these itself (seeds 0 to RUNS-1, a temporary folder "
+                     "for each run, every run to its end)")
     try:
         main(args)
     except (device.DeviceError, data.DataError, resnet.CheckpointError, rundir.TrainingError) as e:

@@ -225,3 +225,12 @@ def test_speedrun_trains_the_fast_recipe_with_seeds_0_to_runs_and_sums_up_in_one
 def test_train_py_flags_without_speedrun_are_refused_in_one_line(tmp_path):
     proc = run_here("bench.py", "--", "--epochs", "3", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "--epochs 3) go with --speedrun only" in one_line_error(proc)
+
+
+@pytest.mark.parametrize("flags, named", [(["--seed", "7"], "--seed"), (["--out-dir=runs/x"], "--out-dir"),
+                                          (["--out", "runs/x"], "--out-dir"), (["--resume"], "--resume"),
+                                          (["--stop-after", "1", "--seed", "0"], "--seed, --stop-after")])
+def test_flags_the_speedrun_sets_itself_are_refused_in_one_line(tmp_path, flags, named):
+    proc = run_here("bench.py", "--speedrun", "1", "--", "--epochs", "1", *flags, cwd=tmp_path, check=False)
+    line = one_line_error(proc)
+    assert proc.returncode == 2 and line.startswith(f"bench.py: error: {named}: the speedrun sets these itself")
