@@ -257,8 +257,9 @@ class RunFolder:
         return best
 
     def where_data_was(self, data_dir):
-        """For an error on resume: the data folder the run noted, where that is not data_dir."""
-        noted = remembered_data_dir(self.path / "last.pth")
+        """For an error on resume: the data folder noted beside the checkpoint resumed from, where
+        that is not data_dir."""
+        noted = remembered_data_dir(self.resumed_from)
         if noted is None or Path(noted) == Path(data_dir).resolve():
             return ""
         return f"; this run trained on the data in {noted}: pass --data-dir {noted} (DATA_DIR= with make)"
