@@ -79,8 +79,8 @@ def main(args):
         raise resnet.CheckpointError(f"{args.checkpoint}: predicts {ckpt['num_classes']} classes, "
                                      f"but the data in {data_dir} has {len(data_classes)}")
     if dataset == "folder" and list(classes) != list(data_classes):
-        raise resnet.CheckpointError(f"{args.checkpoint}: trained on the classes {', '.join(classes[:5])}..., "
-                                     f"but {data_dir} holds {', '.join(data_classes[:5])}...")
+        raise resnet.CheckpointError(f"{args.checkpoint}: trained on {rundir.named(classes)}, "
+                                     f"but {data_dir} holds {rundir.named(data_classes)}")
     dev = device.pick_device(args.device)
     device.keep_freed_memory(dev)
     layout = device.memory_format("auto", dev)
