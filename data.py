@@ -132,7 +132,19 @@ def prepare(data_dir, archive=None, url=None, md5=None, dataset="cifar10"):
     md5 = spec.md5 if md5 is None else md5
     if is_prepared(data_dir, dataset):
         return data_dir / spec.folder
+    made = not data_dir.exists()
     data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _fetch(data_dir, dataset, archive, url, md5)
+    except BaseException:
+        if made and not any(data_dir.iterdir()):  # a failed first try leaves no empty data folder behind
+            data_dir.rmdir()
+        raise
+
+
+def _fetch(data_dir, dataset, archive, url, md5):
+    """prepare()'s work once DATA_DIR exists: download or take the archive, check it, extract it."""
+    spec = CIFAR[dataset]
     downloaded = archive is None
     if archive is None:
         archive = data_dir / spec.archive

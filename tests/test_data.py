@@ -198,7 +198,11 @@ def test_an_archive_missing_batch_files_leaves_no_dataset(tmp_path):
     path, md5 = make_archive(src, tmp_path / "partial.tar.gz")
     with pytest.raises(data.DataError, match="does not hold"):
         data.prepare(tmp_path / "d", archive=path, md5=md5)
-    assert list((tmp_path / "d").iterdir()) == []
+    assert not (tmp_path / "d").exists()  # the folder it made for the dataset is gone too
+    (tmp_path / "mine").mkdir()  # a folder that was there before stays
+    with pytest.raises(data.DataError, match="does not hold"):
+        data.prepare(tmp_path / "mine", archive=path, md5=md5)
+    assert list((tmp_path / "mine").iterdir()) == []
 
 
 class Server:
@@ -253,7 +257,7 @@ def test_a_download_cut_off_halfway_leaves_nothing_that_looks_finished(tmp_path,
             data.prepare(tmp_path / "d", url=server.url + path.name, md5=md5)
     finally:
         server.close()
-    assert list((tmp_path / "d").iterdir()) == []
+    assert not (tmp_path / "d").exists()
 
 
 @pytest.mark.slow
@@ -262,6 +266,7 @@ def test_offline_gives_one_line_that_says_to_pass_archive_or_cifar_url(tmp_path)
                cwd=tmp_path, check=False)
     line = one_line_error(proc)
     assert "ARCHIVE=" in line and "CIFAR_URL=" in line
+    assert not (tmp_path / "d").exists()  # no empty data folder to wonder about
 
 
 @pytest.mark.slow
