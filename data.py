@@ -10,6 +10,7 @@ and kept on the training device. Shuffling, random crops and flips are done on
 whole batches there: no DataLoader workers, no per-image Python work. Picture
 folders are decoded once and cached as arrays beside the pictures.
 """
+import contextlib
 import hashlib
 import http.client
 import os
@@ -431,12 +432,16 @@ def load_folder(data_dir, train, image_size=32):
                         f"{', ...' if len(empty) > 5 else ''}; add some, or remove those folders")
     order = np.random.RandomState(0).permutation(len(images))
     images, labels = np.stack(images)[order], np.asarray(labels, dtype=np.int64)[order]
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp.npz")  # a name of its own for each torchrun process
     try:
         cache.parent.mkdir(exist_ok=True)
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp.npz")  # a name of its own for each torchrun process
         np.savez(tmp, images=images, labels=labels, fingerprint=np.array(fingerprint))
         os.replace(tmp, cache)
-    except OSError as e:  # a read-only folder: everything works, only slower next time
+    except BaseException as e:  # a read-only folder or a full disk: everything works, only slower next time
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # no half-written copy left behind, nor after Ctrl-C
+        if not isinstance(e, OSError):
+            raise
         print(f"note: cannot cache the decoded pictures in {cache.parent} ({e.strerror or e})", file=sys.stderr)
     return torch.from_numpy(images), torch.from_numpy(labels), classes
 

@@ -3,6 +3,7 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,6 +173,24 @@ def test_a_folder_that_cannot_hold_the_cache_still_loads_and_says_so(tmp_path, c
     (root / ".cache").write_text("a file where the cache folder would go")
     images, labels, _ = data.load_folder(root, train=False, image_size=32)
     assert len(images) == 6 and "cannot cache the decoded pictures" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_cache_write_cut_short_leaves_no_half_written_file(tmp_path, capsys, monkeypatch, failure):
+    root = write_folder(tmp_path / "photos", per_class=2, odd_files=False)
+
+    def savez(path, **arrays):
+        Path(path).write_bytes(b"half a cache")
+        raise failure
+
+    monkeypatch.setattr(np, "savez", savez)
+    if isinstance(failure, OSError):  # a full disk: the pictures still load, only uncached
+        images, _, _ = data.load_folder(root, train=True, image_size=32)
+        assert len(images) == 6 and "No space left on device" in capsys.readouterr().err
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            data.load_folder(root, train=True, image_size=32)
+    assert list((root / ".cache").iterdir()) == []
 
 
 @pytest.mark.slow
