@@ -33,6 +33,7 @@ checkpoint writing left out; and prints a line per run and a summary line.
 """
 import multiprocessing
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -339,6 +340,10 @@ def run_quietly(args):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         r = train.main(args)
+    if r.code > 128:  # Ctrl-C or SIGTERM: train.py's resume hint would name a folder deleted on the way out
+        print(f"speedrun stopped by {signal.Signals(r.code - 128).name}; the run in progress is not kept",
+              file=sys.stderr)
+        sys.exit(r.code)
     if r.code:
         print(out.getvalue(), end="")
         raise device.DeviceError(f"a speedrun run stopped (exit code {r.code})")
@@ -360,3 +365,6 @@ if __name__ == "__main__":
         main(args)
     except (device.DeviceError, data.DataError, resnet.CheckpointError, rundir.TrainingError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C while benchmarking, or a second one in a speedrun
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

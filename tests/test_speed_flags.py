@@ -222,6 +222,20 @@ def test_speedrun_trains_the_fast_recipe_with_seeds_0_to_runs_and_sums_up_in_one
     assert fast.flip == "alternate" and fast.norm_weight_decay == 0 and fast.tta == "flip"
 
 
+def test_a_speedrun_stopped_by_sigterm_exits_143_without_a_resume_hint_for_its_temporary_folder(monkeypatch, capsys):
+    def stopped_run(args):
+        print(f"stopped by SIGTERM after step 3; continue with: python train.py --resume {args.out_dir}/last.pth")
+        return train.Result(128 + 15)
+
+    monkeypatch.setattr(train, "main", stopped_run)
+    args = train.get_args_parser().parse_args(["--out-dir", "/tmp/speedrun-xyz/0"])
+    with pytest.raises(SystemExit) as stop:
+        bench.run_quietly(args)
+    out, err = capsys.readouterr()
+    assert stop.value.code == 143 and "--resume" not in out + err
+    assert err.strip() == "speedrun stopped by SIGTERM; the run in progress is not kept"
+
+
 def test_train_py_flags_without_speedrun_are_refused_in_one_line(tmp_path):
     proc = run_here("bench.py", "--", "--epochs", "3", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "--epochs 3) go with --speedrun only" in one_line_error(proc)
