@@ -365,6 +365,8 @@ if __name__ == "__main__":
         main(args)
     except (device.DeviceError, data.DataError, resnet.CheckpointError, rundir.TrainingError) as e:
         sys.exit(f"error: {e}")
+    except BrokenPipeError:  # `bench.py | head`
+        sys.exit(cli.reader_gone())
     except KeyboardInterrupt:  # Ctrl-C while benchmarking, or a second one in a speedrun
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)

@@ -6,10 +6,15 @@
 
 A value out of range (zero, negative, NaN, ...) is refused while the arguments are
 parsed, before any data is loaded: one line, `train.py: error: argument --epochs: ...`,
-and exit code 2. Standard library only.
+and exit code 2. And when the reader of a script's output goes away (`predict.py photos/ |
+head`), the script stops quietly: `except BrokenPipeError: sys.exit(cli.reader_gone())`.
+Standard library only.
 """
 import argparse
 import math
+import os
+import signal
+import sys
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -58,3 +63,11 @@ def integer(min=None, max=None):
 def real(min=None, max=None, above=None, below=None):
     """A finite number, at least min / at most max / more than above / less than below."""
     return _checked(float, "a number", min=min, max=max, above=above, below=below)
+
+
+def reader_gone():
+    """After a BrokenPipeError on stdout: send what is left to /dev/null, so Python's flush on the
+    way out cannot fail again with a traceback, and return the exit code of a Unix tool that
+    SIGPIPE stopped (141)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + signal.SIGPIPE

@@ -628,6 +628,8 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
+    except BrokenPipeError:  # `data.py | head`
+        sys.exit(cli.reader_gone())
     except (DataError, OSError) as e:  # OSError: a --data-dir or --samples folder that cannot be made, a full disk
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

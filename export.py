@@ -133,6 +133,8 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
+    except BrokenPipeError:  # `export.py | head`
+        sys.exit(cli.reader_gone())
     except (ExportError, data.DataError, resnet.CheckpointError, OSError) as e:  # OSError: --output not writable
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

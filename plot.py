@@ -162,3 +162,5 @@ if __name__ == "__main__":
         main(get_args_parser().parse_args())
     except PlotError as e:
         sys.exit(f"error: {e}")
+    except BrokenPipeError:  # `plot.py | head`
+        sys.exit(cli.reader_gone())

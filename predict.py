@@ -132,5 +132,7 @@ if __name__ == "__main__":
         sys.exit(main(get_args_parser().parse_args()))
     except (device.DeviceError, resnet.CheckpointError) as e:
         sys.exit(f"error: {e}")
+    except BrokenPipeError:  # `predict.py photos/ | head`
+        sys.exit(cli.reader_gone())
     except KeyboardInterrupt:
         sys.exit(130)

@@ -118,5 +118,7 @@ if __name__ == "__main__":
         main(get_args_parser().parse_args())
     except (data.DataError, device.DeviceError, resnet.CheckpointError) as e:
         sys.exit(f"error: {e}")
+    except BrokenPipeError:  # `test.py | head`
+        sys.exit(cli.reader_gone())
     except KeyboardInterrupt:
         sys.exit(130)

@@ -394,6 +394,9 @@ def stopped(folder, signum, where):
 if __name__ == "__main__":
     try:
         sys.exit(main(get_args_parser().parse_args()).code)
+    except BrokenPipeError:  # `train.py | head`: finished epochs are saved, as after a kill
+        print("stopped: the reader of its output has gone; continue with --resume", file=sys.stderr)
+        sys.exit(cli.reader_gone())
     except OSError as e:  # writing a log line on a full disk, say
         sys.exit(f"error: {e}")
     except (data.DataError, device.DeviceError, resnet.CheckpointError, rundir.TrainingError) as e:

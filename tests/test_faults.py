@@ -190,6 +190,35 @@ def test_sigterm_or_sigint_stops_after_the_step_saves_and_says_how_to_resume(tmp
         assert (tmp_path / "parts" / name).read_text() == (reference_of_four_steps / name).read_text()
 
 
+def read_one_line_then_close(command, cwd):
+    """What `command | head -1` does: read a line, then go away while the command is still writing."""
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.wait(timeout=600)
+    return proc.returncode, first, err
+
+
+@pytest.mark.slow
+def test_train_py_whose_reader_goes_away_stops_in_one_line(tmp_path, cifar_dir):
+    # what it saved is safe as after any stop: the kill tests above resume from every moment
+    args = [sys.executable, ROOT / "train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", "run"]
+    code, first, err = read_one_line_then_close(args, tmp_path)
+    assert first.startswith("resnet18 on cpu") and code == 141  # what a Unix tool stopped by SIGPIPE gives
+    assert err == "stopped: the reader of its output has gone; continue with --resume\n"
+
+
+@pytest.mark.slow
+def test_predict_py_whose_reader_goes_away_stops_quietly(tmp_path, reference, battery):
+    d, _, _ = battery
+    many = [d / "good.jpg"] * 120  # about 100 KB of JSON: more than a pipe holds (64 KiB), so predict.py must wait
+    code, first, err = read_one_line_then_close(
+        [sys.executable, ROOT / "predict.py", *many, "--topk", "10", "--json", "--checkpoint", reference / "best.pth"],
+        tmp_path)
+    assert first == "{\n" and code == 141 and err == ""
+
+
 @pytest.mark.slow
 def test_a_truncated_last_pth_names_the_file_and_an_earlier_epoch_to_resume_from(tmp_path, reference, cifar_dir):
     run_dir = tmp_path / "run"
