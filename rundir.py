@@ -52,8 +52,22 @@ def atomic_write(path):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _sync_folder(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _sync_folder(folder):
+    """Flush a folder's entries to disk, so a rename in it survives a power cut. POSIX only
+    (Windows has no such call), and best effort: some network file systems refuse it."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def named(classes):

@@ -1,6 +1,7 @@
 """rundir.py: files written whole or not at all, checkpoints written off the training path in
 order with last.pth last, a failed write that surfaces in the training thread, the logs cut
 back on resume, and the run's data folder noted in the run folder."""
+import os
 import threading
 import time
 
@@ -96,6 +97,16 @@ def test_an_interrupted_write_leaves_the_previous_file_and_no_temporary(tmp_path
             tmp.write_text("half")
             raise OSError("disk full")
     assert (tmp_path / "acc.txt").read_text() == "old\n" and list(tmp_path.iterdir()) == [tmp_path / "acc.txt"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a folder can be synced on POSIX only")
+def test_a_finished_write_is_flushed_to_disk_then_its_rename_too(tmp_path, monkeypatch):
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.fstat(fd).st_ino) or fsync(fd))
+    with rundir.atomic_write(tmp_path / "acc.txt") as tmp:
+        tmp.write_text("EPOCH=001\n")
+        written = tmp.stat().st_ino
+    assert synced == [written, tmp_path.stat().st_ino]  # the file's bytes, then the folder that names it
 
 
 def test_resume_cuts_the_logs_back_to_the_saved_state_and_rewrites_best_acc(tmp_path):
