@@ -147,6 +147,17 @@ def peak_lr(args):
     return args.lr if args.lr is not None else 0.1 * args.batch_size / 128
 
 
+def few_steps_note(n, steps, epochs):
+    """Advice when the training set fills fewer than 8 batches: a run of a few dozen steps learns
+    little (BatchNorm's running statistics hardly settle), and a smaller batch makes more steps."""
+    if steps >= 8:
+        return None
+    batch = 2 ** max(0, int(math.log2(n / 8)))
+    return (f"note: {steps} step{'s' if steps > 1 else ''} per epoch, {steps * epochs} in all: too few to learn "
+            f"much. A smaller batch gives more: --batch-size {batch} (make: BATCH={batch}) makes {n // batch} "
+            f"per epoch")
+
+
 def make_optimizer(model, args):
     """SGD with Nesterov momentum; --norm-weight-decay, where given, on the one-dimensional
     parameters (BatchNorm's weights and biases, the final bias) and --weight-decay on the rest."""
@@ -327,6 +338,9 @@ def main(args):
                    f"{', compiled' if args.compile else ''}: {n} training / {len(loaders[1].labels)} test images, "
                    f"{steps} step{'s' if steps > 1 else ''} of {min(args.batch_size, n)} per epoch, data loaded in "
                    f"{load_seconds:.1f}s; writing to {folder.path}")
+        note = None if state else few_steps_note(n, steps, args.epochs)  # a resumed run keeps its batch
+        if note:
+            folder.say(note)
         describe = dict(arch=args.model, classes=classes, mean=norm[0], std=norm[1], image_size=args.image_size,
                         dataset=args.dataset, args=rundir.shareable_args(args))
         return run_epochs(args, t, loaders, describe, folder, stop, start, t0)

@@ -47,11 +47,25 @@ def test_a_checkpoint_describes_itself_and_loads_with_weights_only(trained_run):
     assert model.linear.out_features == 10
 
 
+@pytest.mark.parametrize("n, batch, suggested", [(300, 512, 32), (2000, 512, 128), (16, 8, 2)])
+def test_a_training_set_of_a_few_batches_gets_a_note_suggesting_a_batch_of_8_steps_or_more(n, batch, suggested):
+    steps = max(1, n // batch)  # a set smaller than a batch is one step of all of it
+    note = train.few_steps_note(n, steps, 40)
+    assert f"{steps} step" in note and f"{40 * steps} in all" in note
+    assert f"--batch-size {suggested} (make: BATCH={suggested}) makes {n // suggested} per epoch" in note
+    assert n // suggested >= 8 and n // (2 * suggested) < 8  # the largest power of two that gives 8 steps
+
+
+def test_no_note_once_an_epoch_has_8_steps():
+    assert train.few_steps_note(50_000, 97, 40) is None and train.few_steps_note(64, 8, 40) is None
+
+
 @pytest.mark.slow
 def test_progress_without_a_terminal_is_plain_lines_and_the_last_line_sums_up(trained_run):
     _, proc = trained_run
     assert "\r" not in proc.stdout
     assert re.search(r"epoch 1/2 step 2/2 loss \S+ acc \S+% lr \S+ img_s \d+", proc.stdout)
+    assert "note: 2 steps per epoch, 4 in all: too few" in proc.stdout  # 16 pictures in batches of 8
     assert re.search(r"epoch +2/2 \| train loss .* \| test loss .* acc .*% \|", proc.stdout)
     assert re.fullmatch(r"best accuracy \d+\.\d\d% at epoch [12], total time \d+\.\ds .*",
                         proc.stdout.strip().splitlines()[-1])
