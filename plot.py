@@ -65,13 +65,29 @@ def read_metrics(run_dir):
     """metrics.csv of a run as a dict of columns (lists of floats)."""
     path = Path(run_dir) / "metrics.csv"
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header, rows = reader.fieldnames or [], list(reader)
     except FileNotFoundError:
         raise PlotError(f"{path}: not found; train first (make train), or name a run directory") from None
-    if not rows or any(c not in rows[0] for c in COLUMNS):
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise PlotError(f"{path}: cannot read it ({e})") from None
+    if any(c not in header for c in COLUMNS):
         raise PlotError(f"{path}: not a metrics table of train.py")
-    return {c: [float(r[c]) for r in rows] for c in COLUMNS}
+    table = {c: [] for c in COLUMNS}
+    for line, row in enumerate(rows, start=2):
+        try:
+            values = [float(row[c]) for c in COLUMNS]
+        except (TypeError, ValueError):  # TypeError: a short row, whose missing fields read as None
+            if line == len(rows) + 1:  # the last row, cut short by a kill: the epochs before it still plot
+                break
+            fields = ", ".join(v for v in row.values() if v is not None)
+            raise PlotError(f"{path}, line {line}: not a row of numbers ({fields})") from None
+        for c, v in zip(COLUMNS, values):
+            table[c].append(v)
+    if not table["epoch"]:
+        raise PlotError(f"{path}: no finished epoch yet")
+    return table
 
 
 def plot_runs(run_dirs, out):

@@ -112,6 +112,25 @@ def test_a_run_without_metrics_is_a_one_line_error(tmp_path):
     assert "metrics.csv" in one_line_error(run_here("plot.py", tmp_path, cwd=tmp_path, check=False))
 
 
+HEADER = "epoch,train_loss,train_acc,test_loss,test_acc,lr,epoch_seconds,img_s\n"
+ROW = "{},2.0,30.000,1.9,35.000,0.1,5.00,100.0\n"
+
+
+def test_a_last_row_cut_short_by_a_kill_is_left_out_and_the_epochs_before_it_are_read(tmp_path):
+    (tmp_path / "metrics.csv").write_text(HEADER + ROW.format(1) + ROW.format(2) + "3,1.8,33.0")
+    assert plot.read_metrics(tmp_path)["epoch"] == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("text, message", [
+    (HEADER + ROW.format(1) + "2,x,y\n" + ROW.format(3), "metrics.csv, line 3: not a row of numbers (2, x, y"),
+    (HEADER, "metrics.csv: no finished epoch yet"),
+    ("\xff\xfe garbage", "metrics.csv: cannot read it"),
+])
+def test_a_damaged_metrics_csv_is_one_line_naming_what_is_wrong(tmp_path, text, message):
+    (tmp_path / "metrics.csv").write_bytes(text.encode("latin-1"))
+    assert message in one_line_error(run_here("plot.py", tmp_path, cwd=tmp_path, check=False))
+
+
 def test_without_matplotlib_one_line_says_how_to_install_it(tmp_path, trained_run, cifar_dir):
     run_dir, _ = trained_run
     env = injected(tmp_path, "import sys\nsys.modules['matplotlib'] = None\n")
