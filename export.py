@@ -109,6 +109,8 @@ def main(args):
                                                           remembered=rundir.remembered_data_dir(args.checkpoint))
 
     out = Path(args.output) if args.output else Path(args.checkpoint).with_name("model.onnx")
+    if out.is_dir():  # found now, not after the export and its check
+        raise ExportError(f"{out} is a folder; --output names the .onnx file, e.g. {out / 'model.onnx'}")
     metadata = {"arch": ckpt["arch"], "dataset": dataset, "classes": list(classes), "mean": list(mean),
                 "std": list(std), "image_size": size}
     # Renamed into place only once it has passed the check: a model.onnx on disk always matched its checkpoint.

@@ -73,3 +73,12 @@ def test_an_output_that_cannot_be_written_is_one_line(trained_run, cifar_dir, tm
     proc = run_here("export.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--output",
                     tmp_path / "a-file" / "m.onnx", "--images", "20", cwd=tmp_path, check=False)
     assert "a-file" in one_line_error(proc)
+
+
+def test_an_output_that_is_a_folder_is_one_line_before_any_export(trained_run, cifar_dir, tmp_path):
+    run_dir, _ = trained_run
+    (tmp_path / "exports").mkdir()
+    proc = run_here("export.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--output",
+                    tmp_path / "exports", "--images", "20", cwd=tmp_path, check=False)
+    assert f"--output names the .onnx file, e.g. {tmp_path / 'exports' / 'model.onnx'}" in one_line_error(proc)
+    assert list(tmp_path.iterdir()) == [tmp_path / "exports"] and list((tmp_path / "exports").iterdir()) == []
