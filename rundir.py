@@ -184,6 +184,8 @@ class RunFolder:
 
     def __init__(self, path, is_main=True):
         self.path, self.is_main = Path(path), is_main
+        if self.path.exists() and not self.path.is_dir():  # found now, not after the data has loaded
+            raise TrainingError(f"{self.path} is a file; --out-dir names the run's folder")
         self.writer = Writer() if is_main else None
         self.resumed_from = None  # the checkpoint load() read
 

@@ -109,6 +109,13 @@ def test_a_finished_write_is_flushed_to_disk_then_its_rename_too(tmp_path, monke
     assert synced == [written, tmp_path.stat().st_ino]  # the file's bytes, then the folder that names it
 
 
+def test_a_run_folder_that_is_a_file_is_refused_at_once(tmp_path):
+    (tmp_path / "notes").write_text("mine")
+    with pytest.raises(rundir.TrainingError, match="notes is a file; --out-dir names the run's folder"):
+        rundir.RunFolder(tmp_path / "notes")
+    assert (tmp_path / "notes").read_text() == "mine"
+
+
 def test_resume_cuts_the_logs_back_to_the_saved_state_and_rewrites_best_acc(tmp_path):
     (tmp_path / "log.txt").write_text("001 00001 | Loss: 2.000 | Acc: 10.000%\n001 00002 | Loss: 1.900 | Acc: 12.000%\n"
                                       "002 00003 | Loss: 1.800 | Acc: 14.000%\n002 0")
