@@ -15,6 +15,7 @@ This file imports only torch: copy it alone into another project.
 """
 import copy
 import math
+import os
 import re
 
 import torch
@@ -281,7 +282,9 @@ def load_checkpoint(path):
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
     except IsADirectoryError:
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint") from None
+        best = os.path.join(path, "best.pth")  # a run folder named instead of its checkpoint
+        hint = f": name a .pth file, such as {best}" if os.path.isfile(best) else ""
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint{hint}") from None
     except Exception as e:  # truncated, corrupt, not a checkpoint, or a pickle that wants to run code
         what = describe_file(path)
         if what is None:

@@ -147,6 +147,17 @@ def test_checkpoints_load_with_weights_only(tmp_path):
     assert not marker.exists()
 
 
+def test_a_run_folder_named_as_the_checkpoint_points_at_its_best_pth(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(resnet.CheckpointError, match=r"empty: is a directory, not a checkpoint$"):
+        resnet.load_checkpoint(tmp_path / "empty")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.pth").write_bytes(b"")
+    with pytest.raises(resnet.CheckpointError) as e:
+        resnet.load_checkpoint(tmp_path / "run")
+    assert str(e.value).endswith(f"not a checkpoint: name a .pth file, such as {tmp_path / 'run' / 'best.pth'}")
+
+
 @pytest.mark.parametrize("name", ["resnet.py", "device.py"])
 def test_resnet_py_and_device_py_import_only_torch_and_the_standard_library(name):
     # so either file can be copied alone into another project
