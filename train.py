@@ -329,7 +329,7 @@ def main(args):
         start = folder.restore(t, state, len(loaders[0]), classes) if state else rundir.Start()
         folder.begin(args.data_dir, start, len(loaders[0]))
         if start.epoch >= args.epochs:
-            folder.say(f"nothing to do: the run already finished its {args.epochs} epochs "
+            folder.say(f"nothing to do: the run already finished, at epoch {start.epoch} of {args.epochs} "
                        f"(best {start.best[0]:.2f}% at epoch {start.best[1]})")
             return Result(0, *start.best)
         n, steps = len(loaders[0].labels), len(loaders[0])

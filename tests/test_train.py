@@ -145,7 +145,7 @@ def test_a_new_run_never_overwrites_a_finished_one(trained_run, cifar_dir):
 def test_resuming_a_finished_run_has_nothing_to_do(trained_run, cifar_dir):
     run_dir, _ = trained_run
     proc = run_here("train.py", "--resume", "--data-dir", cifar_dir, "--device", "cpu", cwd=run_dir.parent.parent)
-    assert "nothing to do" in proc.stdout
+    assert "nothing to do: the run already finished, at epoch 2 of 2 (best " in proc.stdout
 
 
 @pytest.mark.slow
