@@ -376,6 +376,8 @@ def folder_classes(data_dir):
     classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DataError(f"{train_dir}: no class folders (expected {train_dir}/<class>/<picture>)")
+    if len(classes) == 1:
+        raise DataError(f"{train_dir}: one class folder ({classes[0]}); telling pictures apart takes two or more")
     return classes
 
 

@@ -140,6 +140,21 @@ def test_a_folder_without_class_folders_is_a_one_line_error(tmp_path):
     assert "no class folders" in one_line_error(proc)
 
 
+def test_a_folder_of_one_class_is_refused_naming_it(tmp_path):
+    root = write_folder(tmp_path / "photos", per_class=2, classes=("cat",), odd_files=False)
+    with pytest.raises(data.DataError, match=r"photos/train: one class folder \(cat\); telling pictures apart"):
+        data.prepare(root, dataset="folder")
+
+
+def test_steps_of_one_picture_at_8_pixels_are_one_line_before_anything_is_written(tmp_path):
+    # the last block's maps are then 1 x 1: BatchNorm would have one value per channel to normalize
+    write_folder(tmp_path / "photos", per_class=2, odd_files=False)
+    proc = run_here("train.py", "--dataset", "folder", "--data-dir", "photos", "--image-size", "8", "--batch-size", "1",
+                    "--device", "cpu", "--epochs", "1", cwd=tmp_path, check=False)
+    assert "steps of 1 picture per process at --image-size 8" in one_line_error(proc)
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow
 def test_cifar_pictures_keep_their_size(tmp_path, cifar_dir):
     proc = run_here("train.py", "--data-dir", cifar_dir, "--image-size", "64", *QUICK, cwd=tmp_path, check=False)
