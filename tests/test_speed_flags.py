@@ -222,6 +222,15 @@ def test_speedrun_trains_the_fast_recipe_with_seeds_0_to_runs_and_sums_up_in_one
     assert fast.flip == "alternate" and fast.norm_weight_decay == 0 and fast.tta == "flip"
 
 
+def test_ctrl_c_in_bench_py_exits_130_with_one_word_and_no_traceback(tmp_path, monkeypatch):
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(device, "pick_device", ctrl_c)  # the first thing the benchmark does
+    proc = run_here("bench.py", "--device", "cpu", cwd=tmp_path, check=False)
+    assert proc.returncode == 130 and proc.stderr.strip() == "interrupted"
+
+
 def test_a_speedrun_stopped_by_sigterm_exits_143_without_a_resume_hint_for_its_temporary_folder(monkeypatch, capsys):
     def stopped_run(args):
         print(f"stopped by SIGTERM after step 3; continue with: python train.py --resume {args.out_dir}/last.pth")
