@@ -324,9 +324,9 @@ def main(args):
         load_seconds = time.perf_counter() - t0
         share = min(args.batch_size, len(loaders[0].labels)) // job.world_size  # the smallest per process
         if share * math.ceil(args.image_size / 8) ** 2 < 2:  # the last block's maps are 1/8 of the side
-            raise rundir.TrainingError(f"steps of {share} picture per process at --image-size {args.image_size} "
-                                       "leave BatchNorm one value per channel to normalize: give --batch-size 2 or "
-                                       "more per process")
+            raise rundir.TrainingError(f"steps of {share} picture{'' if share == 1 else 's'} per process at "
+                                       f"--image-size {args.image_size} leave BatchNorm one value per channel to "
+                                       "normalize: give --batch-size 2 or more per process")
         model = resnet.build_model(args.model, len(classes), args.zero_init_residual).to(dev, memory_format=layout)
         if job.world_size > 1 and args.sync_bn:
             model = device.convert_sync_bn(model, dev)
