@@ -322,7 +322,8 @@ def main(args):
         except data.DataError as e:  # a resumed run says where its data was
             raise data.DataError(f"{e}{folder.where_data_was(args.data_dir) if state else ''}") from None
         load_seconds = time.perf_counter() - t0
-        share = min(args.batch_size, len(loaders[0].labels)) // job.world_size  # the smallest per process
+        n, steps = len(loaders[0].labels), len(loaders[0])  # training pictures, steps per epoch
+        share = min(args.batch_size, n) // job.world_size  # the smallest per process
         if share * math.ceil(args.image_size / 8) ** 2 < 2:  # the last block's maps are 1/8 of the side
             raise rundir.TrainingError(f"steps of {share} picture{'' if share == 1 else 's'} per process at "
                                        f"--image-size {args.image_size} leave BatchNorm one value per channel to "
@@ -330,14 +331,13 @@ def main(args):
         model = resnet.build_model(args.model, len(classes), args.zero_init_residual).to(dev, memory_format=layout)
         if job.world_size > 1 and args.sync_bn:
             model = device.convert_sync_bn(model, dev)
-        t = make_training(model, args, dev, amp, args.epochs * len(loaders[0]))
-        start = folder.restore(t, state, len(loaders[0]), classes) if state else rundir.Start()
-        folder.begin(args.data_dir, start, len(loaders[0]))
+        t = make_training(model, args, dev, amp, args.epochs * steps)
+        start = folder.restore(t, state, steps, classes) if state else rundir.Start()
+        folder.begin(args.data_dir, start, steps)
         if start.epoch >= args.epochs:
             folder.say(f"nothing to do: the run already finished, at epoch {start.epoch} of {args.epochs} "
                        f"(best {start.best[0]:.2f}% at epoch {start.best[1]})")
             return Result(0, *start.best)
-        n, steps = len(loaders[0].labels), len(loaders[0])
         folder.say(f"{args.model} on {dev}{f' x {job.world_size} processes' if job.world_size > 1 else ''}, "
                    f"{device.PRECISION_NAMES[amp]}{', channels_last' if layout == torch.channels_last else ''}"
                    f"{', compiled' if args.compile else ''}: {n} training / {len(loaders[1].labels)} test images, "
