@@ -100,7 +100,7 @@ def compare(model, path, images, mean, std):
 
 
 def main(args):
-    model, ckpt = resnet.load_model(args.checkpoint, args.model)  # the reference: as PyTorch runs it
+    model, ckpt = resnet.load_model(rundir.trained(args.checkpoint), args.model)  # the reference: as PyTorch runs it
     if "assumed" in ckpt:
         print(f"note: {ckpt['assumed']}", file=sys.stderr)
     size, mean, std, classes = ckpt["image_size"], ckpt["mean"], ckpt["std"], ckpt["classes"]

@@ -118,6 +118,14 @@ def shareable_args(args):
     return out
 
 
+def trained(checkpoint):
+    """checkpoint, if a file or folder is there; else a CheckpointError that says how to make one."""
+    if not os.path.exists(checkpoint):
+        raise resnet.CheckpointError(f"{checkpoint}: no such checkpoint; train first (make train), "
+                                     "or pass --checkpoint")
+    return checkpoint
+
+
 def remembered_data_dir(checkpoint):
     """The data folder noted in the run folder a checkpoint sits in, or None."""
     note = Path(checkpoint).parent / "data_dir.txt"

@@ -69,7 +69,7 @@ def format_confusion(confusion, classes):
 
 
 def main(args):
-    model, ckpt = resnet.load_model(args.checkpoint, args.model)
+    model, ckpt = resnet.load_model(rundir.trained(args.checkpoint), args.model)
     if "assumed" in ckpt:
         print(f"note: {ckpt['assumed']}", file=sys.stderr)
     images, labels, data_classes, data_dir, dataset = data.run_test_split(

@@ -82,3 +82,10 @@ def test_an_output_that_is_a_folder_is_one_line_before_any_export(trained_run, c
                     tmp_path / "exports", "--images", "20", cwd=tmp_path, check=False)
     assert f"--output names the .onnx file, e.g. {tmp_path / 'exports' / 'model.onnx'}" in one_line_error(proc)
     assert list(tmp_path.iterdir()) == [tmp_path / "exports"] and list((tmp_path / "exports").iterdir()) == []
+
+
+def test_exporting_before_any_training_says_to_train_first(tmp_path):
+    proc = run_here("export.py", cwd=tmp_path, check=False)  # make export's runs/resnet18/best.pth is not there yet
+    assert one_line_error(proc) == ("error: runs/resnet18/best.pth: no such checkpoint; train first (make train), "
+                                    "or pass --checkpoint")
+    assert list(tmp_path.iterdir()) == []
