@@ -19,6 +19,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -381,6 +382,15 @@ def folder_classes(data_dir):
     return classes
 
 
+def remove_abandoned(cache, minutes=10):
+    """Delete the temporary copies of cache that a killed process left (kill -9 while writing it):
+    untouched for some minutes, where a writer still at work touches its copy all the while."""
+    for tmp in cache.parent.glob(f"{cache.name}.*.tmp.npz"):
+        with contextlib.suppress(OSError):  # gone already: another process removed it
+            if time.time() - tmp.stat().st_mtime > minutes * 60:
+                tmp.unlink()
+
+
 def load_folder(data_dir, train, image_size=32):
     """One split of DIR/{train,test}/<class>/* as (uint8 N x 3 x size x size, labels, classes).
 
@@ -402,6 +412,7 @@ def load_folder(data_dir, train, image_size=32):
         h.update(f"{f.relative_to(split_dir)} {st.st_size} {st.st_mtime_ns}\n".encode())
     fingerprint = h.hexdigest()
     cache = Path(data_dir) / ".cache" / f"{split}-{image_size}px.npz"
+    remove_abandoned(cache)
     if cache.is_file():
         try:
             with np.load(cache, allow_pickle=False) as z:

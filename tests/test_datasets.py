@@ -208,6 +208,19 @@ def test_a_cache_write_cut_short_leaves_no_half_written_file(tmp_path, capsys, m
     assert list((root / ".cache").iterdir()) == []
 
 
+def test_a_copy_left_by_a_writer_killed_mid_write_is_removed_on_the_next_load(tmp_path):
+    root = write_folder(tmp_path / "photos", per_class=2, odd_files=False)
+    data.load_folder(root, train=True, image_size=32)
+    cache = root / ".cache"
+    abandoned, in_progress = cache / "train-32px.npz.4242.tmp.npz", cache / "train-32px.npz.4343.tmp.npz"
+    abandoned.write_bytes(b"half a cache")  # a kill -9 came while writing it, half an hour ago
+    os.utime(abandoned, (abandoned.stat().st_atime, abandoned.stat().st_mtime - 1800))
+    in_progress.write_bytes(b"being written")  # by another process, now
+    images, _, _ = data.load_folder(root, train=True, image_size=32)  # from the cache
+    assert len(images) == 6
+    assert sorted(p.name for p in cache.iterdir()) == ["train-32px.npz", in_progress.name]
+
+
 @pytest.mark.slow
 def test_evaluating_on_a_folder_with_other_classes_is_a_one_line_error(folder_run):
     work, _ = folder_run
