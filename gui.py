@@ -240,9 +240,8 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
         self.show_status()
 
     def choose_image(self):
-        path, _ = QtWidgets.QFileDialog.getOpenFileName(self, self.words["choose"], "",
-                                                        "Pictures (*.jpg *.jpeg *.png *.bmp *.gif *.webp *.tif *.tiff);;"
-                                                        "All files (*)")
+        pictures = "Pictures (*.jpg *.jpeg *.png *.bmp *.gif *.webp *.tif *.tiff);;All files (*)"
+        path, _ = QtWidgets.QFileDialog.getOpenFileName(self, self.words["choose"], "", pictures)
         if path and self.open_image(path):
             self.run()
 

@@ -289,7 +289,8 @@ def test_a_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_che
     line = one_line_error(proc)
     assert "NaN" in line and "epoch 2, step 1" in line
     state = resnet.load_checkpoint(tmp_path / "run" / "last.pth")
-    assert state["epoch"] == 1 and torch.isfinite(torch.cat([v.flatten().float() for v in state["model"].values()])).all()
+    weights = torch.cat([v.flatten().float() for v in state["model"].values()])
+    assert state["epoch"] == 1 and torch.isfinite(weights).all()
     assert (tmp_path / "run" / "acc.txt").read_text().startswith("EPOCH=001")
 
 

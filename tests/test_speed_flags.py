@@ -110,7 +110,8 @@ class DeviceOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.waits += func.overloadpacket.__name__ in self.WAITING
-        if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in (out if isinstance(out, tuple) else [out])):
+        outs = out if isinstance(out, tuple) else [out]
+        if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in outs):
             self.float64.append(func.overloadpacket.__name__)
         return out
 
