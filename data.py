@@ -16,6 +16,7 @@ import http.client
 import os
 import pickle
 import shutil
+import socket
 import sys
 import tarfile
 import tempfile
@@ -445,7 +446,8 @@ def load_folder(data_dir, train, image_size=32):
                         f"{', ...' if len(empty) > 5 else ''}; add some, or remove those folders")
     order = np.random.RandomState(0).permutation(len(images))
     images, labels = np.stack(images)[order], np.asarray(labels, dtype=np.int64)[order]
-    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp.npz")  # a name of its own for each torchrun process
+    # A name of its own for each torchrun process, on any of the machines that share the folder.
+    tmp = cache.with_name(f"{cache.name}.{socket.gethostname()}-{os.getpid()}.tmp.npz")
     try:
         cache.parent.mkdir(exist_ok=True)
         np.savez(tmp, images=images, labels=labels, fingerprint=np.array(fingerprint))

@@ -3,6 +3,7 @@ import json
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +162,9 @@ def test_cifar_pictures_keep_their_size(tmp_path, cifar_dir):
     assert "--image-size is for folder datasets" in one_line_error(proc)
 
 
-def test_processes_that_build_the_cache_at_the_same_time_do_not_trip_over_each_other(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("other", ["another process here", "a process of another machine with the same pid"])
+def test_processes_that_build_the_cache_at_the_same_time_do_not_trip_over_each_other(tmp_path, capsys, monkeypatch,
+                                                                                      other):
     # under torchrun every process decodes a new folder; here a second one writes and renames
     # the cache while the first is between writing its copy and renaming it
     root = write_folder(tmp_path / "photos", per_class=2, odd_files=False)
@@ -172,7 +175,10 @@ def test_processes_that_build_the_cache_at_the_same_time_do_not_trip_over_each_o
         if not others:
             others.append(1)
             with monkeypatch.context() as other_process:
-                other_process.setattr(os, "getpid", lambda: 99999)
+                if other == "another process here":
+                    other_process.setattr(os, "getpid", lambda: 99999)
+                else:  # the folder is shared by the machines of a multi-node job
+                    other_process.setattr(socket, "gethostname", lambda: "node-2")
                 data.load_folder(root, train=True, image_size=32)
 
     monkeypatch.setattr(np, "savez", savez)
