@@ -357,6 +357,7 @@ def run_epochs(args, t, loaders, describe, folder, stop, start, t0):
     train_seconds = eval_seconds = first_step = 0.0
     acc, images, last_epoch = 0.0, 0, min(args.epochs, args.stop_after or args.epochs)
     scored = t.ema.model if t.ema else t.model  # what is evaluated and saved as "model"
+    loop_start = time.perf_counter()
 
     def snapshot(epoch, accuracy):
         return resnet.checkpoint(scored, epoch=epoch, accuracy=accuracy, best_accuracy=best[0], best_epoch=best[1],
@@ -383,9 +384,11 @@ def run_epochs(args, t, loaders, describe, folder, stop, start, t0):
         folder.save_epoch(lambda: snapshot(epoch, acc), t, is_best,
                           [str(epoch), f"{r.loss:.4f}", f"{r.acc:.3f}", f"{test_loss:.4f}", f"{acc:.3f}", f"{lr:.6g}",
                            f"{r.seconds:.2f}", f"{r.images / r.seconds:.1f}"])
+        # The epochs so far, evaluation and saving included, at the same pace for the rest.
+        left = (time.perf_counter() - loop_start) / (epoch - start.epoch) * (last_epoch - epoch)
         folder.say(f"epoch {epoch:3d}/{args.epochs} | train loss {r.loss:.3f} acc {r.acc:6.2f}% | test loss "
                    f"{test_loss:.3f} acc {acc:6.2f}% | lr {lr:.4f} | {r.seconds:.1f}s {speed(r, args, first)}"
-                   f"{' | best' if is_best else ''}")
+                   f"{' | best' if is_best else ''}{f' | {duration(left)} left' if epoch < last_epoch else ''}")
         signum = stop.agreed(test_loader.images.device)  # a stop during evaluation: the epoch is complete
         if signum and epoch < last_epoch:
             return stopped(folder, signum, f"after epoch {epoch}")
@@ -402,6 +405,13 @@ def speed(r, args, first):
         return f"{r.images / r.seconds:.0f} img/s"
     rate = (r.images - min(args.batch_size, r.images)) / max(r.seconds - r.first_step, 1e-9)
     return f"{rate:.0f} img/s after a {r.first_step:.1f}s first step (compilation)"
+
+
+def duration(seconds):
+    """'45s', '12 min' or '3.1 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
 
 
 def stopped(folder, signum, where):

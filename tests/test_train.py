@@ -60,6 +60,11 @@ def test_no_note_once_an_epoch_has_8_steps():
     assert train.few_steps_note(50_000, 97, 40) is None and train.few_steps_note(64, 8, 40) is None
 
 
+def test_the_time_left_reads_in_seconds_minutes_or_hours():
+    assert [train.duration(s) for s in (0.4, 89, 91, 5399, 5401, 30 * 3600)] == \
+        ["0s", "89s", "2 min", "90 min", "1.5 h", "30.0 h"]
+
+
 @pytest.mark.slow
 def test_progress_without_a_terminal_is_plain_lines_and_the_last_line_sums_up(trained_run):
     _, proc = trained_run
@@ -67,6 +72,8 @@ def test_progress_without_a_terminal_is_plain_lines_and_the_last_line_sums_up(tr
     assert re.search(r"epoch 1/2 step 2/2 loss \S+ acc \S+% lr \S+ img_s \d+", proc.stdout)
     assert "note: 2 steps per epoch, 4 in all: too few" in proc.stdout  # 16 pictures in batches of 8
     assert re.search(r"epoch +2/2 \| train loss .* \| test loss .* acc .*% \|", proc.stdout)
+    epochs = [ln for ln in proc.stdout.splitlines() if re.match(r"epoch +\d/2 \|", ln)]
+    assert re.search(r" \| \d+s left$", epochs[0]) and not epochs[1].endswith("left")  # the time the rest takes
     assert re.fullmatch(r"best accuracy \d+\.\d\d% at epoch [12], total time \d+\.\ds .*",
                         proc.stdout.strip().splitlines()[-1])
 
