@@ -102,10 +102,17 @@ def plot_runs(run_dirs, out):
         acc_ax.plot(m["epoch"], m["train_acc"], "--", color=color, marker=marker, label=f"{name} train")
         acc_ax.plot(m["epoch"], m["test_acc"], "-", color=color, marker=marker, label=f"{name} test")
         lr_ax.plot(m["epoch"], m["lr"], "-", color=color, marker=marker, label=name)
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
     # A log scale keeps an early spike of the test loss (BatchNorm statistics settling)
-    # from flattening the rest of the curve.
+    # from flattening the rest of the curve. Its ticks: round numbers, written plainly (2.4, not 2.4 x 10^0).
     loss_ax.set_yscale("log")
+    low, high = loss_ax.get_ylim()
+    if high / low < 10:  # within a decade the scale is nearly linear: evenly spaced ticks
+        loss_ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+    else:
+        loss_ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0) if high / low < 100 else (1.0,)))
+    loss_ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    loss_ax.yaxis.set_minor_formatter(NullFormatter())
     for ax, title, ylabel in ((loss_ax, "Loss", "cross-entropy (log scale)"), (acc_ax, "Accuracy", "accuracy (%)"),
                               (lr_ax, "Learning rate (end of epoch)", "learning rate")):
         ax.set_title(title)

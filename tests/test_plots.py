@@ -121,6 +121,21 @@ def test_a_last_row_cut_short_by_a_kill_is_left_out_and_the_epochs_before_it_are
     assert plot.read_metrics(tmp_path)["epoch"] == [1.0, 2.0]
 
 
+@pytest.mark.parametrize("test_losses", [
+    [2.43, 1.96, 1.77],  # a short run: within a decade
+    [2.4, 3.0] + [2.4 * 0.93 ** e + 0.3 for e in range(3, 41)],  # a whole run: about one decade
+    [2.4, 2000.0] + [2.4 * 0.93 ** e + 0.3 for e in range(3, 41)],  # an early spike: several decades
+])
+def test_the_loss_axis_reads_in_plain_round_numbers(tmp_path, test_losses):
+    lines = [f"{e},{loss * 0.9:.4f},30.000,{loss:.4f},35.000,0.1,5.00,100.0\n"
+             for e, loss in enumerate(test_losses, start=1)]
+    (tmp_path / "metrics.csv").write_text(HEADER + "".join(lines))
+    loss_ax = plot.plot_runs([tmp_path], tmp_path / "curves.png").axes[0]
+    low, high = loss_ax.get_ylim()
+    labels = [t.get_text() for t in loss_ax.get_yticklabels() if low <= t.get_position()[1] <= high]
+    assert len(labels) >= 3 and all(float(text) > 0 for text in labels), labels  # 0.3 or 2.4, not 3 x 10^-1
+
+
 @pytest.mark.parametrize("text, message", [
     (HEADER + ROW.format(1) + "2,x,y\n" + ROW.format(3), "metrics.csv, line 3: not a row of numbers (2, x, y"),
     (HEADER, "metrics.csv: no finished epoch yet"),
