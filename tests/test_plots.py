@@ -124,6 +124,7 @@ def test_a_last_row_cut_short_by_a_kill_is_left_out_and_the_epochs_before_it_are
 @pytest.mark.parametrize("test_losses", [
     [2.43, 1.96, 1.77],  # a short run: within a decade
     [2.4, 3.0] + [2.4 * 0.93 ** e + 0.3 for e in range(3, 41)],  # a whole run: about one decade
+    [276.6, 2.19, 1.84, 1.76, 1.71],  # BatchNorm's statistics not settled in the first epoch: two decades
     [2.4, 2000.0] + [2.4 * 0.93 ** e + 0.3 for e in range(3, 41)],  # an early spike: several decades
 ])
 def test_the_loss_axis_reads_in_plain_round_numbers(tmp_path, test_losses):
