@@ -107,10 +107,11 @@ def plot_runs(run_dirs, out):
     # from flattening the rest of the curve. Its ticks: round numbers, written plainly (2.4, not 2.4 x 10^0).
     loss_ax.set_yscale("log")
     low, high = loss_ax.get_ylim()
-    if high / low < 10:  # within a decade the scale is nearly linear: evenly spaced ticks
+    span = high / low
+    if span < 10:  # within a decade the scale is nearly linear: evenly spaced ticks
         loss_ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
     else:  # fewer ticks per decade the more decades there are
-        subs = (1.0, 2.0, 3.0, 5.0) if high / low < 100 else (1.0, 2.0, 5.0) if high / low < 1e4 else (1.0,)
+        subs = (1.0, 2.0, 3.0, 5.0) if span < 100 else (1.0, 2.0, 5.0) if span < 1e4 else (1.0,)
         loss_ax.yaxis.set_major_locator(LogLocator(subs=subs))
     loss_ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     loss_ax.yaxis.set_minor_formatter(NullFormatter())
