@@ -218,7 +218,7 @@ def test_a_copy_left_by_a_writer_killed_mid_write_is_removed_on_the_next_load(tm
     root = write_folder(tmp_path / "photos", per_class=2, odd_files=False)
     data.load_folder(root, train=True, image_size=32)
     cache = root / ".cache"
-    abandoned, in_progress = cache / "train-32px.npz.4242.tmp.npz", cache / "train-32px.npz.4343.tmp.npz"
+    abandoned, in_progress = cache / "train-32px.npz.node-1-4242.tmp.npz", cache / "train-32px.npz.node-2-4343.tmp.npz"
     abandoned.write_bytes(b"half a cache")  # a kill -9 came while writing it, half an hour ago
     os.utime(abandoned, (abandoned.stat().st_atime, abandoned.stat().st_mtime - 1800))
     in_progress.write_bytes(b"being written")  # by another process, now
