@@ -7,6 +7,7 @@
 Reads metrics.csv, the per-epoch table train.py writes into each run directory.
 Needs matplotlib: pip install -r requirements-extra.txt (`make plot` does it).
 """
+import argparse
 import csv
 import re
 import sys
@@ -41,12 +42,41 @@ def pyplot():
     return plt
 
 
+def picture(example):
+    """An argparse type for a picture to write, checked before any work is done: a folder and a
+    type matplotlib cannot write are refused, and a name without a type gets .png (matplotlib
+    would add it anyway, and the name printed must be the file's)."""
+    def check(text):
+        out = Path(text)
+        if out.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is a folder; name the picture, e.g. {out / example}")
+        if not out.suffix:
+            return out.with_suffix(".png")
+        try:
+            from matplotlib.backend_bases import FigureCanvasBase
+        except ImportError:  # said when it comes to drawing
+            return out
+        if out.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
+            raise argparse.ArgumentTypeError(f"matplotlib cannot write {out.suffix} pictures; "
+                                             f"use .png, .jpg, .svg or .pdf")
+        return out
+
+    check.__name__ = "picture"
+    return check
+
+
 def save(fig, out):
-    """Write fig to out. Characters no known font has are named in one note instead of a
-    warning per character and drawing."""
+    """Write fig to out, making its folder. Characters no known font has are named in one note
+    instead of a warning per character and drawing."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fig.savefig(out, dpi=100)
+        try:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(out, dpi=100)
+        except (FileExistsError, NotADirectoryError):
+            raise PlotError(f"{out}: cannot write it: part of its folder's path is a file") from None
+        except OSError as e:  # read-only folder, full disk, ...
+            raise PlotError(f"{out}: cannot write it ({e.strerror or e})") from None
     missing = set()
     for w in caught:
         glyph = re.match(r"Glyph (\d+) .*missing from font", str(w.message))
@@ -170,14 +200,13 @@ def plot_confusion(confusion, classes, out, normalize=True):
 def get_args_parser():
     p = cli.parser("Plot the training curves of one or more runs.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories holding metrics.csv")
-    p.add_argument("--out", default=None,
+    p.add_argument("--out", type=picture("curves.png"), default=None,
                    help="picture to write (default: RUN_DIR/curves.png for one run, runs/curves.png for several)")
     return p
 
 
 def main(args):
-    out = Path(args.out or (Path(args.runs[0]) / "curves.png" if len(args.runs) == 1 else "runs/curves.png"))
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.out or (Path(args.runs[0]) / "curves.png" if len(args.runs) == 1 else Path("runs/curves.png"))
     plot_runs(args.runs, out)
     print(f"wrote {out}")
 

@@ -17,6 +17,7 @@ os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # torch_npu loads i
 import cli  # noqa: E402
 import data  # noqa: E402
 import device  # noqa: E402
+import plot  # noqa: E402
 import resnet  # noqa: E402
 import rundir  # noqa: E402
 
@@ -41,7 +42,7 @@ def get_args_parser():
     p.add_argument("--tta", nargs="?", const="flip", default="off", choices=resnet.TTA,
                    help="test-time augmentation: flip (--tta alone) averages each picture's logits with its "
                         "mirror image's; flip-shift adds both moved by a pixel")
-    p.add_argument("--confusion-png", default=None, metavar="PATH",
+    p.add_argument("--confusion-png", type=plot.picture("confusion.png"), default=None, metavar="PATH",
                    help="also draw the confusion matrix into this picture (needs matplotlib)")
     return p
 
@@ -104,12 +105,11 @@ def main(args):
     accuracy = 100.0 * correct / max(total, 1)
     print(f"\naccuracy {accuracy:.2f}% ({correct}/{total}), loss {loss:.4f}")
     if args.confusion_png:
-        import plot
         try:
             plot.plot_confusion(confusion.tolist(), classes, args.confusion_png)
             print(f"wrote {args.confusion_png}")
         except plot.PlotError as e:  # the evaluation itself has succeeded: say so, don't fail
-            print(f"note: no {args.confusion_png}: {e}", file=sys.stderr)
+            print(f"note: no confusion matrix picture: {e}", file=sys.stderr)
     return {"accuracy": accuracy, "loss": loss, "per_class": per_class, "confusion": confusion}
 
 

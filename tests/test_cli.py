@@ -79,6 +79,22 @@ def test_the_values_that_used_to_slip_through_are_refused_in_one_line(script, ar
     assert err[0].startswith(f"{PARSERS[script]().prog}: error: argument {args[0]}")
 
 
+@pytest.mark.parametrize("script, flag, example", [("plot.py", "--out", "curves.png"),
+                                                   ("test.py", "--confusion-png", "confusion.png")])
+def test_a_picture_to_write_is_checked_while_the_arguments_are_parsed(script, flag, example, tmp_path, capsys):
+    def picture(text):
+        return getattr(parse(script, flag, text), flag.lstrip("-").replace("-", "_"))
+
+    assert picture(str(tmp_path / "cm")) == tmp_path / "cm.png"  # the name matplotlib would write, and prints
+    assert picture(str(tmp_path / "cm.SVG")) == tmp_path / "cm.SVG"
+    for text, says in [(str(tmp_path), f"{tmp_path} is a folder; name the picture, e.g. {tmp_path / example}"),
+                       ("cm.bmp", "matplotlib cannot write .bmp pictures; use .png, .jpg, .svg or .pdf")]:
+        with pytest.raises(SystemExit) as e:
+            picture(text)
+        assert e.value.code == 2
+        assert capsys.readouterr().err.strip() == f"{PARSERS[script]().prog}: error: argument {flag}: {says}"
+
+
 @pytest.mark.parametrize("script", PARSERS)
 def test_help_states_each_default_once(script):
     parser = PARSERS[script]()

@@ -112,6 +112,14 @@ def test_a_run_without_metrics_is_a_one_line_error(tmp_path):
     assert "metrics.csv" in one_line_error(run_here("plot.py", tmp_path, cwd=tmp_path, check=False))
 
 
+def test_the_picture_s_folder_is_made_and_one_that_cannot_be_is_a_one_line_error(tmp_path):
+    plot.plot_confusion([[3, 1], [0, 4]], ["cat", "dog"], tmp_path / "new" / "sub" / "c.png")
+    is_png(tmp_path / "new" / "sub" / "c.png", 500, 400)
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    with pytest.raises(plot.PlotError, match="notes.txt/c.png: cannot write it: part of its folder's path is a file"):
+        plot.plot_confusion([[3, 1], [0, 4]], ["cat", "dog"], tmp_path / "notes.txt" / "c.png")
+
+
 HEADER = "epoch,train_loss,train_acc,test_loss,test_acc,lr,epoch_seconds,img_s\n"
 ROW = "{},2.0,30.000,1.9,35.000,0.1,5.00,100.0\n"
 
