@@ -164,8 +164,11 @@ def cold_start(picture, repeats):
         for repeat in range(2 * repeats):
             for name, command in commands.items():
                 start = time.perf_counter()
-                subprocess.run(command, check=True, capture_output=True)
+                proc = subprocess.run(command, capture_output=True, text=True)
                 times[name].append(time.perf_counter() - start)
+                if proc.returncode:  # a picture Pillow cannot read, say: predict.py's own line says why
+                    said = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+                    raise data.DataError(f"{Path(command[1]).name} failed: {said.removeprefix('error: ')}")
             print(f"start {repeat + 1}: " + " ".join(f"{k}={v[-1]:.2f}" for k, v in times.items()), flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     line = (f"bench cold_start picture={picture} predict_s={med['predict_s']:.2f} "

@@ -202,6 +202,16 @@ def test_bench_cold_start_times_predict_py_against_the_tutorials_predict_flow(tm
     assert "missing.jpg" in one_line_error(proc)
 
 
+def test_a_picture_predict_py_refuses_ends_the_cold_start_with_predict_py_s_own_line(tmp_path, monkeypatch):
+    import subprocess
+    (tmp_path / "notes.jpg").write_text("not a picture")
+    said = "error: notes.jpg: cannot read picture (cannot identify image file 'notes.jpg')\n"
+    monkeypatch.setattr(subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(command, 1, "", said))
+    with pytest.raises(data.DataError) as e:
+        bench.cold_start(str(tmp_path / "notes.jpg"), repeats=1)
+    assert str(e.value) == "predict.py failed: notes.jpg: cannot read picture (cannot identify image file 'notes.jpg')"
+
+
 @pytest.mark.slow
 def test_speedrun_trains_the_fast_recipe_with_seeds_0_to_runs_and_sums_up_in_one_line(tmp_path, cifar_dir, capsys):
     recipe = ["--epochs", "1", "--subset", "16", "--batch-size", "8", "--eval-batch-size", "100", "--tta", "flip"]
