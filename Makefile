@@ -42,8 +42,11 @@ STAMP := .make/$(subst /,_,$(abspath $(ENV)))
 # EPOCHS and BATCH are train.py's own defaults (a test keeps the two the same).
 TRAIN_FLAGS := --model $(MODEL) --dataset $(DATASET) --device $(DEVICE) --data-dir $(DATA_DIR) --out-dir $(RUN_DIR) \
 	--epochs $(EPOCHS) --batch-size $(BATCH)
-# NPROC=N: N processes on this machine under torchrun (DDP), one device each.
-LAUNCH := $(if $(NPROC),$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC),$(PYTHON))
+# NPROC=N: N processes on this machine under torchrun (DDP), one device each. Anything but a whole
+# number from 1 stops make in one line, where torchrun would answer with a traceback.
+nproc = $(if $(shell echo '$(NPROC)' | grep -Ex '[1-9][0-9]*'),$(NPROC),\
+	$(error NPROC=$(NPROC): the number of processes to start, a whole number from 1))
+LAUNCH = $(if $(NPROC),$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(nproc),$(PYTHON))
 # test.py and export.py use the data the run trained on unless DATA_DIR (or, for test.py, DATASET) is given here.
 RUN_DATA := $(if $(filter command line environment,$(origin DATA_DIR)),--data-dir $(DATA_DIR))
 EVAL_FLAGS := --checkpoint $(RUN_DIR)/best.pth --device $(DEVICE) --confusion-png $(RUN_DIR)/confusion.png \

@@ -94,6 +94,17 @@ def test_model_run_dir_and_data_dir_pass_through_to_train_and_eval(project):
     assert "--data-dir /abs/data" in make("-n", "eval", "DATA_DIR=/abs/data").stdout
 
 
+def test_nproc_starts_torchrun_and_anything_but_a_count_stops_make_in_one_line(project):
+    _, make = project
+    assert "-m torch.distributed.run --standalone --nproc_per_node=2 train.py --model" in make(
+        "-n", "train", "NPROC=2").stdout
+    for bad in ("0", "-1", "abc", "auto"):  # torchrun's own answer to 0 is a traceback
+        proc = make("-n", "train", f"NPROC={bad}", check=False)
+        assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.stderr.strip().endswith(f"*** NPROC={bad}: the number of processes to start, "
+                                            "a whole number from 1.  Stop.")
+
+
 def test_speedrun_trains_runs_times_and_ends_with_the_summary_line(project, tmp_path):
     _, make = project
     root = write_cifar(tmp_path / "data", n_train=64, n_test=20)
