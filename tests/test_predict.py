@@ -69,6 +69,9 @@ def test_pictures_become_rgb_at_the_training_size():
         im = Image.new(mode, (50, 20))
         assert data.to_rgb(im).mode == "RGB"
     assert data.to_rgb(Image.new("RGBA", (2, 2), (0, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)
+    for mode, white in [("I;16", 65535), ("I", 255), ("F", 1.0), ("F", 255.0)]:  # float: 0..1 or 0..255
+        assert data.to_rgb(Image.new(mode, (2, 2), white)).getpixel((0, 0)) == (255, 255, 255), (mode, white)
+    assert data.to_rgb(Image.new("F", (2, 2), 0.5)).getpixel((0, 0)) == (127, 127, 127)
 
 
 def test_large_pictures_are_center_cropped_then_resized(tmp_path):
