@@ -9,6 +9,7 @@ Into RUN_DIR (train.py's --out-dir, default runs/<model>):
     last.pth      every epoch, plus the training state: where --resume starts from
     data_dir.txt  where this machine keeps the run's data, for test.py and export.py
                   (the checkpoints, which may be shared, keep no absolute paths)
+    .lock         held while a train.py writes here: a second one on the folder stops at once
 
 Every file is replaced atomically (written aside, flushed, renamed), so a kill at any moment
 leaves the old file or the new one. Checkpoints are written by a thread of their own while
@@ -20,6 +21,7 @@ import contextlib
 import os
 import queue
 import re
+import socket
 import sys
 import threading
 import warnings
@@ -188,7 +190,8 @@ class Writer:
 
 
 class RunFolder:
-    """One run's folder. Only the main process of a torchrun job writes (is_main)."""
+    """One run's folder. Only the main process of a torchrun job writes (is_main). Inside
+    `with`, the folder is held for this run alone."""
 
     def __init__(self, path, is_main=True):
         self.path, self.is_main = Path(path), is_main
@@ -196,13 +199,64 @@ class RunFolder:
             raise TrainingError(f"{self.path} is a file; --out-dir names the run's folder")
         self.writer = Writer() if is_main else None
         self.resumed_from = None  # the checkpoint load() read
+        self.lock, self.made = None, []
 
     def __enter__(self):
+        if self.is_main:
+            self._hold()
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if self.writer is not None:  # a finished epoch is written even when the next one fails
-            self.writer.close(raise_error=exc_type is None)
+        try:
+            if self.writer is not None:  # a finished epoch is written even when the next one fails
+                self.writer.close(raise_error=exc_type is None)
+        finally:
+            self._release()
+
+    def _hold(self):
+        """Lock the folder (.lock in it), so that a second train.py on it, from a second terminal
+        or a job sent twice, stops at once instead of writing into the same logs and checkpoints.
+        POSIX; where the file system has no locks, the run goes on without one."""
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            return
+        self.made = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            lock = open(self.path / ".lock", "a+", encoding="utf-8")
+        except OSError as e:  # a read-only disk, a file where a folder should be on the way
+            raise TrainingError(f"{self.path}: cannot make the run's folder ({e.strerror or e})") from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            self.made = []
+            raise TrainingError(f"{self.path} is in use by {holder}: let it finish (or stop it), "
+                                "or choose another --out-dir (RUN_DIR=)") from None
+        except OSError:
+            lock.close()
+            return
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"train.py, process {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        self.lock = lock
+
+    def _release(self):
+        """Unlock; a folder this run made and wrote nothing into (its data failed to load, say)
+        is removed again."""
+        if self.lock is None:
+            return
+        if [p.name for p in self.path.iterdir()] == [".lock"] and self.made:
+            (self.path / ".lock").unlink()
+            for folder in self.made:
+                with contextlib.suppress(OSError):  # not empty: something else lives there now
+                    folder.rmdir()
+        self.lock.close()
+        self.lock = None
 
     def resume_path(self, resume):
         """The checkpoint --resume names: PATH, or '' for last.pth here."""

@@ -2,6 +2,7 @@
 order with last.pth last, a failed write that surfaces in the training thread, the logs cut
 back on resume, and the run's data folder noted in the run folder."""
 import os
+import socket
 import threading
 import time
 
@@ -114,6 +115,29 @@ def test_a_run_folder_that_is_a_file_is_refused_at_once(tmp_path):
     with pytest.raises(rundir.TrainingError, match="notes is a file; --out-dir names the run's folder"):
         rundir.RunFolder(tmp_path / "notes")
     assert (tmp_path / "notes").read_text() == "mine"
+
+
+def test_a_second_train_py_on_a_folder_in_use_stops_before_loading_anything_and_names_the_first(tmp_path):
+    args = train.get_args_parser().parse_args(["--out-dir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "no"),
+                                               "--device", "cpu"])
+    with rundir.RunFolder(tmp_path / "run"):  # a run at work there: a second terminal, a job sent twice
+        with pytest.raises(rundir.TrainingError) as e:
+            train.main(args)  # refused before its data (there is none) is looked for
+        assert str(e.value) == (f"{tmp_path / 'run'} is in use by train.py, process {os.getpid()} on "
+                                f"{socket.gethostname()}: let it finish (or stop it), or choose another --out-dir "
+                                "(RUN_DIR=)")
+    with rundir.RunFolder(tmp_path / "run"):  # the first has ended: the folder is free again
+        pass
+
+
+def test_a_run_folder_a_failed_start_made_is_removed_and_one_written_into_stays(tmp_path):
+    with pytest.raises(RuntimeError):
+        with rundir.RunFolder(tmp_path / "runs" / "new"):
+            raise RuntimeError("the data did not load")
+    assert not (tmp_path / "runs").exists()
+    with rundir.RunFolder(tmp_path / "runs" / "new") as folder:
+        folder.begin(tmp_path, rundir.Start(), 1)
+    assert (tmp_path / "runs" / "new" / "data_dir.txt").is_file()
 
 
 def test_resume_cuts_the_logs_back_to_the_saved_state_and_rewrites_best_acc(tmp_path):
