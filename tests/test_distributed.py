@@ -42,7 +42,7 @@ def two_process_run(tmp_path_factory):
 def test_two_processes_train_and_write_exactly_one_set_of_files(two_process_run):
     run, _, proc = two_process_run
     assert {p.name for p in run.iterdir()} == {"log.txt", "acc.txt", "best_acc.txt", "metrics.csv", "net_001.pth",
-                                               "net_002.pth", "best.pth", "last.pth", "data_dir.txt"}
+                                               "net_002.pth", "best.pth", "last.pth", "data_dir.txt", ".lock"}
     assert [ln[:9] for ln in (run / "log.txt").read_text().splitlines()] == ["001 00002", "002 00004"]
     assert len((run / "acc.txt").read_text().splitlines()) == 2
     assert proc.stdout.count("best accuracy") == 1  # one process speaks
