@@ -10,11 +10,13 @@ and kept on the training device. Shuffling, random crops and flips are done on
 whole batches there: no DataLoader workers, no per-image Python work. Picture
 folders are decoded once and cached as arrays beside the pictures.
 """
+import argparse
 import contextlib
 import hashlib
 import http.client
 import os
 import pickle
+import re
 import shutil
 import socket
 import sys
@@ -132,7 +134,7 @@ def prepare(data_dir, archive=None, url=None, md5=None, dataset="cifar10"):
         folder_classes(data_dir)
         return data_dir
     spec = CIFAR[dataset]
-    md5 = spec.md5 if md5 is None else md5
+    md5 = (spec.md5 if md5 is None else md5).lower()  # PowerShell's Get-FileHash writes capitals
     if is_prepared(data_dir, dataset):
         return data_dir / spec.folder
     made = not data_dir.exists()
@@ -156,6 +158,8 @@ def _fetch(data_dir, dataset, archive, url, md5):
             print(f"downloading {url}")
             download(url, archive, spec.archive)
     archive = Path(archive)
+    if archive.is_dir():
+        raise DataError(f"{archive} is a folder; --archive (ARCHIVE=) names the {spec.archive} file")
     if not archive.is_file():
         raise DataError(f"{archive}: no such archive")
     found = md5sum(archive) if md5 else None
@@ -608,6 +612,13 @@ def write_samples(images, labels, out_dir, per_class=10):
     return out_dir
 
 
+def md5_sum(text):
+    """--md5: 32 hexadecimal digits in either case, or '' to check nothing."""
+    if text and not re.fullmatch(r"[0-9a-fA-F]{32}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an MD5 sum (32 hexadecimal digits)")
+    return text
+
+
 def get_args_parser():
     p = cli.parser(__doc__.split("\n")[0])
     p.add_argument("--dataset", default="cifar10", choices=DATASETS,
@@ -616,7 +627,8 @@ def get_args_parser():
     p.add_argument("--archive", default=None, help="use this local copy of the official archive instead of downloading")
     p.add_argument("--url", default=os.environ.get("CIFAR_URL"),
                    help="download from here instead of the official address (environment: CIFAR_URL)")
-    p.add_argument("--md5", default=None, help="expected MD5 of the archive (default: the official one)")
+    p.add_argument("--md5", type=md5_sum, default=None,
+                   help="expected MD5 of the archive ('' for no check; default: the official one)")
     p.add_argument("--image-size", type=cli.integer(min=8, max=1024), default=32,
                    help="folder datasets: pictures are resized to this")
     p.add_argument("--samples", default="test",

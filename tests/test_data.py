@@ -192,6 +192,26 @@ def test_the_official_md5_is_checked_and_a_mismatch_leaves_no_dataset(tmp_path, 
     assert not data.is_prepared(tmp_path / "d")
 
 
+def test_an_md5_in_capitals_is_the_same_sum_and_one_that_is_no_sum_is_refused_while_parsing(tmp_path, archive,
+                                                                                            capsys):
+    path, md5 = archive
+    assert data.prepare(tmp_path / "d", archive=path, md5=md5.upper()) == tmp_path / "d" / "cifar-10-batches-py"
+    parser = data.get_args_parser()
+    for bad in ("xyz", md5[:-1], md5 + "0"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--md5", bad])
+        assert capsys.readouterr().err.strip() == (f"{parser.prog}: error: argument --md5: {bad!r} is not an MD5 "
+                                                   "sum (32 hexadecimal digits)")
+    assert parser.parse_args(["--md5", ""]).md5 == ""  # no check
+
+
+def test_an_archive_that_is_a_folder_is_named_as_one(tmp_path):
+    (tmp_path / "downloads").mkdir()
+    with pytest.raises(data.DataError, match=r"downloads is a folder; --archive \(ARCHIVE=\) names the "
+                                             r"cifar-10-python.tar.gz file"):
+        data.prepare(tmp_path / "d", archive=tmp_path / "downloads")
+
+
 def test_an_archive_missing_batch_files_leaves_no_dataset(tmp_path):
     src = write_cifar(tmp_path / "src", n_train=10, n_test=10)
     (src / "cifar-10-batches-py" / "data_batch_5").unlink()
