@@ -426,29 +426,40 @@ def load_folder(data_dir, train, image_size=32):
                     return torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]), classes
         except Exception:  # a damaged cache is rebuilt like a stale one
             pass
-    images, labels, skipped = [], [], []
+    images, labels, skipped, unknown = [], [], [], {}
     for f in files:
         parts = f.relative_to(split_dir).parts
-        if len(parts) < 2 or parts[0] not in classes:
-            skipped.append(f"{f} (not inside a class folder of {Path(data_dir) / 'train'})")
+        if len(parts) >= 2 and parts[0] not in classes:  # test/<a class train/ does not have>/
+            unknown[parts[0]] = unknown.get(parts[0], 0) + 1
+            continue
+        if len(parts) < 2:
+            skipped.append(f"{f} (not inside a class folder)")
             continue
         try:
             images.append(load_picture(f, image_size).numpy())
             labels.append(classes.index(parts[0]))
         except PictureError as e:
             skipped.append(str(e))
-    if skipped:  # listed (the first 20), so the user can fix or remove them
-        print(f"skipped {len(skipped)} of {len(files)} files in {split_dir}, not readable pictures:", file=sys.stderr)
-        for line in skipped[:20]:
+    # A folder of a class the network does not know is one line; the rest file by file (the first
+    # 20), so the user can fix or remove them.
+    lines = [f"{split_dir / name}/: {n} file{'s' if n > 1 else ''}, a class {Path(data_dir) / 'train'} does not have"
+             for name, n in unknown.items()] + skipped
+    if lines:
+        print(f"skipped {len(skipped) + sum(unknown.values())} of {len(files)} files in {split_dir}:", file=sys.stderr)
+        for line in lines[:20]:
             print(f"  {line}", file=sys.stderr)
-        if len(skipped) > 20:
-            print(f"  and {len(skipped) - 20} more", file=sys.stderr)
+        if len(lines) > 20:
+            print(f"  and {len(lines) - 20} more", file=sys.stderr)
     if not images:
         raise DataError(f"{split_dir}: no readable pictures in its class folders")
     empty = sorted(set(classes) - {classes[i] for i in set(labels)})
+    named = f"{', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}"
     if train and empty:  # a class the network could never learn
-        raise DataError(f"{split_dir}: no readable pictures in the class folders {', '.join(empty[:5])}"
-                        f"{', ...' if len(empty) > 5 else ''}; add some, or remove those folders")
+        raise DataError(f"{split_dir}: no readable pictures in the class folders {named}; add some, or remove "
+                        "those folders")
+    if empty:
+        print(f"note: {split_dir} has no pictures of {named}: the test accuracy leaves "
+              f"{'that class' if len(empty) == 1 else 'those classes'} out", file=sys.stderr)
     order = np.random.RandomState(0).permutation(len(images))
     images, labels = np.stack(images)[order], np.asarray(labels, dtype=np.int64)[order]
     # A name of its own for each torchrun process, on any of the machines that share the folder.

@@ -121,14 +121,29 @@ def test_a_class_folder_linked_in_from_elsewhere_is_read_and_a_link_loop_is_not_
     assert classes == ["cat", "dog", "ship"] and labels.bincount().tolist() == [3, 3, 3]
 
 
-def test_a_training_class_folder_without_pictures_is_refused_by_name_and_the_test_split_may_lack_one(tmp_path):
+def test_a_training_class_folder_without_pictures_is_refused_by_name_and_the_test_split_may_lack_one(tmp_path,
+                                                                                                      capsys):
     root = write_folder(tmp_path / "photos", per_class=2, odd_files=False)
     (root / "train" / "bird").mkdir()
     (root / "train" / "bird" / "notes.txt").write_text("pictures to come")
     with pytest.raises(data.DataError, match="photos/train: no readable pictures in the class folders bird; add"):
         data.load_folder(root, train=True, image_size=32)
+    capsys.readouterr()
     _, labels, classes = data.load_folder(root, train=False, image_size=32)
     assert classes == ["bird", "cat", "dog", "ship"] and labels.bincount().tolist() == [0, 2, 2, 2]
+    assert capsys.readouterr().err == (f"note: {root / 'test'} has no pictures of bird: the test accuracy leaves that "
+                                       "class out\n")
+
+
+def test_a_test_class_folder_train_does_not_have_is_one_line_not_a_line_per_picture(tmp_path, capsys):
+    root = write_folder(tmp_path / "photos", per_class=3, odd_files=False)
+    (root / "test" / "dog").rename(root / "test" / "wolf")
+    _, labels, classes = data.load_folder(root, train=False, image_size=32)
+    assert classes == ["cat", "dog", "ship"] and labels.bincount().tolist() == [3, 0, 3]
+    assert capsys.readouterr().err.splitlines() == [
+        f"skipped 3 of 9 files in {root / 'test'}:",
+        f"  {root / 'test' / 'wolf'}/: 3 files, a class {root / 'train'} does not have",
+        f"note: {root / 'test'} has no pictures of dog: the test accuracy leaves that class out"]
 
 
 @pytest.mark.slow
