@@ -58,7 +58,7 @@ def picture(example):
             return out
         if out.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
             raise argparse.ArgumentTypeError(f"matplotlib cannot write {out.suffix} pictures; "
-                                             f"use .png, .jpg, .svg or .pdf")
+                                             "use .png, .jpg, .svg or .pdf")
         return out
 
     check.__name__ = "picture"

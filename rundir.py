@@ -248,15 +248,14 @@ class RunFolder:
     def _release(self):
         """Unlock; a folder this run made and wrote nothing into (its data failed to load, say)
         is removed again."""
-        if self.lock is None:
-            return
-        if [p.name for p in self.path.iterdir()] == [".lock"] and self.made:
-            (self.path / ".lock").unlink()
+        if self.made and {p.name for p in self.path.iterdir()} <= {".lock"}:
+            (self.path / ".lock").unlink(missing_ok=True)
             for folder in self.made:
                 with contextlib.suppress(OSError):  # not empty: something else lives there now
                     folder.rmdir()
-        self.lock.close()
-        self.lock = None
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
     def resume_path(self, resume):
         """The checkpoint --resume names: PATH, or '' for last.pth here."""
