@@ -140,6 +140,21 @@ def test_a_run_folder_a_failed_start_made_is_removed_and_one_written_into_stays(
     assert (tmp_path / "runs" / "new" / "data_dir.txt").is_file()
 
 
+def test_where_the_file_system_has_no_locks_the_run_goes_on_without_one(tmp_path, monkeypatch):
+    import fcntl
+
+    def refuse(*_):
+        raise OSError(37, "No locks available")  # ENOLCK: some network file systems
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with pytest.raises(RuntimeError):
+        with rundir.RunFolder(tmp_path / "runs" / "new"):
+            raise RuntimeError("the data did not load")
+    assert not (tmp_path / "runs").exists()
+    with rundir.RunFolder(tmp_path / "runs" / "new") as folder:
+        folder.begin(tmp_path, rundir.Start(), 1)
+    assert (tmp_path / "runs" / "new" / "data_dir.txt").is_file()
+
+
 def test_resume_cuts_the_logs_back_to_the_saved_state_and_rewrites_best_acc(tmp_path):
     (tmp_path / "log.txt").write_text("001 00001 | Loss: 2.000 | Acc: 10.000%\n001 00002 | Loss: 1.900 | Acc: 12.000%\n"
                                       "002 00003 | Loss: 1.800 | Acc: 14.000%\n002 0")
