@@ -130,22 +130,14 @@ def test_a_second_train_py_on_a_folder_in_use_stops_before_loading_anything_and_
         pass
 
 
-def test_a_run_folder_a_failed_start_made_is_removed_and_one_written_into_stays(tmp_path):
-    with pytest.raises(RuntimeError):
-        with rundir.RunFolder(tmp_path / "runs" / "new"):
-            raise RuntimeError("the data did not load")
-    assert not (tmp_path / "runs").exists()
-    with rundir.RunFolder(tmp_path / "runs" / "new") as folder:
-        folder.begin(tmp_path, rundir.Start(), 1)
-    assert (tmp_path / "runs" / "new" / "data_dir.txt").is_file()
+@pytest.mark.parametrize("locks", [True, False])  # False: a network file system that refuses them
+def test_a_run_folder_a_failed_start_made_is_removed_and_one_written_into_stays(tmp_path, monkeypatch, locks):
+    if not locks:
+        import fcntl
 
-
-def test_where_the_file_system_has_no_locks_the_run_goes_on_without_one(tmp_path, monkeypatch):
-    import fcntl
-
-    def refuse(*_):
-        raise OSError(37, "No locks available")  # ENOLCK: some network file systems
-    monkeypatch.setattr(fcntl, "flock", refuse)
+        def refuse(*_):
+            raise OSError(37, "No locks available")  # ENOLCK: the run goes on without a lock
+        monkeypatch.setattr(fcntl, "flock", refuse)
     with pytest.raises(RuntimeError):
         with rundir.RunFolder(tmp_path / "runs" / "new"):
             raise RuntimeError("the data did not load")
