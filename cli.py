@@ -8,7 +8,7 @@ A value out of range (zero, negative, NaN, ...) is refused while the arguments a
 parsed, before any data is loaded: one line, `train.py: error: argument --epochs: ...`,
 and exit code 2. And when the reader of a script's output goes away (`predict.py photos/ |
 head`), the script stops quietly: `except BrokenPipeError: sys.exit(cli.reader_gone())`.
-Standard library only.
+A list in a one-line message names its first few: `cli.first_few(classes)`. Standard library only.
 """
 import argparse
 import math
@@ -63,6 +63,11 @@ def integer(min=None, max=None):
 def real(min=None, max=None, above=None, below=None):
     """A finite number, at least min / at most max / more than above / less than below."""
     return _checked(float, "a number", min=min, max=max, above=above, below=below)
+
+
+def first_few(names, k=5):
+    """Names for a one-line message: 'cat, dog, ship', or the first k and '...'."""
+    return ", ".join(map(str, names[:k])) + (", ..." if len(names) > k else "")
 
 
 def reader_gone():

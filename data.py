@@ -453,7 +453,7 @@ def load_folder(data_dir, train, image_size=32):
     if not images:
         raise DataError(f"{split_dir}: no readable pictures in its class folders")
     empty = sorted(set(classes) - {classes[i] for i in set(labels)})
-    named = f"{', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}"
+    named = cli.first_few(empty)
     if train and empty:  # a class the network could never learn
         raise DataError(f"{split_dir}: no readable pictures in the class folders {named}; add some, or remove "
                         "those folders")

@@ -30,6 +30,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+import cli
 import resnet
 
 METRICS = "epoch,train_loss,train_acc,test_loss,test_acc,lr,epoch_seconds,img_s"
@@ -74,7 +75,7 @@ def _sync_folder(folder):
 
 def named(classes):
     """'3 classes (cat, dog, ship)', the first five named."""
-    return f"{len(classes)} classes ({', '.join(map(str, classes[:5]))}{', ...' if len(classes) > 5 else ''})"
+    return f"{len(classes)} classes ({cli.first_few(classes)})"
 
 
 def save_checkpoint(ckpt, path):
