@@ -148,14 +148,18 @@ def peak_lr(args):
 
 
 def few_steps_note(n, steps, epochs):
-    """Advice when the training set fills fewer than 8 batches: a run of a few dozen steps learns
-    little (BatchNorm's running statistics hardly settle), and a smaller batch makes more steps."""
-    if steps >= 8:
+    """Advice when an epoch holds fewer than 8 steps or the run fewer than 100: a run of a few dozen
+    steps learns little (BatchNorm's running statistics hardly settle, and the peak lr is made for
+    thousands of steps), and a smaller batch makes more steps of the same epochs."""
+    if steps >= 8 and steps * epochs >= 100:
         return None
-    batch = 2 ** max(0, int(math.log2(n / 8)))
+    per_epoch = max(8, min(math.ceil(100 / epochs), n // 16))  # batches of 16 at the least, for the 100
+    batch = 2 ** max(0, int(math.log2(n / per_epoch)))  # the largest power of two that makes them
+    if n // batch <= steps:
+        return None
     return (f"note: {steps} step{'s' if steps > 1 else ''} per epoch, {steps * epochs} in all: too few to learn "
             f"much. A smaller batch gives more: --batch-size {batch} (make: BATCH={batch}) makes {n // batch} "
-            f"per epoch")
+            f"per epoch, {n // batch * epochs} in all")
 
 
 def make_optimizer(model, args):

@@ -52,12 +52,24 @@ def test_a_training_set_of_a_few_batches_gets_a_note_suggesting_a_batch_of_8_ste
     steps = max(1, n // batch)  # a set smaller than a batch is one step of all of it
     note = train.few_steps_note(n, steps, 40)
     assert f"{steps} step" in note and f"{40 * steps} in all" in note
-    assert f"--batch-size {suggested} (make: BATCH={suggested}) makes {n // suggested} per epoch" in note
+    assert note.endswith(f"--batch-size {suggested} (make: BATCH={suggested}) makes {n // suggested} per epoch, "
+                         f"{40 * (n // suggested)} in all")
     assert n // suggested >= 8 and n // (2 * suggested) < 8  # the largest power of two that gives 8 steps
 
 
-def test_no_note_once_an_epoch_has_8_steps():
+def test_a_run_of_fewer_than_100_steps_gets_a_note_suggesting_a_batch_that_makes_100():
+    # a quick look: 5,000 pictures for 2 epochs at batch 512 are 9 steps an epoch, 18 in all
+    note = train.few_steps_note(5000, 9, 2)
+    assert note == ("note: 9 steps per epoch, 18 in all: too few to learn much. A smaller batch gives more: "
+                    "--batch-size 64 (make: BATCH=64) makes 78 per epoch, 156 in all")
+    assert "--batch-size 64 " in train.few_steps_note(10_752, 84, 1)  # 168 steps where 128 makes 84
+
+
+def test_no_note_once_an_epoch_has_8_steps_and_the_run_100():
     assert train.few_steps_note(50_000, 97, 40) is None and train.few_steps_note(64, 8, 40) is None
+    assert train.few_steps_note(50_000, 97, 2) is None and train.few_steps_note(1000, 100, 1) is None
+    # nor where the batch that would make 100 steps is under 16 pictures and 16 makes none more
+    assert train.few_steps_note(128, 8, 1) is None
 
 
 def test_the_time_left_reads_in_seconds_minutes_or_hours():
