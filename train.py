@@ -3,7 +3,7 @@
     python train.py                                      # ResNet18 on the best device found
     python train.py --model resnet50 --device npu --epochs 60
     python train.py --resume                             # continue runs/resnet18/last.pth
-    python train.py --subset 2000 --epochs 1 --device cpu   # a quick look
+    python train.py --subset 2000 --epochs 1 --batch-size 16 --device cpu   # a quick look
     python train.py --dataset folder --data-dir photos --image-size 64   # photos/{train,test}/<class>/*
     torchrun --standalone --nproc_per_node=8 train.py --device npu   # 8 NPUs/GPUs, one process each
 
