@@ -47,6 +47,17 @@ TRAIN_FLAGS := --model $(MODEL) --dataset $(DATASET) --device $(DEVICE) --data-d
 nproc = $(if $(shell echo '$(NPROC)' | grep -Ex '[1-9][0-9]*'),$(NPROC),\
 	$(error NPROC=$(NPROC): the number of processes to start, a whole number from 1))
 LAUNCH = $(if $(NPROC),$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(nproc),$(PYTHON))
+# A mistyped DEVICE or NPROC stops make in one line before any target runs, not after the data
+# step has fetched the dataset.
+DEVICES := auto npu cuda mps cpu
+ifneq ($(filter train eval bench speedrun,$(MAKECMDGOALS)),)
+ifneq ($(filter $(DEVICES),$(DEVICE)),$(DEVICE))
+$(error DEVICE=$(DEVICE): the device to use, one of $(DEVICES))
+endif
+ifneq ($(and $(NPROC),$(filter train,$(MAKECMDGOALS))),)
+checked_nproc := $(nproc)
+endif
+endif
 # test.py and export.py use the data the run trained on unless DATA_DIR (or, for test.py, DATASET) is given here.
 RUN_DATA := $(if $(filter command line environment,$(origin DATA_DIR)),--data-dir $(DATA_DIR))
 EVAL_FLAGS := --checkpoint $(RUN_DIR)/best.pth --device $(DEVICE) --confusion-png $(RUN_DIR)/confusion.png \

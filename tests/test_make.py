@@ -105,6 +105,19 @@ def test_nproc_starts_torchrun_and_anything_but_a_count_stops_make_in_one_line(p
                                             "a whole number from 1.  Stop.")
 
 
+def test_a_mistyped_device_or_nproc_stops_make_before_the_data_step_fetches_anything(project):
+    import device
+    d, make = project
+    for goals, var in ((["data", "train"], "DEVICE=gpu"), (["data", "train"], "NPROC=two"), (["eval"], "DEVICE=GPU"),
+                       (["speedrun"], "DEVICE=npu0")):
+        proc = make(*goals, var, "DATA_DIR=fetched", "CIFAR_URL=http://127.0.0.1:9/cifar-10-python.tar.gz",
+                    check=False)
+        assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert f"*** {var}: " in proc.stderr and not (d / "fetched").exists()
+    listed = make("train", "DEVICE=gpu", check=False).stderr.split("one of ")[1].removesuffix(".  Stop.\n")
+    assert listed.split() == device.DEVICES  # the Makefile's list is the scripts' own
+
+
 def test_speedrun_trains_runs_times_and_ends_with_the_summary_line(project, tmp_path):
     _, make = project
     root = write_cifar(tmp_path / "data", n_train=64, n_test=20)
