@@ -116,7 +116,7 @@ def main(args):
     for r in failed:
         print(f"error: {r['error']}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"checkpoint": str(checkpoint), "results": results}, indent=2))
+        print(json.dumps({"checkpoint": str(checkpoint), "results": results}, indent=2, ensure_ascii=False))
     else:
         for r in results:
             if "error" in r:

@@ -115,6 +115,20 @@ def test_topk_lists_the_k_most_likely_classes_in_order(workdir, pictures):
     assert len(text) == 3 and text[1].strip().startswith("2. ") and text[2].strip().startswith("3. ")
 
 
+def test_json_writes_class_names_and_paths_in_any_script_as_they_are(workdir, pictures, tmp_path):
+    # A folder dataset's classes are its folder names: 猫 stays 猫, not \u732b, as in the text output.
+    d, _, _ = pictures
+    ckpt = torch.load(workdir / "runs" / "resnet18" / "best.pth", weights_only=True)
+    ckpt["classes"] = ["飞机", "汽车", "鸟", "猫", "鹿", "狗", "青蛙", "马", "船", "卡车"]
+    torch.save(ckpt, tmp_path / "zh.pth")
+    (tmp_path / "我的照片.png").write_bytes((d / "cifar.png").read_bytes())
+    proc = run_here("predict.py", tmp_path / "我的照片.png", "--checkpoint", tmp_path / "zh.pth", "--json",
+                    cwd=workdir)
+    result = json.loads(proc.stdout)["results"][0]
+    assert result["class"] in ckpt["classes"]
+    assert f'"class": "{result["class"]}"' in proc.stdout and "我的照片.png" in proc.stdout
+
+
 def test_the_default_checkpoint_is_the_newest_runs_best(tmp_path, trained_run):
     run_dir, _ = trained_run
     for name, age in (("old", 100), ("new", 0)):
