@@ -51,7 +51,7 @@ LAUNCH = $(if $(NPROC),$(PYTHON) -m torch.distributed.run --standalone --nproc_p
 # step has fetched the dataset.
 DEVICES := auto npu cuda mps cpu
 ifneq ($(filter train eval bench speedrun,$(MAKECMDGOALS)),)
-ifneq ($(filter $(DEVICES),$(DEVICE)),$(DEVICE))
+ifneq ($(words $(DEVICE)) $(words $(filter $(DEVICES),$(DEVICE))),1 1)  # one word, and one of them
 $(error DEVICE=$(DEVICE): the device to use, one of $(DEVICES))
 endif
 ifneq ($(and $(NPROC),$(filter train,$(MAKECMDGOALS))),)

@@ -109,7 +109,7 @@ def test_a_mistyped_device_or_nproc_stops_make_before_the_data_step_fetches_anyt
     import device
     d, make = project
     for goals, var in ((["data", "train"], "DEVICE=gpu"), (["data", "train"], "NPROC=two"), (["eval"], "DEVICE=GPU"),
-                       (["speedrun"], "DEVICE=npu0")):
+                       (["speedrun"], "DEVICE=npu0"), (["train"], "DEVICE="), (["bench"], "DEVICE=cuda cpu")):
         proc = make(*goals, var, "DATA_DIR=fetched", "CIFAR_URL=http://127.0.0.1:9/cifar-10-python.tar.gz",
                     check=False)
         assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
