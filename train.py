@@ -369,8 +369,12 @@ def run_epochs(args, t, loaders, describe, folder, stop, start, t0):
     for epoch in range(start.epoch + 1, last_epoch + 1):
         train_loader.set_epoch(epoch)
         first = epoch == start.epoch + 1  # a run stopped mid-epoch goes on from its step
-        r = train_one_epoch(t, train_loader, epoch, args, folder, stop, start.step if first else 0,
-                            start.totals if first else None)
+        try:
+            r = train_one_epoch(t, train_loader, epoch, args, folder, stop, start.step if first else 0,
+                                start.totals if first else None)
+        except torch._dynamo.exc.TorchDynamoException as e:  # --compile with no backend for this device, say
+            again = "--resume without --compile" if epoch > 1 or start.step else "without --compile"
+            raise rundir.TrainingError(f"torch.compile failed: {compile_failure(e)}; run again {again}") from None
         train_seconds, images = train_seconds + r.seconds, images + r.images
         first_step = first_step or r.first_step
         if r.stopped_at:  # a stop was asked for: save mid-epoch and leave
@@ -402,6 +406,12 @@ def run_epochs(args, t, loaders, describe, folder, stop, start, t0):
     folder.say(f"best accuracy {best[0]:.2f}% at epoch {best[1]}, total time {time.perf_counter() - t0:.1f}s "
                f"(training {train_seconds:.1f}s, evaluation {eval_seconds:.1f}s)")
     return Result(0, *best, acc, train_seconds, eval_seconds, first_step, images)
+
+
+def compile_failure(error):
+    """The line that says why, from a torch.compile error that may run to pages (a C++ compiler's output)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip() and not ln.startswith("backend=")]
+    return lines[0] if lines else type(error).__name__
 
 
 def speed(r, args, first):
