@@ -232,12 +232,16 @@ def pipeline(side, args, device_name, conn):
 
     steps = {"train": train_step, "eval": eval_step, "loader": load_step}
     conn.send(device.PRECISION_NAMES[amp])
-    for name in iter(conn.recv, None):
-        if name == "matmul":
-            conn.send(matmul_gflops(dev, amp or torch.float32, args.steps, args.warmup))
-        else:  # loading alone is quick: time more of it
-            seconds, warmup_seconds = timed(steps[name], dev, args.steps * (20 if name == "loader" else 1), args.warmup)
-            conn.send((args.batch_size / seconds, warmup_seconds))
+    try:
+        for name in iter(conn.recv, None):
+            if name == "matmul":
+                conn.send(matmul_gflops(dev, amp or torch.float32, args.steps, args.warmup))
+            else:  # loading alone is quick: time more of it
+                repeats = args.steps * (20 if name == "loader" else 1)
+                seconds, warmup_seconds = timed(steps[name], dev, repeats, args.warmup)
+                conn.send((args.batch_size / seconds, warmup_seconds))
+    except torch._dynamo.exc.TorchDynamoException as e:  # --compile with no backend for this device, as train.py
+        sys.exit(f"error: torch.compile failed: {train.compile_failure(e)}; run again without --compile")
 
 
 def main(args):

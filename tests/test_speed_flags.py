@@ -215,6 +215,23 @@ def test_bench_times_the_training_step_train_py_runs(monkeypatch):
     assert replies[0] in ("fp32", "bf16") and img_s > 0 and warmup_s > 0  # the precision, then the timing
 
 
+def test_a_compile_that_fails_ends_the_benchmark_s_process_with_train_py_s_line(monkeypatch):
+    class CompiledWithoutACompiler(torch.nn.Module):  # torch.compile builds at the first call
+        def __init__(self, model, mode=None):
+            super().__init__()
+
+        def forward(self, x):
+            raise torch._inductor.exc.InductorError(RuntimeError("No working C++ compiler found"), None)
+
+    monkeypatch.setattr(torch, "compile", CompiledWithoutACompiler)
+    monkeypatch.setattr(device, "keep_freed_memory", lambda dev: None)
+    args = bench.get_args_parser().parse_args(["--device", "cpu", "--batch-size", "4", "--steps", "1", "--compile"])
+    with pytest.raises(SystemExit) as e:  # the parent then says the process stopped early, its error printed above
+        bench.pipeline("ours", args, "cpu", types.SimpleNamespace(send=lambda reply: None, recv=lambda: "eval"))
+    assert e.value.code == ("error: torch.compile failed: RuntimeError: No working C++ compiler found; run again "
+                            "without --compile")
+
+
 @pytest.mark.slow
 def test_bench_cold_start_times_predict_py_against_the_tutorials_predict_flow(tmp_path):
     from PIL import Image
