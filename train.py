@@ -340,7 +340,8 @@ def main(args):
         folder.begin(args.data_dir, start, steps)
         if start.epoch >= args.epochs:
             folder.say(f"nothing to do: the run already finished, at epoch {start.epoch} of {args.epochs} "
-                       f"(best {start.best[0]:.2f}% at epoch {start.best[1]})")
+                       f"(best {start.best[0]:.2f}% at epoch {start.best[1]}); a longer schedule is a new run: "
+                       "a larger --epochs in another --out-dir")
             return Result(0, *start.best)
         folder.say(f"{args.model} on {dev}{f' x {job.world_size} processes' if job.world_size > 1 else ''}, "
                    f"{device.PRECISION_NAMES[amp]}{', channels_last' if layout == torch.channels_last else ''}"

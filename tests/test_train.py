@@ -165,6 +165,7 @@ def test_resuming_a_finished_run_has_nothing_to_do(trained_run, cifar_dir):
     run_dir, _ = trained_run
     proc = run_here("train.py", "--resume", "--data-dir", cifar_dir, "--device", "cpu", cwd=run_dir.parent.parent)
     assert "nothing to do: the run already finished, at epoch 2 of 2 (best " in proc.stdout
+    assert proc.stdout.rstrip().endswith("a longer schedule is a new run: a larger --epochs in another --out-dir")
 
 
 @pytest.mark.slow
