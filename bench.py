@@ -241,7 +241,7 @@ def pipeline(side, args, device_name, conn):
                 seconds, warmup_seconds = timed(steps[name], dev, repeats, args.warmup)
                 conn.send((args.batch_size / seconds, warmup_seconds))
     except torch._dynamo.exc.TorchDynamoException as e:  # --compile with no backend for this device, as train.py
-        sys.exit(f"error: torch.compile failed: {train.compile_failure(e)}; run again without --compile")
+        sys.exit(f"error: {train.compile_failure(e)}")
 
 
 def main(args):

@@ -374,8 +374,7 @@ def run_epochs(args, t, loaders, describe, folder, stop, start, t0):
             r = train_one_epoch(t, train_loader, epoch, args, folder, stop, start.step if first else 0,
                                 start.totals if first else None)
         except torch._dynamo.exc.TorchDynamoException as e:  # --compile with no backend for this device, say
-            again = "--resume without --compile" if epoch > 1 or start.step else "without --compile"
-            raise rundir.TrainingError(f"torch.compile failed: {compile_failure(e)}; run again {again}") from None
+            raise rundir.TrainingError(compile_failure(e, resume=epoch > 1 or start.step > 0)) from None
         train_seconds, images = train_seconds + r.seconds, images + r.images
         first_step = first_step or r.first_step
         if r.stopped_at:  # a stop was asked for: save mid-epoch and leave
@@ -409,10 +408,12 @@ def run_epochs(args, t, loaders, describe, folder, stop, start, t0):
     return Result(0, *best, acc, train_seconds, eval_seconds, first_step, images)
 
 
-def compile_failure(error):
-    """The line that says why, from a torch.compile error that may run to pages (a C++ compiler's output)."""
+def compile_failure(error, resume=False):
+    """One line for a torch.compile error, which may run to pages (a C++ compiler's output): the cause,
+    and what to run instead (resume: a finished epoch is saved, so the run goes on from there)."""
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip() and not ln.startswith("backend=")]
-    return lines[0] if lines else type(error).__name__
+    return (f"torch.compile failed: {lines[0] if lines else type(error).__name__}; run again "
+            f"{'--resume ' if resume else ''}without --compile")
 
 
 def speed(r, args, first):
