@@ -42,20 +42,19 @@ STAMP := .make/$(subst /,_,$(abspath $(ENV)))
 # EPOCHS and BATCH are train.py's own defaults (a test keeps the two the same).
 TRAIN_FLAGS := --model $(MODEL) --dataset $(DATASET) --device $(DEVICE) --data-dir $(DATA_DIR) --out-dir $(RUN_DIR) \
 	--epochs $(EPOCHS) --batch-size $(BATCH)
-# NPROC=N: N processes on this machine under torchrun (DDP), one device each. Anything but a whole
-# number from 1 stops make in one line, where torchrun would answer with a traceback.
-nproc = $(if $(shell echo '$(NPROC)' | grep -Ex '[1-9][0-9]*'),$(NPROC),\
-	$(error NPROC=$(NPROC): the number of processes to start, a whole number from 1))
-LAUNCH = $(if $(NPROC),$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(nproc),$(PYTHON))
-# A mistyped DEVICE or NPROC stops make in one line before any target runs, not after the data
-# step has fetched the dataset.
+# NPROC=N: N processes on this machine under torchrun (DDP), one device each.
+LAUNCH := $(if $(NPROC),$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC),$(PYTHON))
+# A mistyped DEVICE or NPROC stops make in one line before any target runs: not after the data step
+# has fetched the dataset, and not with torchrun's traceback (its answer to NPROC=0).
 DEVICES := auto npu cuda mps cpu
 ifneq ($(filter train eval bench speedrun,$(MAKECMDGOALS)),)
 ifneq ($(words $(DEVICE)) $(words $(filter $(DEVICES),$(DEVICE))),1 1)  # one word, and one of them
 $(error DEVICE=$(DEVICE): the device to use, one of $(DEVICES))
 endif
 ifneq ($(and $(NPROC),$(filter train,$(MAKECMDGOALS))),)
-checked_nproc := $(nproc)
+ifeq ($(shell echo '$(NPROC)' | grep -Ex '[1-9][0-9]*'),)
+$(error NPROC=$(NPROC): the number of processes to start, a whole number from 1)
+endif
 endif
 endif
 # test.py and export.py use the data the run trained on unless DATA_DIR (or, for test.py, DATASET) is given here.
