@@ -4,6 +4,7 @@ The tiny dataset is easy on purpose: each class has its own colour, so a
 network that learns at all separates it quickly, while chance stays at 10%.
 """
 import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -184,10 +185,23 @@ def in_process_only(request, monkeypatch):
     """Under `make test-fast`, a test that starts a process but is not marked slow fails at
     once, and so does one that uses a fixture that starts processes: the fast tier stays fast."""
     if "not slow" in (request.config.getoption("-m") or "") and "slow" not in request.keywords:
+        font_cache_built()
+
         def refuse(*args, **kwargs):
             raise AssertionError(f"{request.node.name} starts a process: mark it @pytest.mark.slow")
         monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
         assert not PROCESS_FIXTURES & set(request.fixturenames), f"{request.node.name}: mark it @pytest.mark.slow"
+
+
+@functools.cache
+def font_cache_built():
+    """matplotlib's first import on a machine asks fontconfig (`fc-list`, a process) for the fonts and
+    keeps them in a cache: let it, before the guard above, or a fresh machine's first test that draws
+    fails as one that starts processes."""
+    try:
+        import matplotlib.font_manager  # noqa: F401
+    except ImportError:  # the tests that draw skip themselves
+        pass
 
 
 # Fixtures that run the project's scripts, shared between tests (they are set up before in_process_only).
