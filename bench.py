@@ -2,6 +2,7 @@
 
     python bench.py                                   # ResNet18, best device found, batch 128
     python bench.py --model resnet50 --device cuda --batch-size 512 --compile
+    python bench.py --device cuda --batch-size 1024 --compile reduce-overhead -- --fused   # train.py's step flags
     python bench.py --cold-start test/0_3.jpg            # predict.py's start-up against the tutorials'
     python bench.py --speedrun 3 --device cuda -- --epochs 12   # time to accuracy of the fast recipe
     make bench MODEL=resnet18 DEVICE=cpu BATCH=128
@@ -12,7 +13,9 @@ Both pipelines run the same network on the same random images of CIFAR's shape:
                  tensor operations, channels_last and mixed precision as --amp /
                  --channels-last auto choose, and train.py's own training step
                  (train.train_step: label smoothing, Nesterov SGD with weight decay,
-                 the lr schedule, the running sums it logs);
+                 the lr schedule, the running sums it logs), all as train.py sets
+                 them by default or with the train.py flags given after -- (those
+                 of the step: STEP_FLAGS below);
   the tutorials  a Dataset of PIL images with RandomCrop/RandomHorizontalFlip/
                  ToTensor/Normalize, a DataLoader with 2 workers, fp32, default
                  layout, SGD with momentum and weight decay.
@@ -69,8 +72,8 @@ def get_args_parser():
     p.add_argument("--warmup", type=cli.integer(min=0), default=2, help="untimed steps before each measurement")
     p.add_argument("--repeats", type=cli.integer(min=1), default=3,
                    help="timed repeats per pipeline (median reported)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile this project's networks, as train.py --compile does "
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile this project's networks in this mode, as train.py --compile does "
                         "(compilation falls in the warm-up: train_warmup_s, eval_warmup_s)")
     p.add_argument("--cold-start", metavar="PICTURE", default=None,
                    help="instead: time `python predict.py PICTURE` from a cold start against the tutorials' "
@@ -79,7 +82,8 @@ def get_args_parser():
                    help="instead: train the fast recipe RUNS times and time it to accuracy")
     p.add_argument("--data-dir", default="data", help="--speedrun's data folder")
     p.add_argument("train_args", nargs="*", metavar="-- TRAIN_FLAGS",
-                   help="--speedrun: train.py flags that change the fast recipe")
+                   help="train.py flags: with --speedrun, any that change the fast recipe; otherwise those that "
+                        "change the training step (--amp, --channels-last, --fused, --ema, --flip, ...)")
     return p
 
 
@@ -178,6 +182,19 @@ def cold_start(picture, repeats):
     return line
 
 
+# Of train.py's flags, those that change the training step the benchmark times; the others
+# describe a whole run (epochs, data, folders) and go with --speedrun.
+STEP_FLAGS = ["amp", "channels_last", "fused", "ema", "flip", "label_smoothing", "norm_weight_decay", "weight_decay",
+              "momentum"]
+
+
+def step_recipe(args):
+    """train.py's settings for the benchmark's training step: its defaults, bench.py's batch size and
+    --compile, and the train.py flags given after --."""
+    return train.get_args_parser().parse_args(["--batch-size", str(args.batch_size), *args.train_args]
+                                              + (["--compile", args.compile] if args.compile else []))
+
+
 def pipeline(side, args, device_name, conn):
     """One side of the comparison, in an interpreter of its own as the two programs would run (the
     tutorials' keeps glibc's allocator as it is, this project's sets it as train.py does): says which
@@ -190,21 +207,21 @@ def pipeline(side, args, device_name, conn):
     model = resnet.build_model(args.model).to(dev)
     if side == "ours":  # what train.py and test.py do: their layout, precision, step, optimizer and schedule
         device.keep_freed_memory(dev)
-        amp, layout = device.resolve_amp("auto", dev), device.memory_format("auto", dev)
+        recipe = step_recipe(args)
+        amp, layout = device.resolve_amp(recipe.amp, dev), device.memory_format(recipe.channels_last, dev)
         model = model.to(memory_format=layout)
         inference = resnet.for_inference(model, memory_format=layout)
-        inference = torch.compile(inference) if args.compile else inference
+        inference = torch.compile(inference, mode=args.compile) if args.compile else inference
         loaders = [data.CifarLoader(images, labels, args.batch_size, data.CIFAR10_MEAN, data.CIFAR10_STD,
-                                    train=split, device=dev, memory_format=layout) for split in (True, False)]
-        recipe = train.get_args_parser().parse_args(["--batch-size", str(args.batch_size)]
-                                                    + (["--compile"] if args.compile else []))
+                                    train=split, device=dev, memory_format=layout, flip=recipe.flip)
+                   for split in (True, False)]
         t = train.make_training(model, recipe, dev, amp, 10 ** 6)  # a schedule longer than any benchmark
         totals = torch.zeros(3, device=dev)
 
         def step(x, y):
             train.train_step(t, x, y, 1 / args.batch_size, totals)
     else:  # the tutorials': PIL transforms in DataLoader workers, fp32, plain cross-entropy, their SGD
-        amp, inference = None, model
+        amp, layout, inference = None, torch.contiguous_format, model
         loaders = [tutorial_loader(images, labels, args.batch_size, split) for split in (True, False)]
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
@@ -231,7 +248,7 @@ def pipeline(side, args, device_name, conn):
         x.to(dev, non_blocking=True)
 
     steps = {"train": train_step, "eval": eval_step, "loader": load_step}
-    conn.send(device.PRECISION_NAMES[amp])
+    conn.send((device.PRECISION_NAMES[amp], "channels_last" if layout == torch.channels_last else "contiguous"))
     try:
         for name in iter(conn.recv, None):
             if name == "matmul":
@@ -258,10 +275,12 @@ def main(args):
             process = context.Process(target=pipeline, args=(side, args, dev.type, child_conn))
             process.start()
             sides[side] = conn
-        precision = sides["ours"].recv()
+        precision, layout = sides["ours"].recv()
         sides["tutorial"].recv()
-        print(f"{args.model} on {dev}, batch {args.batch_size}: {args.repeats} repeats of {args.steps} steps "
-              f"after {args.warmup} warm-up steps, the two pipelines in two processes taking turns", flush=True)
+        flags = " ".join(args.train_args + (["--compile", args.compile] if args.compile else []))
+        print(f"{args.model} on {dev}, batch {args.batch_size}{f', train.py {flags}' if flags else ''}: "
+              f"{args.repeats} repeats of {args.steps} steps after {args.warmup} warm-up steps, the two pipelines "
+              "in two processes taking turns", flush=True)
         results = {f"{prefix}{kind}_img_s": [] for kind in ("train", "eval", "loader") for prefix in ("", "tutorial_")}
         gflops, warmups = [], {}  # the first warm-up of each: compilation (--compile), cuDNN's choices
         for repeat in range(args.repeats):
@@ -285,10 +304,12 @@ def main(args):
             if process.is_alive():
                 process.terminate()
 
-    med = {k: statistics.median(v) for k, v in results.items()}
+    med, recipe = {k: statistics.median(v) for k, v in results.items()}, step_recipe(args)
     flops = training_flops_per_image(resnet.build_model(args.model))
     matmul = statistics.median(gflops)
     line = (f"bench model={args.model} device={dev.type} batch={args.batch_size} precision={precision} "
+            f"layout={layout} compile={args.compile or 'off'} fused={'on' if recipe.fused else 'off'} "
+            f"ema={recipe.ema:g} flip={recipe.flip} "
             f"train_img_s={med['train_img_s']:.1f} tutorial_train_img_s={med['tutorial_train_img_s']:.1f} "
             f"train_ratio={med['train_img_s'] / med['tutorial_train_img_s']:.2f} "
             f"eval_img_s={med['eval_img_s']:.1f} tutorial_eval_img_s={med['tutorial_eval_img_s']:.1f} "
@@ -305,18 +326,18 @@ def main(args):
 SPEEDRUN_OWNS = ["seed", "out_dir", "resume", "stop_after"]
 
 
-def owned_flags(train_args):
-    """The flags among train_args (abbreviated or not) that set what a speedrun sets itself."""
+def given_flags(train_args, keys):
+    """The flags among train_args (abbreviated or not) that set any of train.py's settings named in keys."""
     p = train.get_args_parser()
-    p.set_defaults(**dict.fromkeys(SPEEDRUN_OWNS))  # None: not given
+    p.set_defaults(**dict.fromkeys(keys))  # None: not given
     given = vars(p.parse_args(train_args))
-    return ["--" + key.replace("_", "-") for key in SPEEDRUN_OWNS if given[key] is not None]
+    return ["--" + key.replace("_", "-") for key in keys if given[key] is not None]
 
 
 def speedrun(args):
     """Train the fast recipe args.speedrun times (seeds 0, 1, ...); a line per run, then a summary line."""
     base = [*FAST_RECIPE, "--model", args.model, "--device", args.device, "--data-dir", args.data_dir,
-            *args.train_args]
+            *(["--compile", args.compile] if args.compile else []), *args.train_args]
     recipe = train.get_args_parser().parse_args(base)  # a bad flag: one line, before any training
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -362,12 +383,20 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.compile and not args.warmup:
         parser.error("--compile needs --warmup 1 or more: the compilation must not be timed")
-    if args.train_args and not args.speedrun:
-        parser.error(f"train.py flags ({' '.join(args.train_args)}) go with --speedrun only")
-    owned = owned_flags(args.train_args)
-    if owned:
-        parser.error(f"{', '.join(owned)}: the speedrun sets these itself (seeds 0 to RUNS-1, a temporary folder "
-                     "for each run, every run to its end)")
+    if args.cold_start and args.train_args:
+        parser.error(f"train.py flags ({' '.join(args.train_args)}) do not go with --cold-start")
+    if args.speedrun:
+        owned = given_flags(args.train_args, SPEEDRUN_OWNS)
+        if owned:
+            parser.error(f"{', '.join(owned)}: the speedrun sets these itself (seeds 0 to RUNS-1, a temporary "
+                         "folder for each run, every run to its end)")
+    else:
+        others = given_flags(args.train_args, [k for k in vars(train.get_args_parser().parse_args([]))
+                                               if k not in STEP_FLAGS])
+        if others:
+            parser.error(f"{', '.join(others)}: not a flag of the training step the benchmark times; after -- it "
+                         f"takes {', '.join('--' + k.replace('_', '-') for k in STEP_FLAGS)} (--model, --batch-size, "
+                         "--device and --compile are bench.py's own; a whole run's flags go with --speedrun)")
     try:
         main(args)
     except (device.DeviceError, data.DataError, resnet.CheckpointError, rundir.TrainingError) as e:

@@ -21,10 +21,20 @@ PARSERS = {"train.py": train.get_args_parser, "test.py": parser_of_test_py, "pre
 # The script whose flags a make target's ARGS= passes on (speedrun: train.py's, after --).
 TARGET_SCRIPT = {"train": "train.py", "eval": "test.py", "predict": "predict.py", "bench": "bench.py",
                  "speedrun": "train.py", "export": "export.py", "gui": "gui.py", "plot": "plot.py", "data": "data.py"}
+# Scripts that pass what follows ` -- ` on to another script's flags.
+PASSES_ON = {"bench.py": "train.py"}
 
 
 def flags_of(script):
     return {s for a in PARSERS[script]()._actions for s in a.option_strings}
+
+
+def quoted_flags(script, words):
+    """(flag, the script it must belong to) for each flag in words given to script."""
+    own, _, passed = f" {words} ".partition(" -- ")
+    flags = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
+    return ([(flag, script) for flag in flags.findall(own)]
+            + [(flag, PASSES_ON.get(script, script)) for flag in flags.findall(passed)])
 
 
 def slug(heading):
@@ -79,11 +89,11 @@ def test_every_flag_quoted_belongs_to_its_script(page):
         line = line.split(" # ")[0]
         for script, rest in re.findall(r"(\w+\.py)((?: [^|;&]*)?)", line):
             if script in PARSERS and ("python " in line or "torchrun" in line):
-                for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", rest):
-                    assert flag in flags_of(script), f"{page.name}: {script} has no {flag} (`{line}`)"
+                for flag, owner in quoted_flags(script, rest):
+                    assert flag in flags_of(owner), f"{page.name}: {owner} has no {flag} (`{line}`)"
         for target, args in re.findall(r"\bmake (\w+)[^\n]*?ARGS=\"?([^\"\n]*)", line):
-            for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", args):
-                assert flag in flags_of(TARGET_SCRIPT[target]), f"{page.name}: `{line}`"
+            for flag, owner in quoted_flags(TARGET_SCRIPT[target], args):
+                assert flag in flags_of(owner), f"{page.name}: {owner} has no {flag} (`{line}`)"
         for flag in re.fullmatch(r"(--[a-z][a-z0-9-]*)(?: \S+)?", line.strip()) and [line.split()[0]] or []:
             assert flag in every, f"{page.name}: no script has {flag}"
 

@@ -188,6 +188,8 @@ def test_bench_times_both_pipelines_and_ends_with_one_machine_readable_line(tmp_
     last = proc.stdout.strip().splitlines()[-1]
     fields = dict(kv.split("=") for kv in last.split()[1:])
     assert last.startswith("bench model=resnet18 device=cpu batch=2 ")
+    assert fields["layout"] in ("channels_last", "contiguous") and fields["precision"] in ("fp32", "bf16")
+    assert (fields["compile"], fields["fused"], fields["ema"], fields["flip"]) == ("off", "off", "0", "random")
     for key in ("train_img_s", "tutorial_train_img_s", "train_ratio", "eval_img_s", "tutorial_eval_img_s", "eval_ratio",
                 "loader_img_s", "tutorial_loader_img_s", "matmul_gflops", "train_mfu", "train_warmup_s",
                 "eval_warmup_s"):
@@ -215,7 +217,51 @@ def test_bench_times_the_training_step_train_py_runs(monkeypatch):
     assert len(steps) == 3 and all(isinstance(t.model, resnet.ResNet) for t in steps)  # warm-up + 2 timed
     assert steps[0].label_smoothing == train.get_args_parser().parse_args([]).label_smoothing
     img_s, warmup_s = replies[1]
-    assert replies[0] in ("fp32", "bf16") and img_s > 0 and warmup_s > 0  # the precision, then the timing
+    assert replies[0][0] in ("fp32", "bf16") and img_s > 0 and warmup_s > 0  # precision and layout, then the timing
+
+
+def test_train_py_flags_after_dashes_change_the_step_the_benchmark_times(monkeypatch):
+    steps, loaders, real_step, real_loader = [], [], train.train_step, data.CifarLoader
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: steps.append(a[0]) or real_step(*a, **k))
+    monkeypatch.setattr(data, "CifarLoader", lambda *a, **k: loaders.append(real_loader(*a, **k)) or loaders[-1])
+    monkeypatch.setattr(device, "keep_freed_memory", lambda dev: None)
+    args = bench.get_args_parser().parse_args(["--device", "cpu", "--batch-size", "4", "--steps", "1", "--warmup", "1",
+                                               "--", "--fused", "--ema", "0.99", "--flip", "alternate", "--amp", "off",
+                                               "--channels-last", "on", "--label-smoothing", "0.2"])
+    requests, replies = iter(["train", None]), []
+    bench.pipeline("ours", args, "cpu", types.SimpleNamespace(send=replies.append, recv=lambda: next(requests)))
+    t = steps[0]
+    assert t.optimizer.defaults["fused"] and t.ema is not None and t.ema.decay == 0.99 and t.label_smoothing == 0.2
+    assert [loader.flip for loader in loaders] == ["alternate", "alternate"]
+    assert loaders[0].memory_format == torch.channels_last
+    assert replies[0] == ("fp32", "channels_last")  # what the summary line then names
+
+
+def test_bench_py_s_compile_mode_reaches_the_network_and_the_speedrun(monkeypatch):
+    compiled, runs = [], []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: compiled.append(mode) or model)
+    monkeypatch.setattr(device, "keep_freed_memory", lambda dev: None)
+    args = bench.get_args_parser().parse_args(["--device", "cpu", "--batch-size", "4", "--steps", "1",
+                                               "--compile", "reduce-overhead"])
+    requests = iter(["eval", None])
+    bench.pipeline("ours", args, "cpu", types.SimpleNamespace(send=lambda reply: None, recv=lambda: next(requests)))
+    assert compiled == ["reduce-overhead", "reduce-overhead"]  # evaluation's network, then training's
+    monkeypatch.setattr(bench, "run_quietly", lambda a: runs.append(a) or train.Result(0, acc=50.0, train_seconds=1.0,
+                                                                                      images=8))
+    bench.speedrun(bench.get_args_parser().parse_args(["--speedrun", "1", "--compile", "reduce-overhead"]))
+    assert [r.compile for r in runs] == ["reduce-overhead", "reduce-overhead"]  # the warm-up run, then the run
+
+
+@pytest.mark.parametrize("flags, refused", [(["--", "--epochs", "3"], "bench.py: error: --epochs: not a flag of the "
+                                                                      "training step the benchmark times"),
+                                            (["--", "--compile"], "bench.py: error: --compile: not a flag of"),
+                                            (["--", "--model", "resnet50", "--data-dir", "x"],
+                                             "bench.py: error: --model, --data-dir: not a flag of"),
+                                            (["--cold-start", "a.jpg", "--", "--fused"],
+                                             "bench.py: error: train.py flags (--fused) do not go with --cold-start")])
+def test_train_py_flags_that_are_not_the_step_s_are_refused_in_one_line(tmp_path, flags, refused):
+    proc = run_here("bench.py", *flags, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and one_line_error(proc).startswith(refused)
 
 
 def test_a_compile_that_fails_ends_the_benchmark_s_process_with_train_py_s_line(monkeypatch):
@@ -302,11 +348,6 @@ def test_a_speedrun_stopped_by_sigterm_exits_143_without_a_resume_hint_for_its_t
     out, err = capsys.readouterr()
     assert stop.value.code == 143 and "--resume" not in out + err
     assert err.strip() == "speedrun stopped by SIGTERM; the run in progress is not kept"
-
-
-def test_train_py_flags_without_speedrun_are_refused_in_one_line(tmp_path):
-    proc = run_here("bench.py", "--", "--epochs", "3", cwd=tmp_path, check=False)
-    assert proc.returncode == 2 and "--epochs 3) go with --speedrun only" in one_line_error(proc)
 
 
 @pytest.mark.parametrize("flags, named", [(["--seed", "7"], "--seed"), (["--out-dir=runs/x"], "--out-dir"),
