@@ -388,10 +388,15 @@ def folder_classes(data_dir):
     return classes
 
 
+def cache_copy(cache, writer="*"):
+    """The temporary copy of cache that writer (host-pid) fills before renaming it into place; "*": any."""
+    return cache.with_name(f"{cache.name}.{writer}.tmp.npz")
+
+
 def remove_abandoned(cache, minutes=10):
     """Delete the temporary copies of cache that a killed process left (kill -9 while writing it):
     untouched for some minutes, where a writer still at work touches its copy all the while."""
-    for tmp in cache.parent.glob(f"{cache.name}.*.tmp.npz"):
+    for tmp in cache.parent.glob(cache_copy(cache).name):
         with contextlib.suppress(OSError):  # gone already: another process removed it
             if time.time() - tmp.stat().st_mtime > minutes * 60:
                 tmp.unlink()
@@ -463,7 +468,7 @@ def load_folder(data_dir, train, image_size=32):
     order = np.random.RandomState(0).permutation(len(images))
     images, labels = np.stack(images)[order], np.asarray(labels, dtype=np.int64)[order]
     # A name of its own for each torchrun process, on any of the machines that share the folder.
-    tmp = cache.with_name(f"{cache.name}.{socket.gethostname()}-{os.getpid()}.tmp.npz")
+    tmp = cache_copy(cache, f"{socket.gethostname()}-{os.getpid()}")
     try:
         cache.parent.mkdir(exist_ok=True)
         np.savez(tmp, images=images, labels=labels, fingerprint=np.array(fingerprint))
