@@ -72,7 +72,7 @@ def get_args_parser():
     p.add_argument("--warmup", type=cli.integer(min=0), default=2, help="untimed steps before each measurement")
     p.add_argument("--repeats", type=cli.integer(min=1), default=3,
                    help="timed repeats per pipeline (median reported)")
-    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE", choices=train.COMPILE_MODES,
                    help="torch.compile this project's networks in this mode, as train.py --compile does "
                         "(compilation falls in the warm-up: train_warmup_s, eval_warmup_s)")
     p.add_argument("--cold-start", metavar="PICTURE", default=None,

@@ -36,6 +36,7 @@ import rundir  # noqa: E402
 # whatever the command line says, so the schedule stays the same.
 RECIPE = ("model", "dataset", "image_size", "epochs", "batch_size", "lr", "warmup", "momentum", "weight_decay",
           "norm_weight_decay", "label_smoothing", "ema", "flip", "zero_init_residual", "seed", "subset", "sync_bn")
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile's
 
 
 def get_args_parser():
@@ -87,7 +88,7 @@ def add_run_args(p):
     d.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                    help="NHWC memory layout; auto: on for CUDA and CPU (faster convolutions), off for NPU and MPS")
     d.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
-                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   choices=COMPILE_MODES,
                    help="torch.compile the model (CUDA) in this mode; reduce-overhead captures CUDA graphs")
     d.add_argument("--fused", action="store_true", help="SGD's fused kernel: one launch for all parameters")
     d.add_argument("--eval-batch-size", type=cli.integer(min=1), default=None,

@@ -70,7 +70,7 @@ def test_every_numeric_flag_is_checked(script, action):
     ("train.py", ["--subset", "0"]), ("train.py", ["--lr", "0"]), ("train.py", ["--warmup", "1"]),
     ("train.py", ["--ema", "1"]), ("train.py", ["--label-smoothing", "nan"]), ("test.py", ["--batch-size", "-1"]),
     ("predict.py", ["--topk", "0"]), ("bench.py", ["--batch-size", "0"]), ("export.py", ["--tolerance", "0"]),
-    ("data.py", ["--image-size", "0"]), ("bench.py", ["--speedrun", "0"])])
+    ("data.py", ["--image-size", "0"]), ("bench.py", ["--speedrun", "0"]), ("bench.py", ["--compile", "fast"])])
 def test_the_values_that_used_to_slip_through_are_refused_in_one_line(script, args, capsys):
     with pytest.raises(SystemExit) as e:
         parse(script, *args)
