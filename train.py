@@ -393,8 +393,7 @@ def run_epochs(args, t, loaders, describe, folder, stop, start, t0):
         folder.save_epoch(lambda: snapshot(epoch, acc), t, is_best,
                           [str(epoch), f"{r.loss:.4f}", f"{r.acc:.3f}", f"{test_loss:.4f}", f"{acc:.3f}", f"{lr:.6g}",
                            f"{r.seconds:.2f}", f"{r.images / r.seconds:.1f}"])
-        # The epochs so far, evaluation and saving included, at the same pace for the rest.
-        left = (time.perf_counter() - loop_start) / (epoch - start.epoch) * (last_epoch - epoch)
+        left = seconds_left(time.perf_counter() - loop_start, first_step, epoch - start.epoch, last_epoch - epoch)
         folder.say(f"epoch {epoch:3d}/{args.epochs} | train loss {r.loss:.3f} acc {r.acc:6.2f}% | test loss "
                    f"{test_loss:.3f} acc {acc:6.2f}% | lr {lr:.4f} | {r.seconds:.1f}s {speed(r, args, first)}"
                    f"{' | best' if is_best else ''}{f' | {duration(left)} left' if epoch < last_epoch else ''}")
@@ -422,6 +421,12 @@ def speed(r, args, first):
         return f"{r.images / r.seconds:.0f} img/s"
     rate = (r.images - min(args.batch_size, r.images)) / max(r.seconds - r.first_step, 1e-9)
     return f"{rate:.0f} img/s after a {r.first_step:.1f}s first step (compilation)"
+
+
+def seconds_left(elapsed, first_step, done, to_do):
+    """The epochs to do at the pace of those done, evaluation and saving included; the run's first
+    step does not set the pace (it holds torch.compile's compilation and cuDNN's kernel choice)."""
+    return max(elapsed - first_step, 0) / done * to_do
 
 
 def duration(seconds):

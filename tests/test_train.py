@@ -72,6 +72,12 @@ def test_no_note_once_an_epoch_has_8_steps_and_the_run_100():
     assert train.few_steps_note(128, 8, 1) is None
 
 
+def test_the_time_left_goes_at_the_pace_of_the_epochs_done_less_the_first_step():
+    # 3 epochs of 10 s done, the first with a 50 s compilation in its first step: 7 more take 70 s, not 187
+    assert train.seconds_left(80, 50, 3, 7) == pytest.approx(70)
+    assert train.seconds_left(30, 0.1, 3, 0) == 0
+
+
 def test_the_time_left_reads_in_seconds_minutes_or_hours():
     assert [train.duration(s) for s in (0.4, 89, 91, 5399, 5401, 30 * 3600)] == \
         ["0s", "89s", "2 min", "90 min", "1.5 h", "30.0 h"]
