@@ -73,7 +73,8 @@ def get_args_parser():
     p.add_argument("--repeats", type=cli.integer(min=1), default=3,
                    help="timed repeats per pipeline (median reported)")
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE", choices=train.COMPILE_MODES,
-                   help="torch.compile this project's networks in this mode, as train.py --compile does "
+                   help=f"torch.compile this project's networks in this mode ({', '.join(train.COMPILE_MODES)}), "
+                        "as train.py --compile does "
                         "(compilation falls in the warm-up: train_warmup_s, eval_warmup_s)")
     p.add_argument("--cold-start", metavar="PICTURE", default=None,
                    help="instead: time `python predict.py PICTURE` from a cold start against the tutorials' "

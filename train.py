@@ -89,7 +89,8 @@ def add_run_args(p):
                    help="NHWC memory layout; auto: on for CUDA and CPU (faster convolutions), off for NPU and MPS")
     d.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                    choices=COMPILE_MODES,
-                   help="torch.compile the model (CUDA) in this mode; reduce-overhead captures CUDA graphs")
+                   help=f"torch.compile the model (CUDA) in MODE, one of {', '.join(COMPILE_MODES)}; a bare "
+                        "--compile is default, reduce-overhead captures CUDA graphs")
     d.add_argument("--fused", action="store_true", help="SGD's fused kernel: one launch for all parameters")
     d.add_argument("--eval-batch-size", type=cli.integer(min=1), default=None,
                    help="images per evaluation step (default: 1000 on a GPU or NPU, 128 on a CPU)")
