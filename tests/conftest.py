@@ -180,6 +180,17 @@ def pytest_configure(config):
                                        "trains whole runs; `make test-fast` (-m 'not slow') leaves these out")
 
 
+@functools.cache
+def font_cache_built():
+    """matplotlib's first import on a machine asks fontconfig (`fc-list`, a process) for the fonts and
+    keeps them in a cache: let it, before the guard below, or a fresh machine's first test that draws
+    fails as one that starts processes."""
+    try:
+        import matplotlib.font_manager  # noqa: F401
+    except ImportError:  # the tests that draw skip themselves
+        pass
+
+
 @pytest.fixture(autouse=True)
 def in_process_only(request, monkeypatch):
     """Under `make test-fast`, a test that starts a process but is not marked slow fails at
@@ -191,17 +202,6 @@ def in_process_only(request, monkeypatch):
             raise AssertionError(f"{request.node.name} starts a process: mark it @pytest.mark.slow")
         monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
         assert not PROCESS_FIXTURES & set(request.fixturenames), f"{request.node.name}: mark it @pytest.mark.slow"
-
-
-@functools.cache
-def font_cache_built():
-    """matplotlib's first import on a machine asks fontconfig (`fc-list`, a process) for the fonts and
-    keeps them in a cache: let it, before the guard above, or a fresh machine's first test that draws
-    fails as one that starts processes."""
-    try:
-        import matplotlib.font_manager  # noqa: F401
-    except ImportError:  # the tests that draw skip themselves
-        pass
 
 
 # Fixtures that run the project's scripts, shared between tests (they are set up before in_process_only).
