@@ -122,7 +122,7 @@ eval: install ## evaluate RUN_DIR/best.pth: accuracy, per class, confusion matri
 predict: install ## classify IMG (a picture or a folder) with the newest run's best.pth (or RUN_DIR's)
 	$(PYTHON) predict.py $(IMG) $(PREDICT_FLAGS) $(ARGS)
 
-bench: install ## time training, evaluation and loading against the tutorials' pipeline (MODEL, DEVICE, BATCH)
+bench: install ## time training, evaluation and loading against the tutorials' pipeline (MODEL, DEVICE, BATCH; ARGS: bench.py flags, then -- and train.py's step flags)
 	$(PYTHON) bench.py --model $(MODEL) --device $(DEVICE) $(if $(filter command line environment,$(origin BATCH)),--batch-size $(BATCH)) $(ARGS)
 
 speedrun: install data ## train the fast recipe RUNS times (3), timed to accuracy (MODEL, DEVICE, DATA_DIR; ARGS: train.py flags)
