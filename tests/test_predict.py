@@ -64,6 +64,21 @@ def test_any_picture_pillow_reads_is_classified(workdir, pictures, name):
     assert re.fullmatch(LINE.format(re.escape(str(d / name))), proc.stdout.strip())
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_picture_from_a_pipe_is_answered_as_the_same_file_is(workdir, pictures, tmp_path):
+    # as `cat photo.jpg | python predict.py /dev/stdin` reads it: a stream that cannot seek
+    import threading
+    d, _, _ = pictures
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=lambda: pipe.write_bytes((d / "photo.jpg").read_bytes()), daemon=True)
+    writer.start()
+    from_pipe = run_here("predict.py", pipe, cwd=workdir).stdout
+    writer.join(timeout=10)
+    from_file = run_here("predict.py", d / "photo.jpg", cwd=workdir).stdout
+    assert from_pipe.split(": ", 1)[1] == from_file.split(": ", 1)[1]
+
+
 def test_pictures_become_rgb_at_the_training_size():
     for mode in ("L", "RGBA", "P", "CMYK", "I;16", "I", "LA"):
         im = Image.new(mode, (50, 20))
