@@ -189,11 +189,15 @@ STEP_FLAGS = ["amp", "channels_last", "fused", "ema", "flip", "label_smoothing",
               "momentum"]
 
 
+def train_flags(args):
+    """The train.py flags bench.py passes on: its own --compile, then those given after --."""
+    return [*(["--compile", args.compile] if args.compile else []), *args.train_args]
+
+
 def step_recipe(args):
-    """train.py's settings for the benchmark's training step: its defaults, bench.py's batch size and
-    --compile, and the train.py flags given after --."""
-    return train.get_args_parser().parse_args(["--batch-size", str(args.batch_size), *args.train_args]
-                                              + (["--compile", args.compile] if args.compile else []))
+    """train.py's settings for the benchmark's training step: its defaults, bench.py's batch size,
+    and train_flags(args)."""
+    return train.get_args_parser().parse_args(["--batch-size", str(args.batch_size), *train_flags(args)])
 
 
 def pipeline(side, args, device_name, conn):
@@ -278,7 +282,7 @@ def main(args):
             sides[side] = conn
         precision, layout = sides["ours"].recv()
         sides["tutorial"].recv()
-        flags = " ".join(args.train_args + (["--compile", args.compile] if args.compile else []))
+        flags = " ".join(train_flags(args))
         print(f"{args.model} on {dev}, batch {args.batch_size}{f', train.py {flags}' if flags else ''}: "
               f"{args.repeats} repeats of {args.steps} steps after {args.warmup} warm-up steps, the two pipelines "
               "in two processes taking turns", flush=True)
@@ -338,7 +342,7 @@ def given_flags(train_args, keys):
 def speedrun(args):
     """Train the fast recipe args.speedrun times (seeds 0, 1, ...); a line per run, then a summary line."""
     base = [*FAST_RECIPE, "--model", args.model, "--device", args.device, "--data-dir", args.data_dir,
-            *(["--compile", args.compile] if args.compile else []), *args.train_args]
+            *train_flags(args)]
     recipe = train.get_args_parser().parse_args(base)  # a bad flag: one line, before any training
     results = []
     with tempfile.TemporaryDirectory() as tmp:
