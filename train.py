@@ -266,7 +266,7 @@ def train_one_epoch(t, loader, epoch, args, folder, stop, start_step=0, totals=N
             loss, acc = loss_total / seen, 100.0 * correct / seen
             if at_log:
                 folder.log_step(epoch, (epoch - 1) * steps + step + 1, loss, acc)
-                progress.update(step + 1, loss=f"{loss:.3f}", acc=f"{acc:.2f}%",
+                progress.update(step + 1, loss=loss_text(loss), acc=f"{acc:.2f}%",
                                 lr=f"{t.scheduler.get_last_lr()[0]:.4f}",
                                 img_s=f"{seen / (time.perf_counter() - start):.0f}")
             if stopping and step + 1 < steps:
@@ -395,8 +395,8 @@ def run_epochs(args, t, loaders, describe, folder, stop, start, t0):
                           [str(epoch), f"{r.loss:.4f}", f"{r.acc:.3f}", f"{test_loss:.4f}", f"{acc:.3f}", f"{lr:.6g}",
                            f"{r.seconds:.2f}", f"{r.images / r.seconds:.1f}"])
         left = seconds_left(time.perf_counter() - loop_start, first_step, epoch - start.epoch, last_epoch - epoch)
-        folder.say(f"epoch {epoch:3d}/{args.epochs} | train loss {r.loss:.3f} acc {r.acc:6.2f}% | test loss "
-                   f"{test_loss:.3f} acc {acc:6.2f}% | lr {lr:.4f} | {r.seconds:.1f}s {speed(r, args, first)}"
+        folder.say(f"epoch {epoch:3d}/{args.epochs} | train loss {loss_text(r.loss)} acc {r.acc:6.2f}% | test loss "
+                   f"{loss_text(test_loss)} acc {acc:6.2f}% | lr {lr:.4f} | {r.seconds:.1f}s {speed(r, args, first)}"
                    f"{' | best' if is_best else ''}{f' | {duration(left)} left' if epoch < last_epoch else ''}")
         signum = stop.agreed(test_loader.images.device)  # a stop during evaluation: the epoch is complete
         if signum and epoch < last_epoch:
@@ -428,6 +428,11 @@ def seconds_left(elapsed, first_step, done, to_do):
     """The epochs to do at the pace of those done, evaluation and saving included; the run's first
     step does not set the pace (it holds torch.compile's compilation and cuDNN's kernel choice)."""
     return max(elapsed - first_step, 0) / done * to_do
+
+
+def loss_text(loss):
+    """'1.234', or '2.42e+07' for a loss thrown off course (a few steps at a steep lr): its size at a glance."""
+    return f"{loss:.3f}" if abs(loss) < 1000 else f"{loss:.3g}"
 
 
 def duration(seconds):

@@ -83,6 +83,11 @@ def test_the_time_left_reads_in_seconds_minutes_or_hours():
         ["0s", "89s", "2 min", "90 min", "1.5 h", "30.0 h"]
 
 
+def test_a_loss_reads_with_three_decimals_and_a_loss_thrown_off_course_by_its_size():
+    assert [train.loss_text(x) for x in (2.3026, 999.4, 24249671.68, float("nan"))] == \
+        ["2.303", "999.400", "2.42e+07", "nan"]
+
+
 @pytest.mark.slow
 def test_progress_without_a_terminal_is_plain_lines_and_the_last_line_sums_up(trained_run):
     _, proc = trained_run
