@@ -346,8 +346,10 @@ def speedrun(args):
     recipe = train.get_args_parser().parse_args(base)  # a bad flag: one line, before any training
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        warmup = train.get_args_parser().parse_args(  # a few steps at the recipe's shapes, untimed
-            [*base, "--epochs", "1", "--subset", str(3 * recipe.batch_size), "--out-dir", f"{tmp}/warmup"])
+        # A few steps at the recipe's shapes, untimed: three batches, or the --subset the runs train on.
+        warmup_images = min(3 * recipe.batch_size, recipe.subset or 3 * recipe.batch_size)
+        warmup = train.get_args_parser().parse_args(
+            [*base, "--epochs", "1", "--subset", str(warmup_images), "--out-dir", f"{tmp}/warmup"])
         start = time.perf_counter()
         run_quietly(warmup)
         warmup_seconds = time.perf_counter() - start

@@ -252,6 +252,19 @@ def test_bench_py_s_compile_mode_reaches_the_network_and_the_speedrun(monkeypatc
     assert [r.compile for r in runs] == ["reduce-overhead", "reduce-overhead"]  # the warm-up run, then the run
 
 
+@pytest.mark.parametrize("subset, warmup_subset", [(None, 48), (20, 20), (5000, 48)])
+def test_the_speedrun_s_warm_up_trains_three_batches_or_the_subset_the_runs_train_on(monkeypatch, subset,
+                                                                                     warmup_subset):
+    runs = []
+    monkeypatch.setattr(bench, "run_quietly", lambda a: runs.append(a) or train.Result(0, acc=50.0, train_seconds=1.0,
+                                                                                      images=8))
+    flags = ["--batch-size", "16"] + (["--subset", str(subset)] if subset else [])
+    bench.speedrun(bench.get_args_parser().parse_args(["--speedrun", "1", "--", *flags]))
+    warmup, run = runs
+    assert (warmup.subset, warmup.epochs, warmup.batch_size) == (warmup_subset, 1, 16)
+    assert (run.subset, run.epochs, run.batch_size) == (subset, 16, 16)
+
+
 @pytest.mark.parametrize("flags, refused", [(["--", "--epochs", "3"], "bench.py: error: --epochs: not a flag of the "
                                                                       "training step the benchmark times"),
                                             (["--", "--compile"], "bench.py: error: --compile: not a flag of"),
