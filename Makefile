@@ -44,18 +44,22 @@ TRAIN_FLAGS := --model $(MODEL) --dataset $(DATASET) --device $(DEVICE) --data-d
 	--epochs $(EPOCHS) --batch-size $(BATCH)
 # NPROC=N: N processes on this machine under torchrun (DDP), one device each.
 LAUNCH := $(if $(NPROC),$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC),$(PYTHON))
-# A mistyped DEVICE or NPROC stops make in one line before any target runs: not after the data step
-# has fetched the dataset, and not with torchrun's traceback (its answer to NPROC=0).
+# A mistyped DEVICE, NPROC, EPOCHS or BATCH stops make in one line before any target runs: not after
+# the data step has fetched the dataset, and not with torchrun's traceback (its answer to NPROC=0).
 DEVICES := auto npu cuda mps cpu
-ifneq ($(filter train eval bench speedrun,$(MAKECMDGOALS)),)
+ifneq ($(filter train eval bench speedrun predict,$(MAKECMDGOALS)),)
 ifneq ($(words $(DEVICE)) $(words $(filter $(DEVICES),$(DEVICE))),1 1)  # one word, and one of them
 $(error DEVICE=$(DEVICE): the device to use, one of $(DEVICES))
 endif
-ifneq ($(and $(NPROC),$(filter train,$(MAKECMDGOALS))),)
-ifeq ($(shell echo '$(NPROC)' | grep -Ex '[1-9][0-9]*'),)
-$(error NPROC=$(NPROC): the number of processes to start, a whole number from 1)
 endif
-endif
+# $(call whole_number,VAR,what it is): stops make unless VAR is a whole number from 1
+whole_number = $(if $(shell echo '$($(1))' | grep -Ex '[1-9][0-9]*'),,$(error $(1)=$($(1)): $(2), a whole number from 1))
+ifneq ($(filter train,$(MAKECMDGOALS)),)
+$(if $(NPROC),$(call whole_number,NPROC,the number of processes to start))
+$(call whole_number,EPOCHS,passes over the training set)
+$(call whole_number,BATCH,images per step)
+else ifneq ($(filter bench,$(MAKECMDGOALS)),)
+$(call whole_number,BATCH,images per step)
 endif
 # test.py and export.py use the data the run trained on unless DATA_DIR (or, for test.py, DATASET) is given here.
 RUN_DATA := $(if $(filter command line environment,$(origin DATA_DIR)),--data-dir $(DATA_DIR))
@@ -63,7 +67,7 @@ EVAL_FLAGS := --checkpoint $(RUN_DIR)/best.pth --device $(DEVICE) --confusion-pn
 	$(RUN_DATA) $(if $(filter command line environment,$(origin DATASET)),--dataset $(DATASET))
 # predict.py and gui.py pick the newest run's best.pth unless MODEL or RUN_DIR is given here.
 PREDICT_FLAGS := $(if $(filter command line environment,$(origin RUN_DIR) $(origin MODEL)),--checkpoint $(RUN_DIR)/best.pth)
-# gui.py opens a picture at once only when IMG is given.
+# gui.py opens a picture at once only when IMG is given; predict.py runs on the CPU unless DEVICE is given here.
 GUI_FLAGS := $(PREDICT_FLAGS) $(if $(filter command line,$(origin IMG)),$(IMG))
 
 .DEFAULT_GOAL := help
@@ -120,7 +124,7 @@ eval: install ## evaluate RUN_DIR/best.pth: accuracy, per class, confusion matri
 	$(PYTHON) test.py $(EVAL_FLAGS) $(ARGS)
 
 predict: install ## classify IMG (a picture or a folder) with the newest run's best.pth (or RUN_DIR's)
-	$(PYTHON) predict.py $(IMG) $(PREDICT_FLAGS) $(ARGS)
+	$(PYTHON) predict.py $(IMG) $(PREDICT_FLAGS) $(if $(filter command line environment,$(origin DEVICE)),--device $(DEVICE)) $(ARGS)
 
 bench: install ## time training, evaluation and loading against the tutorials' pipeline (MODEL, DEVICE, BATCH; ARGS: bench.py flags, then -- and train.py's step flags)
 	$(PYTHON) bench.py --model $(MODEL) --device $(DEVICE) $(if $(filter command line environment,$(origin BATCH)),--batch-size $(BATCH)) $(ARGS)
@@ -140,7 +144,7 @@ export: install install-extra ## write RUN_DIR/model.onnx from RUN_DIR/best.pth,
 test: install-dev install-gui install-extra ## run the whole test suite (what CI runs)
 	$(PYTHON) -m pytest --durations=10 tests/ $(ARGS)
 
-test-fast: install-dev install-gui install-extra ## run the tests that start no process and train no whole run: under a minute
+test-fast: install-dev install-gui install-extra ## run the tests that start no process and train no whole run: about a minute
 	$(PYTHON) -m pytest -m "not slow" tests/ $(ARGS)
 
 clean: ## remove caches and install stamps (keeps data/, runs/, test/ and .venv)

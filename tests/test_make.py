@@ -94,6 +94,12 @@ def test_model_run_dir_and_data_dir_pass_through_to_train_and_eval(project):
     assert "--data-dir /abs/data" in make("-n", "eval", "DATA_DIR=/abs/data").stdout
 
 
+def test_predict_runs_on_the_cpu_unless_device_is_given(project):
+    _, make = project
+    assert "--device" not in make("-n", "predict").stdout
+    assert "predict.py test/0_3.jpg --device cuda" in " ".join(make("-n", "predict", "DEVICE=cuda").stdout.split())
+
+
 def test_nproc_starts_torchrun_and_anything_but_a_count_stops_make_in_one_line(project):
     _, make = project
     assert "-m torch.distributed.run --standalone --nproc_per_node=2 train.py --model" in make(
@@ -105,11 +111,13 @@ def test_nproc_starts_torchrun_and_anything_but_a_count_stops_make_in_one_line(p
                                             "a whole number from 1.  Stop.")
 
 
-def test_a_mistyped_device_or_nproc_stops_make_before_the_data_step_fetches_anything(project):
+def test_a_mistyped_device_nproc_epochs_or_batch_stops_make_before_the_data_step_fetches_anything(project):
     import device
     d, make = project
     for goals, var in ((["data", "train"], "DEVICE=gpu"), (["data", "train"], "NPROC=two"), (["eval"], "DEVICE=GPU"),
-                       (["speedrun"], "DEVICE=npu0"), (["train"], "DEVICE="), (["bench"], "DEVICE=cuda cpu")):
+                       (["speedrun"], "DEVICE=npu0"), (["train"], "DEVICE="), (["bench"], "DEVICE=cuda cpu"),
+                       (["predict"], "DEVICE=gpu"), (["data", "train"], "EPOCHS=0"), (["data", "train"], "BATCH=1k"),
+                       (["bench"], "BATCH=-8")):
         proc = make(*goals, var, "DATA_DIR=fetched", "CIFAR_URL=http://127.0.0.1:9/cifar-10-python.tar.gz",
                     check=False)
         assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
