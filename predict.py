@@ -42,9 +42,14 @@ def get_args_parser():
     return p
 
 
+def trained_runs(runs_dir="runs"):
+    """best.pth of every run under runs/, the most recently written last."""
+    return sorted(Path(runs_dir).glob("*/best.pth"), key=lambda p: p.stat().st_mtime)
+
+
 def latest_checkpoint(runs_dir="runs"):
     """best.pth of the most recently written run under runs/, or None."""
-    found = sorted(Path(runs_dir).glob("*/best.pth"), key=lambda p: p.stat().st_mtime)
+    found = trained_runs(runs_dir)
     return found[-1] if found else None
 
 
@@ -89,9 +94,12 @@ class Classifier:
 
 
 def main(args):
-    checkpoint = args.checkpoint or latest_checkpoint()
+    runs = [] if args.checkpoint else trained_runs()
+    checkpoint = args.checkpoint or (runs[-1] if runs else None)
     if checkpoint is None:
         raise resnet.CheckpointError("no trained model yet: run `make train`, or pass --checkpoint")
+    if len(runs) > 1:  # which of them answers is not plain to see
+        print(f"note: {checkpoint}, the newest of {len(runs)} runs (--checkpoint picks another)", file=sys.stderr)
     clf = Classifier(checkpoint, args.model, device.pick_device(args.device))
     if clf.assumed:
         print(f"note: {clf.assumed}", file=sys.stderr)

@@ -3,6 +3,7 @@ import json
 import os
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,7 +145,8 @@ def test_json_writes_class_names_and_paths_in_any_script_as_they_are(workdir, pi
     assert f'"class": "{result["class"]}"' in proc.stdout and "我的照片.png" in proc.stdout
 
 
-def test_the_default_checkpoint_is_the_newest_runs_best(tmp_path, trained_run):
+def test_the_default_checkpoint_is_the_newest_runs_best_and_among_several_one_line_names_it(tmp_path, trained_run,
+                                                                                             pictures):
     run_dir, _ = trained_run
     for name, age in (("old", 100), ("new", 0)):
         (tmp_path / "runs" / name).mkdir(parents=True)
@@ -152,6 +154,9 @@ def test_the_default_checkpoint_is_the_newest_runs_best(tmp_path, trained_run):
         target.write_bytes((run_dir / "best.pth").read_bytes())
         os.utime(target, (time.time() - age, time.time() - age))
     assert predict.latest_checkpoint(tmp_path / "runs") == tmp_path / "runs" / "new" / "best.pth"
+    proc = run_here("predict.py", pictures[0] / "cifar.png", cwd=tmp_path)
+    assert re.fullmatch(LINE.format(re.escape(str(pictures[0] / "cifar.png"))), proc.stdout.strip())
+    assert proc.stderr == f"note: {Path('runs', 'new', 'best.pth')}, the newest of 2 runs (--checkpoint picks another)\n"
 
 
 def test_no_checkpoint_yet_says_to_train_first(tmp_path, pictures):
