@@ -121,6 +121,9 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
     def open_image(self, path):
         """Show a picture (scaled, aspect ratio kept) and make it the one Run classifies."""
         self.clear_result()
+        if not os.path.exists(path):  # in the window's words; the reader's other reasons are Pillow's
+            self.show_message(self.words["not_found"].format(path))
+            return False
         try:  # predict.py's reader: what is shown is what is classified (EXIF turn included)
             im = data.open_picture(path, draft=(1024, 1024))
         except data.PictureError as e:

@@ -90,6 +90,7 @@ def test_in_chinese_the_status_bar_and_the_messages_are_chinese_too(app, checkpo
     (tmp_path / "notes.jpg").write_text("not a picture")
     window.open_image(tmp_path / "notes.jpg")
     assert window.message.text().startswith("无法读取这张图片：") and "notes.jpg" in window.message.text()
+    assert not window.open_image(tmp_path / "nope.jpg") and window.message.text() == f"找不到 {tmp_path / 'nope.jpg'}。"
     window.language_box.setCurrentIndex(0)
     assert "61.25% test accuracy" in window.statusBar().currentMessage()
     missing = gui.MainWindow(tmp_path / "none.pth", language="zh")
