@@ -148,7 +148,7 @@ def plot_runs(run_dirs, out):
     for ax, title, ylabel in ((loss_ax, "Loss", "cross-entropy (log scale)"), (acc_ax, "Accuracy", "accuracy (%)"),
                               (lr_ax, "Learning rate (end of epoch)", "learning rate")):
         ax.set_title(title)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one epoch: 1, not 0.945 ... 1.065
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

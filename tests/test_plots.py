@@ -145,6 +145,15 @@ def test_the_loss_axis_reads_in_plain_round_numbers(tmp_path, test_losses):
     assert len(labels) >= 3 and all(float(text) > 0 for text in labels), labels  # 0.3 or 2.4, not 3 x 10^-1
 
 
+@pytest.mark.parametrize("epochs", [1, 2, 40])
+def test_the_epoch_axis_counts_whole_epochs(tmp_path, epochs):
+    (tmp_path / "metrics.csv").write_text(HEADER + "".join(ROW.format(e) for e in range(1, epochs + 1)))
+    for ax in plot.plot_runs([tmp_path], tmp_path / "curves.png").axes:
+        low, high = ax.get_xlim()
+        ticks = [t.get_position()[0] for t in ax.get_xticklabels() if low <= t.get_position()[0] <= high]
+        assert ticks and all(tick == int(tick) for tick in ticks), ticks
+
+
 @pytest.mark.parametrize("text, message", [
     (HEADER + ROW.format(1) + "2,x,y\n" + ROW.format(3), "metrics.csv, line 3: not a row of numbers (2, x, y"),
     (HEADER, "metrics.csv: no finished epoch yet"),
