@@ -310,7 +310,7 @@ def _weights_of(ckpt, source):
     if "model" in ckpt and "arch" in ckpt:
         return ckpt["model"], "project"
     if isinstance(ckpt.get("net"), dict):  # kuangliu's main.py: {'net': state dict, 'acc', 'epoch'}
-        return ckpt["net"], "kuangliu"
+        return ckpt["net"], "kuangliu checkpoint"
     if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         return ckpt, "state dict"
     raise CheckpointError(f"{source}: not a checkpoint of this project or its tutorials "
