@@ -262,8 +262,11 @@ def pipeline(side, args, device_name, conn):
                 repeats = args.steps * (20 if name == "loader" else 1)
                 seconds, warmup_seconds = timed(steps[name], dev, repeats, args.warmup)
                 conn.send((args.batch_size / seconds, warmup_seconds))
-    except torch._dynamo.exc.TorchDynamoException as e:  # --compile with no backend for this device, as train.py
-        sys.exit(f"error: {train.compile_failure(e)}")
+    except (RuntimeError, NotImplementedError) as e:  # out of memory, or --compile/--fused unsupported: as train.py
+        why = train.step_failure(e, side == "ours" and recipe.fused)
+        if why is None:
+            raise
+        sys.exit(f"error: {why}")
 
 
 def main(args):

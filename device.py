@@ -127,6 +127,15 @@ def eval_batch_size(device):
     return 128 if device.type == "cpu" else 1000
 
 
+def out_of_memory(error):
+    """If error says the device ran out of memory, its first sentence ("CUDA out of memory"); else None.
+    CUDA raises OutOfMemoryError; the NPU, MPS and the CPU's allocator raise a RuntimeError that says so."""
+    text = str(error)
+    if isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text:
+        return (text.strip().splitlines() or [type(error).__name__])[0].split(". ")[0]
+    return None
+
+
 # ---------------------------------------------------------------------------
 # Precision and layout
 

@@ -118,6 +118,11 @@ if __name__ == "__main__":
         main(get_args_parser().parse_args())
     except (data.DataError, device.DeviceError, resnet.CheckpointError) as e:
         sys.exit(f"error: {e}")
+    except RuntimeError as e:  # the device ran out of memory: one line; anything else: its traceback
+        oom = device.out_of_memory(e)
+        if oom is None:
+            raise
+        sys.exit(f"error: out of memory: {oom}; run again with a smaller --batch-size")
     except BrokenPipeError:  # `test.py | head`
         sys.exit(cli.reader_gone())
     except KeyboardInterrupt:

@@ -375,8 +375,11 @@ def run_epochs(args, t, loaders, describe, folder, stop, start, t0):
         try:
             r = train_one_epoch(t, train_loader, epoch, args, folder, stop, start.step if first else 0,
                                 start.totals if first else None)
-        except torch._dynamo.exc.TorchDynamoException as e:  # --compile with no backend for this device, say
-            raise rundir.TrainingError(compile_failure(e, resume=epoch > 1 or start.step > 0)) from None
+        except (RuntimeError, NotImplementedError) as e:  # a batch too large, --compile or --fused unsupported
+            why = step_failure(e, args.fused, resume=epoch > 1 or start.step > 0)
+            if why is None:
+                raise
+            raise rundir.TrainingError(why) from None
         train_seconds, images = train_seconds + r.seconds, images + r.images
         first_step = first_step or r.first_step
         if r.stopped_at:  # a stop was asked for: save mid-epoch and leave
@@ -385,8 +388,15 @@ def run_epochs(args, t, loaders, describe, folder, stop, start, t0):
         tick = time.perf_counter()
         for model in (t.model,) if scored is t.model else (t.model, scored):  # one order in every process
             device.broadcast_buffers(model)  # every process evaluates, and saves, what process 0 has
-        test_loss, acc = evaluate(scored, test_loader, len(describe["classes"]), t.amp, args.tta,
-                                  train_loader.memory_format)
+        try:
+            test_loss, acc = evaluate(scored, test_loader, len(describe["classes"]), t.amp, args.tta,
+                                      train_loader.memory_format)
+        except RuntimeError as e:
+            oom = device.out_of_memory(e)
+            if oom is None:
+                raise
+            raise rundir.TrainingError(f"out of memory in evaluation: {oom}; run again "
+                                       f"{'--resume ' if epoch > 1 else ''}with a smaller --eval-batch-size") from None
         eval_seconds += time.perf_counter() - tick
         is_best = acc > best[0] or not best[1]  # the first epoch is the best so far even at 0%: best.pth exists
         best = (acc, epoch) if is_best else best
@@ -409,12 +419,25 @@ def run_epochs(args, t, loaders, describe, folder, stop, start, t0):
     return Result(0, *best, acc, train_seconds, eval_seconds, first_step, images)
 
 
-def compile_failure(error, resume=False):
-    """One line for a torch.compile error, which may run to pages (a C++ compiler's output): the cause,
-    and what to run instead (resume: a finished epoch is saved, so the run goes on from there)."""
+def step_failure(error, fused, resume=False):
+    """One line for an error of the training step that the command line can mend: out of memory, or
+    --compile or --fused where the device lacks them (torch.compile's error may run to pages: a C++
+    compiler's output). resume: a finished epoch is saved, so the run goes on from there. None for
+    any other error, which keeps its traceback."""
+    again, oom = f"run again {'--resume ' if resume else ''}without", device.out_of_memory(error)
+    if oom:  # a smaller batch is a new run: --resume keeps the run's batch size
+        return f"out of memory: {oom}; run again with a smaller --batch-size (make: BATCH=)"
+    if isinstance(error, torch._dynamo.exc.TorchDynamoException):
+        return f"torch.compile failed: {cause(error)}; {again} --compile"
+    if fused and "fused" in str(error):
+        return f"SGD's fused kernel failed: {cause(error)}; {again} --fused"
+    return None
+
+
+def cause(error):
+    """The first sentence of an error's first line (torch.compile's lines "backend=..." left out)."""
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip() and not ln.startswith("backend=")]
-    return (f"torch.compile failed: {lines[0] if lines else type(error).__name__}; run again "
-            f"{'--resume ' if resume else ''}without --compile")
+    return lines[0].split(". ")[0] if lines else type(error).__name__
 
 
 def speed(r, args, first):

@@ -89,6 +89,21 @@ def test_on_a_cpu_freed_memory_serves_the_next_big_tensor_instead_of_fresh_pages
     device.keep_freed_memory(CUDA)  # elsewhere it does nothing (and does not fail)
 
 
+@pytest.mark.parametrize("error, said", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB"),
+     "CUDA out of memory"),
+    (RuntimeError("NPU out of memory. Tried to allocate 1.50 GiB (NPU 0; 60.97 GiB total capacity)"),
+     "NPU out of memory"),
+    (RuntimeError("MPS backend out of memory (MPS allocated: 17 GB, max allowed: 18.1 GB). Tried to allocate 2 GB"),
+     "MPS backend out of memory (MPS allocated: 17 GB, max allowed: 18.1 GB)"),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes. Error code 12"),
+     "DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes"),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x512 and 256x10)"), None),
+])
+def test_running_out_of_memory_is_told_apart_from_other_errors_by_its_first_sentence(error, said):
+    assert device.out_of_memory(error) == said
+
+
 # ---------------------------------------------------------------------------
 # torch_npu
 

@@ -294,6 +294,46 @@ def test_a_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_che
     assert (tmp_path / "run" / "acc.txt").read_text().startswith("EPOCH=001")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("where, error, line", [
+    ((torch.optim.SGD, "step", 3), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 ..."),
+     "error: out of memory: CUDA out of memory; run again with a smaller --batch-size (make: BATCH=)"),
+    ((resnet, "evaluate", 2), RuntimeError("NPU out of memory. Tried to allocate 1.50 GiB (NPU 0; 60 GiB total)"),
+     "error: out of memory in evaluation: NPU out of memory; run again --resume with a smaller --eval-batch-size"),
+])
+def test_out_of_memory_in_epoch_2_is_one_line_naming_the_batch_to_lower_and_keeps_epoch_1(tmp_path, cifar_dir,
+                                                                                          monkeypatch, where, error,
+                                                                                          line):
+    owner, name, failing_call = where  # two optimizer steps and one evaluation an epoch
+    calls, real = [], getattr(owner, name)
+
+    def fails_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == failing_call:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, fails_in_epoch_2)
+    proc = run_here("train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", "run", cwd=tmp_path, check=False)
+    assert one_line_error(proc) == line
+    assert resnet.load_checkpoint(tmp_path / "run" / "last.pth")["epoch"] == 1
+    assert (tmp_path / "run" / "acc.txt").read_text().startswith("EPOCH=001")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["test.py", "predict.py"])
+def test_out_of_memory_in_test_py_or_predict_py_is_one_line_naming_the_batch_to_lower(tmp_path, reference, cifar_dir,
+                                                                                      battery, monkeypatch, script):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB. GPU 0 has a total ...")
+
+    monkeypatch.setattr(resnet, "evaluate", out_of_memory)  # test.py's batches
+    monkeypatch.setattr(data, "normalize", out_of_memory)  # predict.py's
+    what = ["--data-dir", cifar_dir] if script == "test.py" else [battery[0] / "good.jpg"]
+    proc = run_here(script, *what, "--checkpoint", reference / "best.pth", cwd=tmp_path, check=False)
+    assert one_line_error(proc) == "error: out of memory: CUDA out of memory; run again with a smaller --batch-size"
+
+
 def test_an_extraction_that_fails_part_way_leaves_no_dataset(tmp_path):
     src = write_cifar(tmp_path / "src", n_train=50, n_test=20)
     path, _ = make_archive(src, tmp_path / "cifar-10-python.tar.gz")

@@ -156,7 +156,8 @@ def test_the_default_checkpoint_is_the_newest_runs_best_and_among_several_one_li
     assert predict.latest_checkpoint(tmp_path / "runs") == tmp_path / "runs" / "new" / "best.pth"
     proc = run_here("predict.py", pictures[0] / "cifar.png", cwd=tmp_path)
     assert re.fullmatch(LINE.format(re.escape(str(pictures[0] / "cifar.png"))), proc.stdout.strip())
-    assert proc.stderr == f"note: {Path('runs', 'new', 'best.pth')}, the newest of 2 runs (--checkpoint picks another)\n"
+    newest = Path("runs", "new", "best.pth")
+    assert proc.stderr == f"note: {newest}, the newest of 2 runs (--checkpoint picks another)\n"
 
 
 def test_no_checkpoint_yet_says_to_train_first(tmp_path, pictures):

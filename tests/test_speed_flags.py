@@ -111,6 +111,35 @@ def test_a_compile_that_fails_is_one_line_and_keeps_the_finished_epochs(tmp_path
         "EPOCH=001", "EPOCH=002"]
 
 
+# What a device whose torch has no fused SGD kernel raises at the first step (torch_npu does not document one).
+NO_FUSED_KERNEL = ("Could not run 'aten::_fused_sgd_' with arguments from the 'PrivateUse1' backend. This could be "
+                   "because the operator doesn't exist for this backend.\n\nCPU: registered at ...")
+
+
+@pytest.mark.slow
+def test_fused_where_the_device_has_no_fused_sgd_kernel_is_one_line(tmp_path, cifar_dir, monkeypatch):
+    def no_kernel(*args, **kwargs):
+        raise NotImplementedError(NO_FUSED_KERNEL)
+
+    monkeypatch.setattr(torch, "_fused_sgd_", no_kernel)
+    proc = run_here("train.py", "--data-dir", cifar_dir, "--epochs", "1", *QUICK, "--fused", cwd=tmp_path, check=False)
+    assert one_line_error(proc) == ("error: SGD's fused kernel failed: Could not run 'aten::_fused_sgd_' with "
+                                    "arguments from the 'PrivateUse1' backend; run again without --fused")
+
+
+def test_a_step_s_error_the_command_line_can_mend_is_one_line_the_others_keep_their_traceback():
+    assert train.step_failure(NotImplementedError(NO_FUSED_KERNEL), fused=True, resume=True).endswith(
+        "backend; run again --resume without --fused")
+    assert train.step_failure(torch._dynamo.exc.TorchDynamoException("no backend"), fused=False) == (
+        "torch.compile failed: no backend; run again without --compile")
+    cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes. Error ...")
+    assert train.step_failure(cpu, fused=False) == ("out of memory: DefaultCPUAllocator: can't allocate memory: you "
+                                                    "tried to allocate 8589934592 bytes; run again with a smaller "
+                                                    "--batch-size (make: BATCH=)")
+    assert train.step_failure(NotImplementedError(NO_FUSED_KERNEL), fused=False) is None  # not asked for: a bug
+    assert train.step_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), fused=True) is None
+
+
 class DeviceOps(TorchDispatchMode):
     """Records, for every tensor operation, its name and whether it makes the host wait for
     a GPU or NPU: a value read back (.item(), float(), `if tensor:`), an output whose size
@@ -292,6 +321,18 @@ def test_a_compile_that_fails_ends_the_benchmark_s_process_with_train_py_s_line(
         bench.pipeline("ours", args, "cpu", types.SimpleNamespace(send=lambda reply: None, recv=lambda: "eval"))
     assert e.value.code == ("error: torch.compile failed: RuntimeError: No working C++ compiler found; run again "
                             "without --compile")
+
+
+def test_a_fused_kernel_the_device_lacks_ends_the_benchmark_s_process_with_train_py_s_line(monkeypatch):
+    def no_kernel(*args, **kwargs):
+        raise NotImplementedError(NO_FUSED_KERNEL)
+
+    monkeypatch.setattr(torch, "_fused_sgd_", no_kernel)
+    monkeypatch.setattr(device, "keep_freed_memory", lambda dev: None)
+    args = bench.get_args_parser().parse_args(["--device", "cpu", "--batch-size", "4", "--steps", "1", "--", "--fused"])
+    with pytest.raises(SystemExit) as e:
+        bench.pipeline("ours", args, "cpu", types.SimpleNamespace(send=lambda reply: None, recv=lambda: "train"))
+    assert e.value.code.startswith("error: SGD's fused kernel failed: Could not run 'aten::_fused_sgd_'")
 
 
 @pytest.mark.slow
