@@ -128,12 +128,13 @@ def eval_batch_size(device):
 
 
 def out_of_memory(error):
-    """If error says the device ran out of memory, its first sentence ("CUDA out of memory"); else None.
-    CUDA raises OutOfMemoryError; the NPU, MPS and the CPU's allocator raise a RuntimeError that says so."""
-    text = str(error)
-    if isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text:
-        return (text.strip().splitlines() or [type(error).__name__])[0].split(". ")[0]
-    return None
+    """If error says the device ran out of memory, the sentence that says so ("CUDA out of memory");
+    else None. CUDA raises OutOfMemoryError; the NPU, MPS and the CPU's allocator a RuntimeError."""
+    sentences = [s.strip() for s in (str(error).strip().splitlines() or [""])[0].split(". ")]
+    said = [s for s in sentences if "out of memory" in s or "can't allocate memory" in s]
+    if said:
+        return said[0]
+    return (sentences[0] or "out of memory") if isinstance(error, torch.OutOfMemoryError) else None
 
 
 # ---------------------------------------------------------------------------

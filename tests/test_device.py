@@ -96,12 +96,18 @@ def test_on_a_cpu_freed_memory_serves_the_next_big_tensor_instead_of_fresh_pages
      "NPU out of memory"),
     (RuntimeError("MPS backend out of memory (MPS allocated: 17 GB, max allowed: 18.1 GB). Tried to allocate 2 GB"),
      "MPS backend out of memory (MPS allocated: 17 GB, max allowed: 18.1 GB)"),
-    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes. Error code 12"),
-     "DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes"),
+    (torch.OutOfMemoryError(""), "out of memory"),
     (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x512 and 256x10)"), None),
 ])
-def test_running_out_of_memory_is_told_apart_from_other_errors_by_its_first_sentence(error, said):
+def test_running_out_of_memory_is_told_apart_from_other_errors_by_the_sentence_that_says_so(error, said):
     assert device.out_of_memory(error) == said
+
+
+def test_the_cpu_allocator_s_own_error_names_the_bytes_it_could_not_allocate():
+    with pytest.raises(RuntimeError) as e:
+        torch.empty(2 ** 60, dtype=torch.uint8)  # an exabyte, beyond any address space: refused at once
+    assert device.out_of_memory(e.value) == ("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                                             f"{2 ** 60} bytes")
 
 
 # ---------------------------------------------------------------------------
