@@ -67,8 +67,10 @@ EVAL_FLAGS := --checkpoint $(RUN_DIR)/best.pth --device $(DEVICE) --confusion-pn
 	$(RUN_DATA) $(if $(filter command line environment,$(origin DATASET)),--dataset $(DATASET))
 # predict.py and gui.py pick the newest run's best.pth unless MODEL or RUN_DIR is given here.
 PREDICT_FLAGS := $(if $(filter command line environment,$(origin RUN_DIR) $(origin MODEL)),--checkpoint $(RUN_DIR)/best.pth)
-# gui.py opens a picture at once only when IMG is given; predict.py runs on the CPU unless DEVICE is given here.
+# gui.py opens a picture at once only when IMG is given.
 GUI_FLAGS := $(PREDICT_FLAGS) $(if $(filter command line,$(origin IMG)),$(IMG))
+# predict.py answers on the CPU, before an accelerator would have started, unless DEVICE is given here.
+PREDICT_DEVICE := $(if $(filter command line environment,$(origin DEVICE)),--device $(DEVICE))
 
 .DEFAULT_GOAL := help
 .PHONY: help install install-dev install-gui install-extra data train eval bench speedrun plot predict gui export \
@@ -124,7 +126,7 @@ eval: install ## evaluate RUN_DIR/best.pth: accuracy, per class, confusion matri
 	$(PYTHON) test.py $(EVAL_FLAGS) $(ARGS)
 
 predict: install ## classify IMG (a picture or a folder) with the newest run's best.pth (or RUN_DIR's)
-	$(PYTHON) predict.py $(IMG) $(PREDICT_FLAGS) $(if $(filter command line environment,$(origin DEVICE)),--device $(DEVICE)) $(ARGS)
+	$(PYTHON) predict.py $(IMG) $(PREDICT_FLAGS) $(PREDICT_DEVICE) $(ARGS)
 
 bench: install ## time training, evaluation and loading against the tutorials' pipeline (MODEL, DEVICE, BATCH; ARGS: bench.py flags, then -- and train.py's step flags)
 	$(PYTHON) bench.py --model $(MODEL) --device $(DEVICE) $(if $(filter command line environment,$(origin BATCH)),--batch-size $(BATCH)) $(ARGS)
