@@ -85,6 +85,9 @@ def save_checkpoint(ckpt, path):
     except OSError as e:  # a full disk, a quota, a vanished mount
         raise TrainingError(f"cannot write {path} ({e.strerror or e}); the previous "
                             f"{Path(path).name}, if any, is intact") from None
+    except RuntimeError as e:  # torch.save's zip writer says a full disk as "unexpected pos ..."
+        raise TrainingError(f"cannot write {path} ({' '.join(str(e).split())}: is the disk full?); the previous "
+                            f"{Path(path).name}, if any, is intact") from None
 
 
 def write_text(path, text):
@@ -267,14 +270,22 @@ class RunFolder:
         The run keeps its recipe: args' values of the names in `recipe` become the saved ones
         (defaults: the parser's, to tell a flag that was given from one that was not)."""
         if args.resume is None:
-            if (self.path / "last.pth").exists():
+            if self.holds_a_run():
                 raise resnet.CheckpointError(f"{self.path} already holds a run: continue it with --resume, "
                                              "or choose another --out-dir (RUN_DIR=)")
             return None
-        path, state = self.resume_path(args.resume), self.load(args.resume)
+        path = self.resume_path(args.resume)
+        if path.parent.resolve() != self.path.resolve() and self.holds_a_run():
+            raise resnet.CheckpointError(f"{self.path} already holds another run; {path} goes on in its own "
+                                         "folder: leave out --out-dir, or choose an empty one")
+        state = self.load(args.resume)
         if state is None:
             self.say(f"note: {path} does not exist yet; starting the run from the beginning")
             return None
+        later = [e for e in self.saved_epochs() if e > state["epoch"]]
+        if later:  # resuming from an earlier net_XXX.pth or best.pth: asked for, but say what it costs
+            self.say(f"note: {self.path} holds epochs up to {max(later)}; epochs {state['epoch'] + 1} to "
+                     f"{max(later)} are trained again and their files replaced")
         for key in recipe:
             saved, given = state["args"].get(key, getattr(defaults, key)), getattr(args, key)
             if given != saved and given != getattr(defaults, key):
@@ -284,6 +295,13 @@ class RunFolder:
         self.say(f"resuming {path} after {where} of {args.epochs}"
                  + ("" if "optimizer" in state else " (weights only: the optimizer's momentum starts afresh)"))
         return state
+
+    def saved_epochs(self):
+        """The epochs whose checkpoints (net_XXX.pth) this folder holds."""
+        return sorted(int(p.stem[4:]) for p in self.path.glob("net_*.pth") if p.stem[4:].isdigit())
+
+    def holds_a_run(self):
+        return bool(self.saved_epochs()) or any((self.path / f).exists() for f in ("last.pth", "best.pth"))
 
     def restore(self, t, state, steps_per_epoch, classes):
         """Put a saved state back into train.py's Training t, whose network was built for

@@ -481,6 +481,21 @@ def test_half_written_log_lines_from_a_kill_are_cleaned_up_on_resume(tmp_path, r
         assert (run_dir / name).read_text() == (reference / name).read_text()
 
 
+def test_torch_save_s_own_error_on_a_full_disk_names_the_file_and_the_likely_cause(tmp_path, monkeypatch):
+    from rundir import TrainingError, save_checkpoint
+
+    def full(obj, f, *args, **kwargs):  # what the zip writer says when a write comes up short
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 60599616 vs 60599504")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(TrainingError) as e:
+        save_checkpoint({}, tmp_path / "net_002.pth")
+    assert str(e.value) == (f"cannot write {tmp_path / 'net_002.pth'} ([enforce fail at inline_container.cc:672] . "
+                            "unexpected pos 60599616 vs 60599504: is the disk full?); the previous net_002.pth, if "
+                            "any, is intact")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, cifar_dir):
     # The fourth torch.save (net_002.pth) fails the way a full disk does, after writing part of the file.

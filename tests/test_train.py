@@ -172,6 +172,34 @@ def test_a_new_run_never_overwrites_a_finished_one(trained_run, cifar_dir):
 
 
 @pytest.mark.slow
+def test_nor_one_whose_last_pth_is_gone_nor_a_resumed_run_sent_into_another_run_s_folder(trained_run, cifar_dir,
+                                                                                         tmp_path):
+    import shutil
+    run_dir, _ = trained_run
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    (other / "last.pth").unlink()  # deleted to free room: best.pth and net_XXX.pth are still the run's
+    proc = run_here("train.py", "--data-dir", cifar_dir, *QUICK, "--out-dir", other, cwd=tmp_path, check=False)
+    assert one_line_error(proc).endswith("already holds a run: continue it with --resume, or choose another "
+                                         "--out-dir (RUN_DIR=)")
+    proc = run_here("train.py", "--resume", run_dir / "last.pth", "--data-dir", cifar_dir, "--device", "cpu",
+                    "--out-dir", other, cwd=tmp_path, check=False)
+    assert one_line_error(proc) == (f"error: {other} already holds another run; {run_dir / 'last.pth'} goes on in "
+                                    "its own folder: leave out --out-dir, or choose an empty one")
+    assert (other / "acc.txt").read_text() == (run_dir / "acc.txt").read_text()
+
+
+@pytest.mark.slow
+def test_resuming_from_an_earlier_epoch_says_which_epochs_are_trained_again(trained_run, cifar_dir, tmp_path):
+    import shutil
+    run_dir, _ = trained_run
+    shutil.copytree(run_dir, tmp_path / "run")
+    proc = run_here("train.py", "--resume", tmp_path / "run" / "net_001.pth", "--data-dir", cifar_dir,
+                    "--device", "cpu", cwd=tmp_path)
+    assert f"note: {tmp_path / 'run'} holds epochs up to 2; epochs 2 to 2 are trained again" in proc.stdout
+
+
+@pytest.mark.slow
 def test_resuming_a_finished_run_has_nothing_to_do(trained_run, cifar_dir):
     run_dir, _ = trained_run
     proc = run_here("train.py", "--resume", "--data-dir", cifar_dir, "--device", "cpu", cwd=run_dir.parent.parent)
