@@ -344,8 +344,8 @@ def open_picture(path, draft=None):
         raise PictureError(f"{path}: no such file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise PictureError(f"{path}: too many pixels to decode safely (a decompression bomb?)") from None
-    except Exception as e:  # not a picture, truncated, unsupported
-        detail = (str(e).splitlines() or [type(e).__name__])[0]
+    except Exception as e:  # not a picture, truncated, unsupported; or the system's refusal (a name too long, ...)
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
         raise PictureError(f"{path}: cannot read picture ({detail})") from None
 
 

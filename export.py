@@ -111,6 +111,9 @@ def main(args):
     out = Path(args.output) if args.output else Path(args.checkpoint).with_name("model.onnx")
     if out.is_dir():  # found now, not after the export and its check
         raise ExportError(f"{out} is a folder; --output names the .onnx file, e.g. {out / 'model.onnx'}")
+    if out.suffix.lower() != ".onnx":  # a checkpoint, say, would be replaced by the export
+        raise ExportError(f"{out}: --output names the .onnx file to write, e.g. {out.with_suffix('.onnx')}; "
+                          "nothing written")
     metadata = {"arch": ckpt["arch"], "dataset": dataset, "classes": list(classes), "mean": list(mean),
                 "std": list(std), "image_size": size}
     # Renamed into place only once it has passed the check: a model.onnx on disk always matched its checkpoint.

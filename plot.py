@@ -48,7 +48,11 @@ def picture(example):
     would add it anyway, and the name printed must be the file's)."""
     def check(text):
         out = Path(text)
-        if out.is_dir():
+        try:
+            is_dir = out.is_dir()
+        except OSError as e:  # a name too long for the file system, say
+            raise argparse.ArgumentTypeError(f"{text}: {e.strerror}") from None
+        if is_dir:
             raise argparse.ArgumentTypeError(f"{text} is a folder; name the picture, e.g. {out / example}")
         if not out.suffix:
             return out.with_suffix(".png")

@@ -61,7 +61,7 @@ def expand_paths(paths):
     extensions = set(Image.registered_extensions())
     files, errors = [], []
     for p in map(Path, paths):
-        if p.is_dir():
+        if os.path.isdir(p):  # False for a name the file system refuses: then an error of its own below
             found = [f for f in data.visible_files(p) if f.suffix.lower() in extensions]
             if not found:
                 errors.append(f"{p}: folder holds no pictures")

@@ -84,6 +84,18 @@ def test_an_output_that_is_a_folder_is_one_line_before_any_export(trained_run, c
     assert list(tmp_path.iterdir()) == [tmp_path / "exports"] and list((tmp_path / "exports").iterdir()) == []
 
 
+def test_an_output_that_is_not_an_onnx_file_is_refused_and_left_as_it_was(trained_run, cifar_dir, tmp_path):
+    run_dir, _ = trained_run
+    checkpoint = tmp_path / "best.pth"
+    checkpoint.write_bytes((run_dir / "best.pth").read_bytes())
+    proc = run_here("export.py", "--checkpoint", checkpoint, "--data-dir", cifar_dir, "--output", checkpoint,
+                    "--images", "20", cwd=tmp_path, check=False)
+    assert one_line_error(proc) == (f"error: {checkpoint}: --output names the .onnx file to write, "
+                                    f"e.g. {tmp_path / 'best.onnx'}; nothing written")
+    assert checkpoint.read_bytes() == (run_dir / "best.pth").read_bytes()
+    assert list(tmp_path.iterdir()) == [checkpoint]
+
+
 def test_exporting_before_any_training_says_to_train_first(tmp_path):
     proc = run_here("export.py", cwd=tmp_path, check=False)  # make export's runs/resnet18/best.pth is not there yet
     assert one_line_error(proc) == ("error: runs/resnet18/best.pth: no such checkpoint; train first (make train), "

@@ -110,6 +110,15 @@ def test_a_bad_picture_gets_one_line_and_the_others_are_still_predicted(workdir,
     assert [ln.split(":")[0] for ln in proc.stdout.splitlines()] == [str(d / "cifar.png"), str(d / "photo.jpg")]
 
 
+def test_a_name_too_long_for_the_file_system_is_an_error_line_of_its_own(workdir, pictures):
+    d, _, _ = pictures
+    long = d / ("x" * 300 + ".jpg")  # most file systems take 255 bytes a name
+    proc = run_here("predict.py", long, d / "cifar.png", cwd=workdir, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"error: {long}: cannot read picture (File name too long)"
+    assert proc.stdout.startswith(f"{d / 'cifar.png'}: ")
+
+
 def test_a_folder_is_predicted_picture_by_picture(workdir, pictures):
     d, _, _ = pictures
     proc = run_here("predict.py", d, "--json", cwd=workdir, check=False)
