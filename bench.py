@@ -66,7 +66,7 @@ def get_args_parser():
     p = cli.parser("Benchmark this pipeline against the tutorials', or time it to accuracy.")
     p.add_argument("--model", default="resnet18", choices=resnet.MODELS, help="network")
     p.add_argument("--device", default="auto", choices=device.DEVICES, help="where to run")
-    p.add_argument("--batch-size", type=cli.integer(min=1), default=128,
+    p.add_argument("--batch-size", type=cli.integer(min=1, max=2 ** 20), default=128,
                    help="images per step (the tutorials use 128)")
     p.add_argument("--steps", type=cli.integer(min=1), default=4, help="timed steps per repeat")
     p.add_argument("--warmup", type=cli.integer(min=0), default=2, help="untimed steps before each measurement")
@@ -202,11 +202,22 @@ def step_recipe(args):
 
 def pipeline(side, args, device_name, conn):
     """One side of the comparison, in an interpreter of its own as the two programs would run (the
-    tutorials' keeps glibc's allocator as it is, this project's sets it as train.py does): says which
-    precision it trains in, then times what the parent names until it sends None."""
+    tutorials' keeps glibc's allocator as it is, this project's sets it as train.py does). Out of
+    memory, or --compile or --fused unsupported, ends it in one line, as in train.py."""
+    try:
+        serve(side, args, device_name, conn)
+    except (RuntimeError, NotImplementedError) as e:
+        why = train.step_failure(e, side == "ours" and step_recipe(args).fused)
+        if why is None:
+            raise
+        sys.exit(f"error: {why}")
+
+
+def serve(side, args, device_name, conn):
+    """Says which precision this side trains in, then times what the parent names until it sends None."""
     torch.manual_seed(0)  # the same random images and the same initial weights on both sides
     dev = device.pick_device(device_name)
-    n = args.batch_size * (args.steps + args.warmup) * 2
+    n = args.batch_size * min(args.steps + args.warmup, 16) * 2  # the loaders go round it as often as needed
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (n,))
     model = resnet.build_model(args.model).to(dev)
@@ -254,19 +265,26 @@ def pipeline(side, args, device_name, conn):
 
     steps = {"train": train_step, "eval": eval_step, "loader": load_step}
     conn.send((device.PRECISION_NAMES[amp], "channels_last" if layout == torch.channels_last else "contiguous"))
-    try:
-        for name in iter(conn.recv, None):
-            if name == "matmul":
-                conn.send(matmul_gflops(dev, amp or torch.float32, args.steps, args.warmup))
-            else:  # loading alone is quick: time more of it
-                repeats = args.steps * (20 if name == "loader" else 1)
-                seconds, warmup_seconds = timed(steps[name], dev, repeats, args.warmup)
-                conn.send((args.batch_size / seconds, warmup_seconds))
-    except (RuntimeError, NotImplementedError) as e:  # out of memory, or --compile/--fused unsupported: as train.py
-        why = train.step_failure(e, side == "ours" and recipe.fused)
-        if why is None:
-            raise
-        sys.exit(f"error: {why}")
+    for name in iter(conn.recv, None):
+        if name == "matmul":
+            conn.send(matmul_gflops(dev, amp or torch.float32, args.steps, args.warmup))
+        else:  # loading alone is quick: time more of it
+            repeats = args.steps * (20 if name == "loader" else 1)
+            seconds, warmup_seconds = timed(steps[name], dev, repeats, args.warmup)
+            conn.send((args.batch_size / seconds, warmup_seconds))
+
+
+def stopped_early(processes):
+    """Why a benchmark process is gone: its own line is printed above, unless a signal killed it."""
+    for process in processes:
+        process.join(timeout=2)  # the one that stopped is gone at once; the other waits for its next request
+    killed = [signal.Signals(-p.exitcode).name for p in processes if p.exitcode is not None and p.exitcode < 0]
+    if not killed:
+        return "a benchmark process stopped early (its error is printed above)"
+    if killed[0] == "SIGKILL":
+        return ("a benchmark process was killed (SIGKILL), as the system does when memory runs out: "
+                "run again with a smaller --batch-size (make: BATCH=)")
+    return f"a benchmark process was killed ({killed[0]})"
 
 
 def main(args):
@@ -305,7 +323,7 @@ def main(args):
             conn.send(None)
         finished = True
     except EOFError:
-        raise device.DeviceError("a benchmark process stopped early (its error is printed above)") from None
+        raise device.DeviceError(stopped_early(multiprocessing.active_children())) from None
     finally:  # after an error or Ctrl-C the other side is still waiting: stop it
         for process in multiprocessing.active_children():
             process.join(timeout=60 if finished else 0)

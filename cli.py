@@ -33,11 +33,15 @@ def parser(description):
     return p
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _checked(parse, name, min=None, max=None, above=None, below=None):
     """An argparse type: parse the text, then check it lies in the range."""
     bounds = [(min, "at least", lambda v, b: v >= b), (max, "at most", lambda v, b: v <= b),
               (above, "more than", lambda v, b: v > b), (below, "less than", lambda v, b: v < b)]
-    wanted = " and ".join(f"{words} {bound:g}" for bound, words, _ in bounds if bound is not None)
+    wanted = " and ".join(f"{words} {bound:g}" if isinstance(bound, float) else f"{words} {bound}"
+                          for bound, words, _ in bounds if bound is not None)
 
     def check(text):
         try:
@@ -46,6 +50,8 @@ def _checked(parse, name, min=None, max=None, above=None, below=None):
             raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
         if isinstance(value, float) and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if isinstance(value, float) and abs(value) > FLOAT32_MAX:  # the training step computes in float32 at most
+            raise argparse.ArgumentTypeError(f"{text} is beyond float32's range (±{FLOAT32_MAX:.3g})")
         if not all(ok(value, bound) for bound, _, ok in bounds if bound is not None):
             raise argparse.ArgumentTypeError(f"must be {wanted} (got {text})")
         return value

@@ -48,7 +48,9 @@ def test_the_checked_types_accept_their_range_and_refuse_the_rest():
     for check, text, says in [(positive, "0", "must be at least 1 (got 0)"), (positive, "-1", "at least 1"),
                               (positive, "2.5", "'2.5' is not a whole number"), (fraction, "1", "less than 1"),
                               (fraction, "nan", "not a finite number"), (fraction, "inf", "not a finite number"),
-                              (fraction, "-0.1", "at least 0"), (cli.real(above=0), "0", "more than 0")]:
+                              (fraction, "-0.1", "at least 0"), (cli.real(above=0), "0", "more than 0"),
+                              (cli.real(above=0), "1e39", "1e39 is beyond float32's range (±3.4e+38)"),
+                              (cli.integer(max=2 ** 20), "2000000", "at most 1048576 (got 2000000)")]:
         with pytest.raises(argparse.ArgumentTypeError, match=re.escape(says)):
             check(text)
 
@@ -57,7 +59,7 @@ def test_the_checked_types_accept_their_range_and_refuse_the_rest():
 def test_every_numeric_flag_is_checked(script, action):
     assert getattr(action.type, "checked", False), f"{script} {action.option_strings[0]} takes unchecked numbers"
     flag = action.option_strings[0]
-    for bad in ("nan", "-1", "abc"):
+    for bad in ("nan", "-1", "abc", "1e40"):
         with pytest.raises(SystemExit) as e:
             parse(script, flag, bad)
         assert e.value.code == 2
@@ -70,7 +72,9 @@ def test_every_numeric_flag_is_checked(script, action):
     ("train.py", ["--subset", "0"]), ("train.py", ["--lr", "0"]), ("train.py", ["--warmup", "1"]),
     ("train.py", ["--ema", "1"]), ("train.py", ["--label-smoothing", "nan"]), ("test.py", ["--batch-size", "-1"]),
     ("predict.py", ["--topk", "0"]), ("bench.py", ["--batch-size", "0"]), ("export.py", ["--tolerance", "0"]),
-    ("data.py", ["--image-size", "0"]), ("bench.py", ["--speedrun", "0"]), ("bench.py", ["--compile", "fast"])])
+    ("data.py", ["--image-size", "0"]), ("bench.py", ["--speedrun", "0"]), ("bench.py", ["--compile", "fast"]),
+    ("train.py", ["--lr", "1e40"]), ("train.py", ["--weight-decay", "1e40"]),
+    ("bench.py", ["--batch-size", "10000000000000000000"])])
 def test_the_values_that_used_to_slip_through_are_refused_in_one_line(script, args, capsys):
     with pytest.raises(SystemExit) as e:
         parse(script, *args)
@@ -88,7 +92,8 @@ def test_a_picture_to_write_is_checked_while_the_arguments_are_parsed(script, fl
     assert picture(str(tmp_path / "cm")) == tmp_path / "cm.png"  # the name matplotlib would write, and prints
     assert picture(str(tmp_path / "cm.SVG")) == tmp_path / "cm.SVG"
     for text, says in [(str(tmp_path), f"{tmp_path} is a folder; name the picture, e.g. {tmp_path / example}"),
-                       ("cm.bmp", "matplotlib cannot write .bmp pictures; use .png, .jpg, .svg or .pdf")]:
+                       ("cm.bmp", "matplotlib cannot write .bmp pictures; use .png, .jpg, .svg or .pdf"),
+                       ("x" * 300 + ".png", f"{'x' * 300}.png: File name too long")]:  # most take 255 bytes
         with pytest.raises(SystemExit) as e:
             picture(text)
         assert e.value.code == 2

@@ -13,7 +13,7 @@ import device
 import resnet
 import rundir
 import train
-from conftest import QUICK, one_line_error, run_here
+from conftest import QUICK, injected, one_line_error, run, run_here
 
 
 @pytest.mark.slow
@@ -333,6 +333,30 @@ def test_a_fused_kernel_the_device_lacks_ends_the_benchmark_s_process_with_train
     with pytest.raises(SystemExit) as e:
         bench.pipeline("ours", args, "cpu", types.SimpleNamespace(send=lambda reply: None, recv=lambda: "train"))
     assert e.value.code.startswith("error: SGD's fused kernel failed: Could not run 'aten::_fused_sgd_'")
+
+
+def test_a_batch_too_large_for_memory_ends_the_benchmark_s_process_in_one_line(monkeypatch):
+    def refused(*args, **kwargs):  # what the CPU allocator raises; the random images are the first to ask
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 26214400000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(torch, "randint", refused)
+    args = bench.get_args_parser().parse_args(["--device", "cpu", "--batch-size", "100000"])
+    with pytest.raises(SystemExit) as e:
+        bench.pipeline("tutorial", args, "cpu", types.SimpleNamespace(send=lambda reply: None, recv=lambda: None))
+    assert e.value.code == ("error: out of memory: DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                            "26214400000 bytes; run again with a smaller --batch-size (make: BATCH=)")
+
+
+@pytest.mark.slow
+def test_a_benchmark_process_the_system_kills_is_named_in_one_line(tmp_path):
+    # as the out-of-memory killer does: SIGKILL, nothing printed; here at the start of each process
+    kill = ("import multiprocessing.spawn, os, signal\n"
+            "multiprocessing.spawn.spawn_main = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = run("bench.py", "--device", "cpu", "--batch-size", "2", "--steps", "1", cwd=tmp_path, check=False,
+               env=injected(tmp_path, kill))
+    assert one_line_error(proc) == ("error: a benchmark process was killed (SIGKILL), as the system does when memory "
+                                    "runs out: run again with a smaller --batch-size (make: BATCH=)")
 
 
 @pytest.mark.slow
