@@ -117,9 +117,12 @@ def download(url, dest, archive_name="cifar-10-python.tar.gz"):
 def is_prepared(data_dir, dataset="cifar10"):
     if dataset == "folder":
         return (Path(data_dir) / "train").is_dir() and (Path(data_dir) / "test").is_dir()
-    spec = CIFAR[dataset]
-    d = Path(data_dir) / spec.folder
-    return all((d / name).is_file() for name in spec.train_files + spec.test_files + [spec.meta_file])
+    return not missing_files(Path(data_dir) / CIFAR[dataset].folder, CIFAR[dataset])
+
+
+def missing_files(folder, spec):
+    """The files of the dataset folder that are not there."""
+    return [name for name in spec.train_files + spec.test_files + [spec.meta_file] if not (folder / name).is_file()]
 
 
 def prepare(data_dir, archive=None, url=None, md5=None, dataset="cifar10"):
@@ -182,7 +185,11 @@ def _fetch(data_dir, dataset, archive, url, md5):
         classes = read_classes(tmp / spec.folder, spec)
         for name in spec.train_files + spec.test_files:  # fail now, not at the first epoch
             read_batch(tmp / spec.folder / name, len(classes), spec.label_key)
-        os.replace(tmp / spec.folder, data_dir / spec.folder)
+        dest = data_dir / spec.folder
+        if os.path.lexists(dest):  # a copy with files deleted, say: the archive's takes its place
+            print(f"note: {dest} lacks {cli.first_few(missing_files(dest, spec))}; the archive's copy replaces it")
+            os.replace(dest, tmp / "incomplete")
+        os.replace(tmp / spec.folder, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return data_dir / spec.folder

@@ -184,6 +184,16 @@ def test_a_good_archive_is_extracted_and_a_second_prepare_does_nothing(tmp_path,
     assert [p.name for p in (tmp_path / "d").iterdir()] == ["cifar-10-batches-py"]
 
 
+def test_a_dataset_folder_with_files_missing_is_replaced_by_the_archive_s_with_a_note(tmp_path, archive, capsys):
+    path, md5 = archive
+    out = data.prepare(tmp_path / "d", archive=path, md5=md5)
+    (out / "test_batch").unlink()
+    (out / "data_batch_2").unlink()
+    assert data.prepare(tmp_path / "d", archive=path, md5=md5) == out
+    assert data.is_prepared(tmp_path / "d") and [p.name for p in (tmp_path / "d").iterdir()] == [out.name]
+    assert f"note: {out} lacks data_batch_2, test_batch; the archive's copy replaces it" in capsys.readouterr().out
+
+
 def test_the_official_md5_is_checked_and_a_mismatch_leaves_no_dataset(tmp_path, archive):
     path, _ = archive
     assert data.CIFAR10_MD5 == "c58f30108f718f92721af3b95e74349a"
