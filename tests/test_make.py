@@ -126,6 +126,17 @@ def test_a_mistyped_device_nproc_epochs_or_batch_stops_make_before_the_data_step
     assert listed.split() == device.DEVICES  # the Makefile's list is the scripts' own
 
 
+def test_a_name_with_a_space_stops_make_in_one_line_before_anything_runs(project):
+    d, make = project
+    for goals, var in ((["data", "train"], "DATA_DIR=my data"), (["train"], "RUN_DIR=first try"),
+                       (["predict"], "IMG=my photo.jpg"), (["data"], "ARCHIVE=cifar copy.tar.gz")):
+        proc = make(*goals, var, check=False)
+        assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.stderr.strip().endswith(f"*** {var}: make passes a name with spaces as two; choose one "
+                                            "without, or run the script with the name in quotes.  Stop.")
+    assert not any((d / name).exists() for name in ("my", "my data", "first", "first try"))
+
+
 def test_speedrun_trains_runs_times_and_ends_with_the_summary_line(project, tmp_path):
     _, make = project
     root = write_cifar(tmp_path / "data", n_train=64, n_test=20)
