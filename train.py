@@ -305,13 +305,16 @@ class Result(NamedTuple):
     images: int = 0
 
 
+def run_folder(args):
+    """Where the run lives: --out-dir; or --resume PATH's folder, which the run goes on in; or runs/<model>."""
+    return Path(args.out_dir or (Path(args.resume).parent if args.resume else f"runs/{args.model}"))
+
+
 def main(args):
     job = device.job()
     dev = device.pick_device(args.device, job.local_rank)
     device.keep_freed_memory(dev)
-    # A run lives in one folder: --resume PATH continues in PATH's folder.
-    folder = rundir.RunFolder(args.out_dir or (Path(args.resume).parent if args.resume else f"runs/{args.model}"),
-                              job.is_main)
+    folder = rundir.RunFolder(run_folder(args), job.is_main)
     with device.process_group(job, dev), device.StopRequest() as stop, folder:
         state = folder.resume(args, RECIPE, get_args_parser().parse_args([]))  # may put the run's recipe in args
         args.lr = peak_lr(args)
@@ -472,8 +475,9 @@ def stopped(folder, signum, where):
 
 
 if __name__ == "__main__":
+    args = get_args_parser().parse_args()
     try:
-        sys.exit(main(get_args_parser().parse_args()).code)
+        sys.exit(main(args).code)
     except BrokenPipeError:  # `train.py | head`: finished epochs are saved, as after a kill
         print("stopped: the reader of its output has gone; continue with --resume", file=sys.stderr)
         sys.exit(cli.reader_gone())
@@ -482,6 +486,8 @@ if __name__ == "__main__":
     except (data.DataError, device.DeviceError, resnet.CheckpointError, rundir.TrainingError) as e:
         where = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
         sys.exit(f"{where}error: {e}")
-    except KeyboardInterrupt:
-        print("\ninterrupted at once; the last finished epoch is in last.pth: continue with --resume", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C: what the run saved before it is all there is
+        last = run_folder(args) / "last.pth"
+        print("\ninterrupted at once; " + (f"continue from its last save with: python train.py --resume {last}"
+                                           if last.is_file() else "nothing of the run was saved yet"), file=sys.stderr)
         sys.exit(130)

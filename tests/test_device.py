@@ -1,6 +1,7 @@
 """device.py: which device, precision and layout a run gets; the processes of a torchrun job;
 and torch_npu installed without CANN's environment, the commonest Ascend set-up mistake."""
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -45,6 +46,20 @@ def test_the_cpu_flags_decide_whether_it_has_bf16_instructions(tmp_path):
         cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
         assert device.cpu_has_fast_bf16(cpuinfo) is fast, flags
     assert device.cpu_has_fast_bf16(tmp_path / "missing") is False  # no /proc (macOS, Windows): fp32
+
+
+def test_a_stop_request_notes_the_first_signal_stops_at_a_second_ctrl_c_and_restores_the_handlers():
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with device.StopRequest() as stop:
+        signal.raise_signal(signal.SIGTERM)  # a scheduler's stop, even repeated: noted, nothing raised
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.agreed(torch.device("cpu")) == signal.SIGTERM
+    with device.StopRequest() as stop:
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C: the run stops at its next step
+        assert stop.agreed(torch.device("cpu")) == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # a second one: at once
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 def test_auto_device_falls_back_to_the_cpu_without_accelerators():

@@ -321,6 +321,26 @@ def test_out_of_memory_in_epoch_2_is_one_line_naming_the_batch_to_lower_and_keep
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("where, line", [
+    ((data, "training_loaders", 1), "interrupted at once; nothing of the run was saved yet"),
+    ((resnet, "evaluate", 2), "interrupted at once; continue from its last save with: python train.py --resume "
+                              "run/last.pth")])
+def test_a_second_ctrl_c_stops_at_once_and_says_what_was_saved(tmp_path, cifar_dir, monkeypatch, where, line):
+    owner, name, interrupted_call = where  # while the data loads; in epoch 2's evaluation, epoch 1 saved
+    calls, real = [], getattr(owner, name)
+
+    def second_ctrl_c(*args, **kwargs):  # the first only asks for a stop at the next step: StopRequest's tests
+        calls.append(1)
+        if len(calls) == interrupted_call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, second_ctrl_c)
+    proc = run_here("train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", "run", cwd=tmp_path, check=False)
+    assert proc.returncode == 130 and one_line_error(proc) == line
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["test.py", "predict.py"])
 def test_out_of_memory_in_test_py_or_predict_py_is_one_line_naming_the_batch_to_lower(tmp_path, reference, cifar_dir,
                                                                                       battery, monkeypatch, script):
