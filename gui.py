@@ -20,6 +20,7 @@ libraries of Qt's xcb platform): what is missing is named in one line.
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -328,7 +329,13 @@ def main(argv=None):
     if args.picture and window.open_image(args.picture):
         window.run()
     window.show()
-    return app.exec()
+    # Ctrl-C in the terminal closes the window: Qt's event loop never lets Python's own handler run,
+    # and the window has nothing to save.
+    previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        return app.exec()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """gui.py: the desktop window, driven without a user on Qt's offscreen platform."""
 import os
+import signal
 import subprocess
 import sys
 
@@ -180,6 +181,14 @@ def test_the_default_checkpoint_is_the_newest_runs_best(app, checkpoint, tmp_pat
 def test_a_picture_on_the_command_line_opens_and_the_window_runs(app, checkpoint, picture):
     QtCore.QTimer.singleShot(300, app.quit)
     assert gui.main([str(picture), "--checkpoint", str(checkpoint)]) == 0
+
+
+def test_while_the_window_is_open_ctrl_c_in_the_terminal_ends_it(app, checkpoint):
+    before, during = signal.getsignal(signal.SIGINT), []
+    QtCore.QTimer.singleShot(100, lambda: (during.append(signal.getsignal(signal.SIGINT)), app.quit()))
+    assert gui.main(["--checkpoint", str(checkpoint)]) == 0
+    assert during == [signal.SIG_DFL]  # the system's default: the process ends, no traceback
+    assert signal.getsignal(signal.SIGINT) == before
 
 
 @pytest.mark.slow
