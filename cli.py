@@ -8,9 +8,11 @@ A value out of range (zero, negative, NaN, ...) is refused while the arguments a
 parsed, before any data is loaded: one line, `train.py: error: argument --epochs: ...`,
 and exit code 2. And when the reader of a script's output goes away (`predict.py photos/ |
 head`), the script stops quietly: `except BrokenPipeError: sys.exit(cli.reader_gone())`.
-A list in a one-line message names its first few: `cli.first_few(classes)`. Standard library only.
+A list in a one-line message names its first few: `cli.first_few(classes)`; a script that prints
+file or class names calls `cli.names_as_they_are()` first. Standard library only.
 """
 import argparse
+import io
 import math
 import os
 import signal
@@ -74,6 +76,14 @@ def real(min=None, max=None, above=None, below=None):
 def first_few(names, k=5):
     """Names for a one-line message: 'cat, dog, ship', or the first k and '...'."""
     return ", ".join(map(str, names[:k])) + (", ..." if len(names) > k else "")
+
+
+def names_as_they_are():
+    """Print file and class names that are not UTF-8 (a GBK name from a Windows zip, say: Python
+    holds its bytes as surrogates) as their bytes, as ls does, instead of failing mid-output where
+    the locale makes standard output strict."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="surrogateescape")
 
 
 def reader_gone():

@@ -427,7 +427,8 @@ def load_folder(data_dir, train, image_size=32):
     h = hashlib.sha256(f"v1 {image_size} {classes}".encode())
     for f in files:
         st = f.stat()
-        h.update(f"{f.relative_to(split_dir)} {st.st_size} {st.st_mtime_ns}\n".encode())
+        # the name's bytes as the file system holds them, UTF-8 or not (a GBK name from a Windows zip, say)
+        h.update(os.fsencode(f.relative_to(split_dir)) + f" {st.st_size} {st.st_mtime_ns}\n".encode())
     fingerprint = h.hexdigest()
     cache = Path(data_dir) / ".cache" / f"{split}-{image_size}px.npz"
     remove_abandoned(cache)

@@ -136,6 +136,7 @@ def main(args):
 
 
 if __name__ == "__main__":
+    cli.names_as_they_are()
     try:
         sys.exit(main(get_args_parser().parse_args()))
     except (device.DeviceError, resnet.CheckpointError) as e:

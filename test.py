@@ -114,6 +114,7 @@ def main(args):
 
 
 if __name__ == "__main__":
+    cli.names_as_they_are()
     try:
         main(get_args_parser().parse_args())
     except (data.DataError, device.DeviceError, resnet.CheckpointError) as e:

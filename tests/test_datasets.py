@@ -4,6 +4,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 import data
-from conftest import (FINE_CLASSES, QUICK, make_archive, one_line_error, run_here, write_cifar100,
+from conftest import (FINE_CLASSES, QUICK, ROOT, make_archive, one_line_error, run_here, write_cifar100,
                       write_folder)
 
 
@@ -87,6 +89,29 @@ def test_predict_and_test_use_a_folder_trained_model_with_no_extra_flags(folder_
     proc = run_here("test.py", "--checkpoint", "runs/photos/best.pth", "--device", "cpu", cwd=work)
     assert re.search(r"^accuracy \d+\.\d\d% \(\d+/36\)", proc.stdout, re.M)  # 3 classes x 12 test pictures
     assert re.search(r"^ +ship +\d+\.\d\d%", proc.stdout, re.M)
+
+
+@pytest.mark.slow
+def test_names_that_are_not_utf_8_train_and_print_as_their_bytes_where_the_locale_is_strict(tmp_path):
+    dog = "狗".encode("gbk")  # as a zip made on a Chinese Windows unpacks on Linux: not UTF-8
+    photos = write_folder(tmp_path / "photos", per_class=6, classes=("cat", "dog"), odd_files=False)
+    for split in ("train", "test"):
+        os.rename(photos / split / "dog", os.fsencode(photos / split) + b"/" + dog)
+    os.rename(photos / "test" / "cat" / "000.jpg", os.fsencode(photos / "test" / "cat") + b"/" + dog + b".jpg")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}  # what a UTF-8 desktop locale gives
+
+    def run_strict(script, *args):
+        proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=tmp_path, env=env,
+                              capture_output=True, timeout=600)
+        assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr.decode(errors="replace")
+        return proc.stdout
+
+    run_strict("train.py", "--dataset", "folder", "--data-dir", "photos", "--out-dir", "run", "--epochs", "1",
+               *QUICK, "--batch-size", "4")
+    assert re.search(rb"^ +" + dog + rb" +\d+\.\d\d%", run_strict("test.py", "--checkpoint", "run/best.pth"), re.M)
+    answers = run_strict("predict.py", "photos/test/cat", "--checkpoint", "run/best.pth", "--topk", "2")
+    assert b"photos/test/cat/" + dog + b".jpg: " in answers
+    assert answers.count(dog + b" (") == 6  # each picture's two guesses name both classes
 
 
 def test_the_decoded_pictures_are_cached_and_rebuilt_when_the_folder_changes(tmp_path, monkeypatch):
