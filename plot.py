@@ -9,6 +9,7 @@ Needs matplotlib: pip install -r requirements-extra.txt (`make plot` does it).
 """
 import argparse
 import csv
+import os
 import re
 import sys
 import warnings
@@ -167,6 +168,8 @@ def plot_confusion(confusion, classes, out, normalize=True):
     normalize: cells show the share of each true class (%), else counts."""
     import numpy as np
     plt = pyplot()
+    # A folder name that is not UTF-8 holds surrogates, which no font draws: its bytes as \xc4\xf1.
+    classes = [os.fsencode(name).decode("utf-8", "backslashreplace") for name in classes]
     counts = np.asarray(confusion, dtype=np.float64)
     per_row = counts.sum(1, keepdims=True).clip(min=1)
     cells = 100 * counts / per_row if normalize else counts

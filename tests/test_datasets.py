@@ -108,7 +108,8 @@ def test_names_that_are_not_utf_8_train_and_print_as_their_bytes_where_the_local
 
     run_strict("train.py", "--dataset", "folder", "--data-dir", "photos", "--out-dir", "run", "--epochs", "1",
                *QUICK, "--batch-size", "4")
-    assert re.search(rb"^ +" + dog + rb" +\d+\.\d\d%", run_strict("test.py", "--checkpoint", "run/best.pth"), re.M)
+    figures = run_strict("test.py", "--checkpoint", "run/best.pth", "--confusion-png", "cm.png")
+    assert re.search(rb"^ +" + dog + rb" +\d+\.\d\d%", figures, re.M) and b"wrote cm.png" in figures
     answers = run_strict("predict.py", "photos/test/cat", "--checkpoint", "run/best.pth", "--topk", "2")
     assert b"photos/test/cat/" + dog + b".jpg: " in answers
     assert answers.count(dog + b" (") == 6  # each picture's two guesses name both classes
