@@ -294,6 +294,19 @@ def test_a_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_che
     assert (tmp_path / "run" / "acc.txt").read_text().startswith("EPOCH=001")
 
 
+def fail_at_call(monkeypatch, owner, name, call, error):
+    """owner.name raises error at its call-th call, and otherwise does what it did."""
+    calls, real = [], getattr(owner, name)
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("where, error, line", [
     ((torch.optim.SGD, "step", 3), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 ..."),
@@ -304,16 +317,7 @@ def test_a_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_che
 def test_out_of_memory_in_epoch_2_is_one_line_naming_the_batch_to_lower_and_keeps_epoch_1(tmp_path, cifar_dir,
                                                                                           monkeypatch, where, error,
                                                                                           line):
-    owner, name, failing_call = where  # two optimizer steps and one evaluation an epoch
-    calls, real = [], getattr(owner, name)
-
-    def fails_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == failing_call:
-            raise error
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, fails_in_epoch_2)
+    fail_at_call(monkeypatch, *where, error)  # two optimizer steps and one evaluation an epoch
     proc = run_here("train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", "run", cwd=tmp_path, check=False)
     assert one_line_error(proc) == line
     assert resnet.load_checkpoint(tmp_path / "run" / "last.pth")["epoch"] == 1
@@ -326,16 +330,9 @@ def test_out_of_memory_in_epoch_2_is_one_line_naming_the_batch_to_lower_and_keep
     ((resnet, "evaluate", 2), "interrupted at once; continue from its last save with: python train.py --resume "
                               "run/last.pth")])
 def test_a_second_ctrl_c_stops_at_once_and_says_what_was_saved(tmp_path, cifar_dir, monkeypatch, where, line):
-    owner, name, interrupted_call = where  # while the data loads; in epoch 2's evaluation, epoch 1 saved
-    calls, real = [], getattr(owner, name)
-
-    def second_ctrl_c(*args, **kwargs):  # the first only asks for a stop at the next step: StopRequest's tests
-        calls.append(1)
-        if len(calls) == interrupted_call:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, second_ctrl_c)
+    # while the data loads; in epoch 2's evaluation, epoch 1 saved (the first Ctrl-C only asks for a stop at
+    # the next step: test_device.py's StopRequest test)
+    fail_at_call(monkeypatch, *where, KeyboardInterrupt())
     proc = run_here("train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", "run", cwd=tmp_path, check=False)
     assert proc.returncode == 130 and one_line_error(proc) == line
 
