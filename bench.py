@@ -294,12 +294,13 @@ def main(args):
         return speedrun(args)
     dev = device.pick_device(args.device)  # a one-line error here, before any process starts
     context = multiprocessing.get_context("spawn")  # a fresh interpreter, not a copy of this one
-    sides, finished = {}, False
+    sides, processes, finished = {}, [], False
     try:
         for side in ("ours", "tutorial"):
             conn, child_conn = context.Pipe()
             process = context.Process(target=pipeline, args=(side, args, dev.type, child_conn))
             process.start()
+            processes.append(process)
             sides[side] = conn
         precision, layout = sides["ours"].recv()
         sides["tutorial"].recv()
@@ -323,9 +324,9 @@ def main(args):
             conn.send(None)
         finished = True
     except EOFError:
-        raise device.DeviceError(stopped_early(multiprocessing.active_children())) from None
+        raise device.DeviceError(stopped_early(processes)) from None
     finally:  # after an error or Ctrl-C the other side is still waiting: stop it
-        for process in multiprocessing.active_children():
+        for process in processes:
             process.join(timeout=60 if finished else 0)
             if process.is_alive():
                 process.terminate()
