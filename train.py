@@ -316,7 +316,7 @@ def main(args):
     device.keep_freed_memory(dev)
     folder = rundir.RunFolder(run_folder(args), job.is_main)
     with device.process_group(job, dev), device.StopRequest() as stop, folder:
-        state = folder.resume(args, RECIPE, get_args_parser().parse_args([]))  # may put the run's recipe in args
+        state = folder.resume(args, RECIPE, get_args_parser())  # may put the run's recipe in args
         args.lr = peak_lr(args)
         torch.manual_seed(args.seed)
         amp, layout = device.resolve_amp(args.amp, dev), device.memory_format(args.channels_last, dev)

@@ -183,6 +183,33 @@ def test_resume_refuses_a_last_pth_whose_args_epoch_or_step_train_py_did_not_wri
         rundir.RunFolder(tmp_path).load(str(last))
 
 
+def resume_with_args(last, saved_args):
+    """RunFolder.resume, as train.py calls it, on last.pth holding saved_args as its recipe."""
+    torch.save({**torch.load(last, weights_only=True), "args": saved_args}, last)
+    args = train.get_args_parser().parse_args(["--resume", str(last)])
+    return rundir.RunFolder(last.parent).resume(args, train.RECIPE, train.get_args_parser()), args
+
+
+def test_resume_takes_the_recipe_train_py_saved(tmp_path):
+    saved = {**vars(train.get_args_parser().parse_args(["--epochs", "12", "--flip", "alternate"])), "lr": 0.4}
+    state, args = resume_with_args(finished_epoch(tmp_path), saved)
+    assert state["epoch"] == 1 and (args.epochs, args.flip, args.lr, args.ema) == (12, "alternate", 0.4, 0)
+
+
+@pytest.mark.parametrize("key, value, why", [
+    ("epochs", "forty", "'forty' is not a whole number"), ("epochs", 40.0, "'40.0' is not a whole number"),
+    ("epochs", None, "no value"), ("flip", "sideways", "invalid choice: 'sideways'"),
+    ("sync_bn", "yes", "'yes' is not on or off"), ("lr", "0.1", "'0.1' is not a number"),
+    ("momentum", 1.5, "must be at least 0 and less than 1 (got 1.5)")])
+def test_a_saved_recipe_value_train_py_would_refuse_is_one_line_naming_the_flag(tmp_path, key, value, why):
+    last = finished_epoch(tmp_path)  # a last.pth edited by hand, or written by other code
+    with pytest.raises(resnet.CheckpointError) as e:
+        resume_with_args(last, {key: value})
+    said = str(e.value)
+    assert said.startswith(f"{last}: its recipe's --{key.replace('_', '-')} is not what train.py takes ({why}")
+    assert said.endswith("): edited by hand, or saved by other code") and "\n" not in said
+
+
 @pytest.mark.parametrize("changes", [{"optimizer": {"state": {}}}, {"rng_cpu": torch.zeros(3)},
                                      {"model": {"linear.weight": torch.zeros(10, 512)}}])
 def test_a_training_state_that_does_not_load_is_one_line_naming_the_file_and_the_logs_stay(tmp_path, changes):
