@@ -80,7 +80,7 @@ def first_few(names, k=5):
 
 def names_as_they_are():
     """Print file and class names that are not UTF-8 (a GBK name from a Windows zip, say: Python
-    holds its bytes as surrogates) as their bytes, as ls does, instead of failing mid-output where
+    holds its bytes as surrogates) as those bytes, instead of failing mid-output where
     the locale makes standard output strict."""
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(errors="surrogateescape")
