@@ -1,6 +1,7 @@
 """data.py: fetching and checking CIFAR-10, loading it as tensors, and the on-device loader."""
 import functools
 import http.server
+import shutil
 import threading
 from pathlib import Path
 
@@ -192,6 +193,24 @@ def test_a_dataset_folder_with_files_missing_is_replaced_by_the_archive_s_with_a
     assert data.prepare(tmp_path / "d", archive=path, md5=md5) == out
     assert data.is_prepared(tmp_path / "d") and [p.name for p in (tmp_path / "d").iterdir()] == [out.name]
     assert f"note: {out} lacks data_batch_2, test_batch; the archive's copy replaces it" in capsys.readouterr().out
+
+
+def test_a_whole_copy_another_process_put_in_place_meanwhile_is_kept(tmp_path, archive, monkeypatch, capsys):
+    path, md5 = archive
+    theirs = data.prepare(tmp_path / "other", archive=path, md5=md5)
+    (theirs / "marker").write_text("")
+    real, calls = data.read_batch, []
+
+    def meanwhile(*args, **kwargs):  # while this one checks its extracted batches, the other one finishes
+        if not calls:
+            shutil.copytree(theirs, tmp_path / "d" / theirs.name)
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data, "read_batch", meanwhile)
+    out = data.prepare(tmp_path / "d", archive=path, md5=md5)
+    assert (out / "marker").exists() and [p.name for p in (tmp_path / "d").iterdir()] == [out.name]
+    assert "lacks" not in capsys.readouterr().out
 
 
 def test_the_official_md5_is_checked_and_a_mismatch_leaves_no_dataset(tmp_path, archive):
