@@ -13,6 +13,7 @@ how sure the model is, not how often it is right.
 """
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -124,7 +125,10 @@ def main(args):
     for r in failed:
         print(f"error: {r['error']}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"checkpoint": str(checkpoint), "results": results}, indent=2, ensure_ascii=False))
+        text = json.dumps({"checkpoint": str(checkpoint), "results": results}, indent=2, ensure_ascii=False)
+        # A name that is not UTF-8 holds surrogates: escaped as \udcc4, the document stays UTF-8 (json.loads
+        # gives the name back, and os.fsencode its bytes).
+        print(re.sub("[\udc80-\udcff]", lambda m: f"\\u{ord(m.group()):04x}", text))
     else:
         for r in results:
             if "error" in r:

@@ -113,6 +113,9 @@ def test_names_that_are_not_utf_8_train_and_print_as_their_bytes_where_the_local
     answers = run_strict("predict.py", "photos/test/cat", "--checkpoint", "run/best.pth", "--topk", "2")
     assert b"photos/test/cat/" + dog + b".jpg: " in answers
     assert answers.count(dog + b" (") == 6  # each picture's two guesses name both classes
+    document = json.loads(run_strict("predict.py", "photos/test/cat", "--checkpoint", "run/best.pth",
+                                     "--json").decode())  # UTF-8, the names escaped as \udcb9
+    assert b"photos/test/cat/" + dog + b".jpg" in [os.fsencode(r["path"]) for r in document["results"]]
 
 
 def test_the_decoded_pictures_are_cached_and_rebuilt_when_the_folder_changes(tmp_path, monkeypatch):
