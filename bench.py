@@ -382,8 +382,9 @@ def speedrun(args):
             print(f"speedrun run={seed + 1} seed={seed} acc={r.acc:.2f} train_s={r.train_seconds:.2f} "
                   f"first_step_s={r.first_step:.2f} img_s={r.images / r.train_seconds:.0f}", flush=True)
     accs, seconds = [r.acc for r in results], [r.train_seconds for r in results]
+    batch = min(recipe.batch_size, results[0].images // recipe.epochs)  # a --subset smaller than a batch: all of it
     line = (f"speedrun model={recipe.model} device={args.device} runs={len(results)} epochs={recipe.epochs} "
-            f"batch={recipe.batch_size} mean_acc={statistics.mean(accs):.2f} min_acc={min(accs):.2f} "
+            f"batch={batch} mean_acc={statistics.mean(accs):.2f} min_acc={min(accs):.2f} "
             f"mean_train_s={statistics.mean(seconds):.2f} max_train_s={max(seconds):.2f} "
             f"img_s={sum(r.images for r in results) / sum(seconds):.0f} warmup_s={warmup_seconds:.2f}")
     print(line)

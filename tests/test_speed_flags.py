@@ -294,6 +294,19 @@ def test_the_speedrun_s_warm_up_trains_three_batches_or_the_subset_the_runs_trai
     assert (run.subset, run.epochs, run.batch_size) == (subset, 16, 16)
 
 
+@pytest.mark.parametrize("subset, batch", [(None, 1024), (64, 64)])
+def test_the_speedrun_line_names_the_batch_its_runs_trained_at(monkeypatch, subset, batch):
+    def trained(args):  # an epoch: whole batches of the training set, or one step of a --subset smaller than one
+        n = args.subset or 50000
+        per_epoch = n // args.batch_size * args.batch_size if n >= args.batch_size else n
+        return train.Result(0, acc=50.0, train_seconds=1.0, images=args.epochs * per_epoch)
+
+    monkeypatch.setattr(bench, "run_quietly", trained)
+    flags = ["--subset", str(subset)] if subset else []
+    line = bench.speedrun(bench.get_args_parser().parse_args(["--speedrun", "1", "--", *flags]))
+    assert f" epochs=16 batch={batch} " in line
+
+
 @pytest.mark.parametrize("flags, refused", [(["--", "--epochs", "3"], "bench.py: error: --epochs: not a flag of the "
                                                                       "training step the benchmark times"),
                                             (["--", "--compile"], "bench.py: error: --compile: not a flag of"),
