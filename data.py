@@ -186,10 +186,11 @@ def _fetch(data_dir, dataset, archive, url, md5):
         for name in spec.train_files + spec.test_files:  # fail now, not at the first epoch
             read_batch(tmp / spec.folder / name, len(classes), spec.label_key)
         dest = data_dir / spec.folder
-        if is_prepared(data_dir, dataset):  # another process has just put a whole copy in place
+        missing = missing_files(dest, spec)
+        if not missing:  # another process has just put a whole copy in place
             return dest
         if os.path.lexists(dest):  # a copy with files deleted, say: the archive's takes its place
-            print(f"note: {dest} lacks {cli.first_few(missing_files(dest, spec))}; the archive's copy replaces it")
+            print(f"note: {dest} lacks {cli.first_few(missing)}; the archive's copy replaces it")
             os.replace(dest, tmp / "incomplete")
         os.replace(tmp / spec.folder, dest)
     finally:
