@@ -8,8 +8,10 @@ A value out of range (zero, negative, NaN, ...) is refused while the arguments a
 parsed, before any data is loaded: one line, `train.py: error: argument --epochs: ...`,
 and exit code 2. And when the reader of a script's output goes away (`predict.py photos/ |
 head`), the script stops quietly: `except BrokenPipeError: sys.exit(cli.reader_gone())`.
-A list in a one-line message names its first few: `cli.first_few(classes)`; a script that prints
-file or class names calls `cli.names_as_they_are()` first. Standard library only.
+A value kept from an earlier command line (a run's saved recipe) is checked as its flag would
+be: `cli.refused(parser, "epochs", saved, default)`. A list in a one-line message names its
+first few: `cli.first_few(classes)`; a script that prints file or class names calls
+`cli.names_as_they_are()` first. Standard library only.
 """
 import argparse
 import io
@@ -71,6 +73,23 @@ def integer(min=None, max=None):
 def real(min=None, max=None, above=None, below=None):
     """A finite number, at least min / at most max / more than above / less than below."""
     return _checked(float, "a number", min=min, max=max, above=above, below=below)
+
+
+def refused(parser, key, value, default):
+    """Why parser would not give value for its setting key (the flag's type, range or choices), or None:
+    a value saved with a run (edited by hand, say) checked as its flag would be."""
+    if value is None:  # left to be worked out at run time, where the flag's default is too
+        return None if default is None else "no value"
+    if isinstance(default, bool):  # an on/off switch
+        return None if isinstance(value, bool) else f"{value!r} is not on or off"
+    parser.exit_on_error = False  # the error to report, not an exit
+    try:
+        parsed = getattr(parser.parse_args([f"--{key.replace('_', '-')}", str(value)]), key)
+    except argparse.ArgumentError as e:
+        return e.message
+    if parsed == value and (type(parsed) is type(value) or type(parsed) is float and type(value) is int):
+        return None
+    return f"{value!r} is not a {'number' if type(parsed) in (int, float) else type(parsed).__name__}"
 
 
 def first_few(names, k=5):

@@ -17,7 +17,6 @@ training goes on, each epoch's files in order and last.pth last: last.pth never 
 epoch whose other files are missing. On resume, what an interrupted run logged after its
 last.pth is cut away, so every epoch and step appears once.
 """
-import argparse
 import contextlib
 import os
 import queue
@@ -194,22 +193,6 @@ class Writer:
                     self.error = e if isinstance(e, TrainingError) else TrainingError(f"writing the run: {e}")
 
 
-def refused(parser, key, value, default):
-    """Why parser would not give value for its setting key (the flag's type, range or choices), or None."""
-    if value is None:  # left to be worked out at run time, where the flag's default is too
-        return None if default is None else "no value"
-    if isinstance(default, bool):  # an on/off switch
-        return None if isinstance(value, bool) else f"{value!r} is not on or off"
-    parser.exit_on_error = False  # the error to report, not an exit
-    try:
-        parsed = getattr(parser.parse_args([f"--{key.replace('_', '-')}", str(value)]), key)
-    except argparse.ArgumentError as e:
-        return e.message
-    if parsed == value and (type(parsed) is type(value) or type(parsed) is float and type(value) is int):
-        return None
-    return f"{value!r} is not a {'number' if type(parsed) in (int, float) else type(parsed).__name__}"
-
-
 class RunFolder:
     """One run's folder. Only the main process of a torchrun job writes (is_main). Inside
     `with`, the folder is held for this run alone."""
@@ -307,7 +290,7 @@ class RunFolder:
                      f"{max(later)} are trained again and their files replaced")
         for key in recipe:
             saved, given = state["args"].get(key, getattr(defaults, key)), getattr(args, key)
-            why = refused(parser, key, saved, getattr(defaults, key))
+            why = cli.refused(parser, key, saved, getattr(defaults, key))
             if why:
                 raise resnet.CheckpointError(f"{path}: its recipe's --{key.replace('_', '-')} is not what train.py "
                                              f"takes ({why}): edited by hand, or saved by other code")
