@@ -35,7 +35,7 @@ import resnet
 
 METRICS = "epoch,train_loss,train_acc,test_loss,test_acc,lr,epoch_seconds,img_s"
 # Each log's lines, with the number (epoch or step) that says which part of the run wrote them.
-LOG_LINE = r"\d{3} (\d{5}) \| Loss: \S+ \| Acc: \S+%"
+LOG_LINE = r"\d{3,} (\d{5,}) \| Loss: \S+ \| Acc: \S+%"
 ACC_LINE = r"EPOCH=(\d+), Accuracy= *\S+%"
 METRICS_LINE = r"(\d+)(,[^,]+){7}"
 
@@ -130,6 +130,11 @@ def trained(checkpoint):
         raise resnet.CheckpointError(f"{checkpoint}: no such checkpoint; train first (make train), "
                                      "or pass --checkpoint")
     return checkpoint
+
+
+def epoch_checkpoints(folder):
+    """(epoch, path) of each net_XXX.pth in folder, oldest first: net_1000.pth after net_999.pth."""
+    return sorted((int(p.stem[4:]), p) for p in Path(folder).glob("net_*.pth") if p.stem[4:].isdigit())
 
 
 def remembered_data_dir(checkpoint):
@@ -304,7 +309,7 @@ class RunFolder:
 
     def saved_epochs(self):
         """The epochs whose checkpoints (net_XXX.pth) this folder holds."""
-        return sorted(int(p.stem[4:]) for p in self.path.glob("net_*.pth") if p.stem[4:].isdigit())
+        return [epoch for epoch, _ in epoch_checkpoints(self.path)]
 
     def holds_a_run(self):
         return bool(self.saved_epochs()) or any((self.path / f).exists() for f in ("last.pth", "best.pth"))
@@ -399,7 +404,7 @@ class RunFolder:
     @staticmethod
     def good_epoch_checkpoints(folder):
         """net_XXX.pth files of a run that load, newest first."""
-        for path in sorted(Path(folder).glob("net_*.pth"), reverse=True):
+        for _, path in reversed(epoch_checkpoints(folder)):
             try:
                 resnet.load_checkpoint(path)
                 yield path

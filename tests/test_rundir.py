@@ -161,6 +161,22 @@ def test_resume_cuts_the_logs_back_to_the_saved_state_and_rewrites_best_acc(tmp_
     assert (tmp_path / "best_acc.txt").read_text() == "EPOCH=1, best_acc=20.000%\n"
 
 
+def test_resume_keeps_log_lines_past_step_99999_and_epoch_999(tmp_path):
+    folder = rundir.RunFolder(tmp_path)
+    for epoch_number, step in [(32, 99980), (33, 100000), (1000, 3125000), (1001, 3125020)]:
+        folder.log_step(epoch_number, step, 1.0, 50.0)
+    folder.begin(tmp_path, rundir.Start(epoch=1000, step=0, best=(20.0, 1)), steps_per_epoch=3125)
+    folder.writer.close()
+    assert [line[:12] for line in (tmp_path / "log.txt").read_text().splitlines()] == [
+        "032 99980 | ", "033 100000 |", "1000 3125000"]
+
+
+def test_the_newest_good_epoch_is_told_by_number_not_by_name(tmp_path):
+    for number in (999, 1000):
+        rundir.save_checkpoint({"epoch": number}, tmp_path / f"net_{number:03d}.pth")
+    assert [p.name for p in rundir.RunFolder.good_epoch_checkpoints(tmp_path)] == ["net_1000.pth", "net_999.pth"]
+
+
 def finished_epoch(path):
     """A run folder holding epoch 1's files, last.pth included."""
     with rundir.RunFolder(path) as folder:
