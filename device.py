@@ -280,8 +280,9 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         if not self.training:
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce  # sums, and sums gradients back
-        c = x.shape[1]
-        count = torch.full((1,), x.numel() / c, dtype=x.dtype, device=x.device)
+        c, given = x.shape[1], x
+        x = x.float()  # statistics in fp32 under bf16 or fp16 autocast, as BatchNorm keeps them
+        count = torch.full((1,), x.numel() / c, device=x.device)
         sums = all_reduce(torch.cat([x.sum((0, 2, 3)), count]))
         n = sums[-1]
         mean = sums[:c] / n
@@ -293,7 +294,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             self.running_mean.lerp_(mean, self.momentum)
             self.running_var.lerp_(var * n / (n - 1), self.momentum)
         scale = self.weight * torch.rsqrt(var + self.eps)
-        return x * scale.view(1, c, 1, 1) + (self.bias - mean * scale).view(1, c, 1, 1)
+        return (x * scale.view(1, c, 1, 1) + (self.bias - mean * scale).view(1, c, 1, 1)).to(given.dtype)
 
 
 def convert_sync_bn(module, device):

@@ -69,6 +69,26 @@ def test_with_sync_bn_two_processes_match_one_at_the_same_global_batch(tmp_path)
     assert ((w1 - w2).norm() / w1.norm()).item() < 4e-3
 
 
+def test_global_batchnorm_keeps_its_statistics_in_fp32_under_bf16_autocast_as_batchnorm_does():
+    # --sync-bn on the CPU, where --amp auto may train in bf16
+    code = (
+        "import torch, torch.nn as nn, torch.distributed as dist, device\n"
+        "dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)\n"
+        "torch.manual_seed(0); x = torch.randn(8, 4, 6, 6) * 3 + 1\n"
+        "plain = nn.BatchNorm2d(4); synced = device.convert_sync_bn(nn.Sequential(nn.BatchNorm2d(4)), x.device)[0]\n"
+        "for bn in (plain, synced):\n"
+        "    with torch.autocast('cpu', torch.bfloat16):\n"
+        "        y = bn(x.bfloat16())\n"
+        "    assert y.dtype == torch.bfloat16, y.dtype\n"
+        "    assert bn.running_mean.dtype == bn.running_var.dtype == torch.float32\n"
+        "assert type(synced).__name__ == 'GlobalBatchNorm2d'\n"
+        "torch.testing.assert_close(synced.running_mean, plain.running_mean)\n"
+        "torch.testing.assert_close(synced.running_var, plain.running_var)\n"
+        "dist.destroy_process_group()\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_a_two_process_run_resumes_after_an_interruption(tmp_path, two_process_run):
     whole, root, _ = two_process_run
     first = torchrun("--data-dir", root, *COMMON, "--out-dir", "parts", "--stop-after", "1", cwd=tmp_path)
