@@ -344,12 +344,13 @@ def open_picture(path, draft=None):
     many times faster; the result is at least that large)."""
     from PIL import Image, ImageOps
     try:
-        with warnings.catch_warnings(), Image.open(path) as im:
-            # Pillow only warns between 1x and 2x its pixel limit; refuse those too.
+        with warnings.catch_warnings():
+            # Pillow only warns (in Image.open) between 1x and 2x its pixel limit; refuse those too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if draft:
-                im.draft("RGB", draft)
-            return to_rgb(ImageOps.exif_transpose(im))
+            with Image.open(path) as im:
+                if draft:
+                    im.draft("RGB", draft)
+                return to_rgb(ImageOps.exif_transpose(im))
     except FileNotFoundError:
         raise PictureError(f"{path}: no such file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

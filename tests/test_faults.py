@@ -404,6 +404,13 @@ def bomb_png(path, side=30000):
     path.write_bytes(bytes(raw))
 
 
+@pytest.mark.parametrize("side", [10000, 30000])  # Pillow's limit is 89.5 million pixels: 1.1x and 10x of it
+def test_a_picture_over_pillow_s_pixel_limit_is_refused_before_decoding(tmp_path, side):
+    bomb_png(tmp_path / "bomb.png", side)
+    with pytest.raises(data.PictureError, match="bomb.png: too many pixels to decode safely"):
+        data.open_picture(tmp_path / "bomb.png")
+
+
 @pytest.fixture(scope="module")
 def battery(tmp_path_factory):
     """Broken and odd pictures, each with what predict.py must do with it."""
