@@ -26,7 +26,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     on/off switches, only the help text, which then says what happens by default."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+        if any(action.default is value for value in (None, False, argparse.SUPPRESS)):  # 0 == False, yet shown
             return action.help
         return super()._get_help_string(action)
 
