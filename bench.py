@@ -355,10 +355,7 @@ SPEEDRUN_OWNS = ["seed", "out_dir", "resume", "stop_after"]
 
 def given_flags(train_args, keys):
     """The flags among train_args (abbreviated or not) that set any of train.py's settings named in keys."""
-    p = train.get_args_parser()
-    p.set_defaults(**dict.fromkeys(keys))  # None: not given
-    given = vars(p.parse_args(train_args))
-    return ["--" + key.replace("_", "-") for key in keys if given[key] is not None]
+    return ["--" + key.replace("_", "-") for key in cli.given(train.get_args_parser(), train_args, keys)]
 
 
 def speedrun(args):

@@ -92,6 +92,15 @@ def refused(parser, key, value, default):
     return f"{value!r} is not a {'number' if type(parsed) in (int, float) else type(parsed).__name__}"
 
 
+def given(parser, argv, keys):
+    """The settings among keys that argv gives (by a flag, abbreviated or not), as parser reads argv;
+    parser's defaults are changed on the way."""
+    unset = object()
+    parser.set_defaults(**dict.fromkeys(keys, unset))
+    parsed = vars(parser.parse_args(argv))
+    return [key for key in keys if parsed[key] is not unset]
+
+
 def first_few(names, k=5):
     """Names for a one-line message: 'cat, dog, ship', or the first k and '...'."""
     return ", ".join(map(str, names[:k])) + (", ..." if len(names) > k else "")

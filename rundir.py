@@ -270,11 +270,11 @@ class RunFolder:
         """The checkpoint --resume names: PATH, or '' for last.pth here."""
         return Path(resume) if resume else self.path / "last.pth"
 
-    def resume(self, args, recipe, parser):
+    def resume(self, args, recipe, parser, given=()):
         """The saved state that --resume (args.resume) continues from, or None to start afresh.
-        The run keeps its recipe: args' values of the names in `recipe` become the saved ones
-        (parser: train.py's, to tell a flag that was given from one that was not, and to check
-        the saved values as it checks its flags)."""
+        The run keeps its recipe: args' values of the names in `recipe` become the saved ones, and
+        a note names each of those the command line gave (`given`) that the run does not take.
+        parser: train.py's, for its defaults, and to check the saved values as it checks its flags."""
         defaults = parser.parse_args([])
         if args.resume is None:
             if self.holds_a_run():
@@ -294,13 +294,14 @@ class RunFolder:
             self.say(f"note: {self.path} holds epochs up to {max(later)}; epochs {state['epoch'] + 1} to "
                      f"{max(later)} are trained again and their files replaced")
         for key in recipe:
-            saved, given = state["args"].get(key, getattr(defaults, key)), getattr(args, key)
+            saved = state["args"].get(key, getattr(defaults, key))
             why = cli.refused(parser, key, saved, getattr(defaults, key))
             if why:
                 raise resnet.CheckpointError(f"{path}: its recipe's --{key.replace('_', '-')} is not what train.py "
                                              f"takes ({why}): edited by hand, or saved by other code")
-            if given != saved and given != getattr(defaults, key):
-                self.say(f"note: ignoring --{key.replace('_', '-')} {given}; the run keeps its own ({saved})")
+            if key in given and getattr(args, key) != saved:
+                self.say(f"note: ignoring --{key.replace('_', '-')} {getattr(args, key)}; the run keeps its own "
+                         f"({saved})")
             setattr(args, key, saved)
         where = f"epoch {state['epoch']}" + (f", step {state['step']}" if state.get("step") else "")
         self.say(f"resuming {path} after {where} of {args.epochs}"

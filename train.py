@@ -310,13 +310,14 @@ def run_folder(args):
     return Path(args.out_dir or (Path(args.resume).parent if args.resume else f"runs/{args.model}"))
 
 
-def main(args):
+def main(args, given=()):
+    """given: the recipe's settings the command line gave, for --resume to note those the run does not take."""
     job = device.job()
     dev = device.pick_device(args.device, job.local_rank)
     device.keep_freed_memory(dev)
     folder = rundir.RunFolder(run_folder(args), job.is_main)
     with device.process_group(job, dev), device.StopRequest() as stop, folder:
-        state = folder.resume(args, RECIPE, get_args_parser())  # may put the run's recipe in args
+        state = folder.resume(args, RECIPE, get_args_parser(), given)  # may put the run's recipe in args
         args.lr = peak_lr(args)
         torch.manual_seed(args.seed)
         amp, layout = device.resolve_amp(args.amp, dev), device.memory_format(args.channels_last, dev)
@@ -477,7 +478,7 @@ def stopped(folder, signum, where):
 if __name__ == "__main__":
     args = get_args_parser().parse_args()
     try:
-        sys.exit(main(args).code)
+        sys.exit(main(args, cli.given(get_args_parser(), sys.argv[1:], RECIPE)).code)
     except BrokenPipeError:  # `train.py | head`: finished epochs are saved, as after a kill
         print("stopped: the reader of its output has gone; continue with --resume", file=sys.stderr)
         sys.exit(cli.reader_gone())

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import cli
 import resnet
 import rundir
 import train
@@ -199,17 +200,30 @@ def test_resume_refuses_a_last_pth_whose_args_epoch_or_step_train_py_did_not_wri
         rundir.RunFolder(tmp_path).load(str(last))
 
 
-def resume_with_args(last, saved_args):
+def resume_with_args(last, saved_args, *flags):
     """RunFolder.resume, as train.py calls it, on last.pth holding saved_args as its recipe."""
     torch.save({**torch.load(last, weights_only=True), "args": saved_args}, last)
-    args = train.get_args_parser().parse_args(["--resume", str(last)])
-    return rundir.RunFolder(last.parent).resume(args, train.RECIPE, train.get_args_parser()), args
+    argv = ["--resume", str(last), *flags]
+    args = train.get_args_parser().parse_args(argv)
+    given = cli.given(train.get_args_parser(), argv, train.RECIPE)
+    return rundir.RunFolder(last.parent).resume(args, train.RECIPE, train.get_args_parser(), given), args
 
 
 def test_resume_takes_the_recipe_train_py_saved(tmp_path):
     saved = {**vars(train.get_args_parser().parse_args(["--epochs", "12", "--flip", "alternate"])), "lr": 0.4}
     state, args = resume_with_args(finished_epoch(tmp_path), saved)
     assert state["epoch"] == 1 and (args.epochs, args.flip, args.lr, args.ema) == (12, "alternate", 0.4, 0)
+
+
+def test_resume_names_each_recipe_flag_given_that_the_run_does_not_take_even_at_its_default(tmp_path, capsys):
+    saved = vars(train.get_args_parser().parse_args(["--epochs", "30"]))
+    _, args = resume_with_args(finished_epoch(tmp_path), saved, "--epochs", "40", "--seed", "0", "--lab", "0.2")
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note:")]
+    assert notes == ["note: ignoring --epochs 40; the run keeps its own (30)",
+                     "note: ignoring --label-smoothing 0.2; the run keeps its own (0.1)"]
+    assert (args.epochs, args.label_smoothing) == (30, 0.1)
+    resume_with_args(finished_epoch(tmp_path), saved)
+    assert "note:" not in capsys.readouterr().out  # no flag given, no note
 
 
 @pytest.mark.parametrize("key, value, why", [
