@@ -227,7 +227,7 @@ class Epoch(NamedTuple):
     seconds: float
     first_step: float  # seconds of the first step, which holds torch.compile's compilation
     stopped_at: int = 0  # steps done when a stop came mid-epoch (0: the epoch ran to its end)
-    totals: Optional[list] = None  # the running sums then, to resume with
+    totals: Optional[list] = None  # the running sums of the whole job then, to resume with
     signum: int = 0
 
 
@@ -237,8 +237,9 @@ def train_one_epoch(t, loader, epoch, args, folder, stop, start_step=0, totals=N
     t.net.train()
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     global_batch = min(args.batch_size, len(loader.labels))
-    # Running sums on the device (loss, correct, images), read only at log points.
-    totals = torch.tensor(totals or [0.0, 0.0, 0.0], dtype=torch.float32, device=dev)
+    # Running sums on the device (loss, correct, images), read only at log points. Those of a
+    # resumed epoch are the whole job's: the main process alone carries them on, as they are added up.
+    totals = torch.tensor(totals if totals and folder.is_main else [0.0] * 3, dtype=torch.float32, device=dev)
     bad_step = torch.full((), -1, dtype=torch.int64, device=dev)  # the first non-finite loss
     steps, start, first_step, stopped_at = len(loader), time.perf_counter(), 0.0, 0
     progress = rundir.StepLog(steps, f"epoch {epoch}/{args.epochs}", enabled=folder.is_main, initial=start_step)
@@ -275,7 +276,7 @@ def train_one_epoch(t, loader, epoch, args, folder, stop, start_step=0, totals=N
     progress.close()
     device.synchronize(dev)
     return Epoch(loss, acc, int(seen), time.perf_counter() - start, first_step, stopped_at,
-                 totals.tolist() if stopped_at else None, stop.agreed(dev) if stopped_at else 0)
+                 [loss_total, correct, seen] if stopped_at else None, stop.agreed(dev) if stopped_at else 0)
 
 
 def evaluate(model, loader, num_classes, amp, tta, memory_format):

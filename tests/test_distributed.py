@@ -10,7 +10,7 @@ from conftest import injected, ROOT, run_here, write_cifar
 
 pytestmark = pytest.mark.slow  # each test runs the scripts
 
-COMMON = ["--device", "cpu", "--batch-size", "8", "--lr", "0.01", "--subset", "16", "--epochs", "2",
+COMMON = ["--device", "cpu", "--batch-size", "8", "--lr", "0.01", "--subset", "32", "--epochs", "2",
           "--eval-batch-size", "100", "--log-every", "2"]
 
 
@@ -43,7 +43,8 @@ def test_two_processes_train_and_write_exactly_one_set_of_files(two_process_run)
     run, _, proc = two_process_run
     assert {p.name for p in run.iterdir()} == {"log.txt", "acc.txt", "best_acc.txt", "metrics.csv", "net_001.pth",
                                                "net_002.pth", "best.pth", "last.pth", "data_dir.txt", ".lock"}
-    assert [ln[:9] for ln in (run / "log.txt").read_text().splitlines()] == ["001 00002", "002 00004"]
+    assert [ln[:9] for ln in (run / "log.txt").read_text().splitlines()] == ["001 00002", "001 00004",
+                                                                            "002 00006", "002 00008"]
     assert len((run / "acc.txt").read_text().splitlines()) == 2
     assert proc.stdout.count("best accuracy") == 1  # one process speaks
     assert "x 2 processes" in proc.stdout
@@ -89,11 +90,27 @@ def test_global_batchnorm_keeps_its_statistics_in_fp32_under_bf16_autocast_as_ba
     assert proc.returncode == 0, proc.stderr
 
 
-def test_a_two_process_run_resumes_after_an_interruption(tmp_path, two_process_run):
+def test_a_two_process_run_stopped_mid_epoch_and_after_an_epoch_resumes_to_the_same_logs_and_weights(
+        tmp_path, two_process_run):
     whole, root, _ = two_process_run
-    first = torchrun("--data-dir", root, *COMMON, "--out-dir", "parts", "--stop-after", "1", cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
-    rest = torchrun("--resume", "--out-dir", "parts", "--data-dir", root, "--device", "cpu", cwd=tmp_path)
+    # SIGTERM to process 0 in its first step: the processes agree to stop at the next log point, step 2 of 4
+    env = injected(tmp_path,
+        "import os\n"
+        "if os.environ.get('RANK') == '0':\n"
+        "    import signal, torch\n"
+        "    step, calls = torch.optim.SGD.step, []\n"
+        "    def stopping(self, *a, **k):\n"
+        "        calls.append(1)\n"
+        "        if len(calls) == 1:\n"
+        "            os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        return step(self, *a, **k)\n"
+        "    torch.optim.SGD.step = stopping\n")
+    first = torchrun("--data-dir", root, *COMMON, "--out-dir", "parts", cwd=tmp_path, env=env)
+    assert "stopped by SIGTERM at epoch 1, step 2 of 4" in first.stdout, first.stdout + first.stderr
+    resume = ["--resume", "--out-dir", "parts", "--data-dir", root, "--device", "cpu", "--log-every", "2"]
+    second = torchrun(*resume, "--stop-after", "1", cwd=tmp_path)
+    assert second.returncode == 0 and "stopped after epoch 1 of 2" in second.stdout, second.stderr
+    rest = torchrun(*resume, cwd=tmp_path)
     assert rest.returncode == 0, rest.stderr
     assert (tmp_path / "parts" / "acc.txt").read_text() == (whole / "acc.txt").read_text()
     assert (tmp_path / "parts" / "log.txt").read_text() == (whole / "log.txt").read_text()
