@@ -97,7 +97,8 @@ def add_run_args(p):
     d.add_argument("--tta", nargs="?", const="flip", default="off", choices=resnet.TTA,
                    help="test-time views: flip (--tta alone) adds the mirror image, flip-shift also shifts")
     o = p.add_argument_group("run folder")
-    o.add_argument("--out-dir", default=None, help="run folder (default: runs/<model>)")
+    o.add_argument("--out-dir", default=None, help="run folder (default: runs/<model>, or with --resume PATH, "
+                                                    "PATH's folder)")
     o.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue a run from PATH (no PATH: OUT_DIR/last.pth)")
     o.add_argument("--log-every", type=cli.integer(min=1), default=20, help="write a log.txt line every N steps")
@@ -344,6 +345,10 @@ def main(args, given=()):
             model = device.convert_sync_bn(model, dev)
         t = make_training(model, args, dev, amp, args.epochs * steps)
         start = folder.restore(t, state, steps, classes) if state else rundir.Start()
+        if args.stop_after and start.epoch >= args.stop_after:  # before begin(), which would cut the logs back
+            folder.say(f"nothing to do: the run already trained epoch {start.epoch} of {args.epochs} (--stop-after "
+                       f"{args.stop_after}); continue it with: python train.py --resume {folder.resumed_from}")
+            return Result(0, *start.best)
         folder.begin(args.data_dir, start, steps)
         if start.epoch >= args.epochs:
             folder.say(f"nothing to do: the run already finished, at epoch {start.epoch} of {args.epochs} "
