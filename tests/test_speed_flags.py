@@ -64,9 +64,17 @@ def test_bf16_autocast_trains_and_still_saves_fp32_weights(tmp_path, cifar_dir):
 def test_compile_wraps_the_training_model_and_reports_the_first_step_apart(tmp_path, cifar_dir, monkeypatch, capsys):
     compiled = []
 
-    def fake_compile(model, mode=None):  # the real one takes minutes on a 2-core CPU; the wiring is what is tested
+    class Compiled(torch.nn.Module):  # names the weights _orig_mod.*, as torch.compile's wrapper does
+        def __init__(self, model):
+            super().__init__()
+            self._orig_mod = model
+
+        def forward(self, x):
+            return self._orig_mod(x)
+
+    def fake_compile(model, mode=None):  # the real one compiles C++ at length on a CPU; the wiring is tested
         compiled.append((model, mode))
-        return model
+        return Compiled(model)
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     monkeypatch.chdir(tmp_path)
