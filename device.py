@@ -50,13 +50,13 @@ def _torch_npu_ready(required):
         import torch_npu  # noqa: F401
     except ModuleNotFoundError as e:
         if e.name != "torch_npu":  # installed, but something it imports is missing
-            return _broken_torch_npu(e, required)
+            raise _broken_torch_npu(e) from None
         if required:
             raise DeviceError("--device npu needs torch_npu: install the build that matches this machine's "
                               "CANN and torch (docs/devices.md)") from None
         return False
     except Exception as e:  # installed, but CANN's libraries are not found or do not match
-        return _broken_torch_npu(e, required)
+        raise _broken_torch_npu(e) from None
     if not torch.npu.is_available():
         if required:
             raise DeviceError("--device npu: torch_npu is installed but sees no NPU (check `npu-smi info`)")
@@ -64,14 +64,15 @@ def _torch_npu_ready(required):
     return True
 
 
-def _broken_torch_npu(error, required):
+def _broken_torch_npu(error):
+    """The DeviceError for a torch_npu whose import failed with error."""
     detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
     if ".so" in detail or "shared object" in detail:
         cause = f"a CANN library was not found ({detail})"
     else:
         cause = f"its import failed ({detail})"
     # auto as well as npu: torch_npu installed means this machine is meant to train on an NPU.
-    raise DeviceError(f"torch_npu is installed but cannot load: {cause}; load CANN's environment first "
+    return DeviceError(f"torch_npu is installed but cannot load: {cause}; load CANN's environment first "
                       f"(`{CANN_ENV}`), or pass --device cpu")
 
 

@@ -163,31 +163,30 @@ def plot_runs(run_dirs, out):
     return fig
 
 
-def plot_confusion(confusion, classes, out, normalize=True):
-    """Heatmap of a confusion matrix (rows: true class) with per-class accuracy beside it.
-    normalize: cells show the share of each true class (%), else counts."""
+def plot_confusion(confusion, classes, out):
+    """Heatmap of a confusion matrix (rows: true class; each cell the share of its true class, in %)
+    with per-class accuracy beside it."""
     import numpy as np
     plt = pyplot()
     # A folder name that is not UTF-8 holds surrogates, which no font draws: its bytes as \xc4\xf1.
     classes = [os.fsencode(name).decode("utf-8", "backslashreplace") for name in classes]
     counts = np.asarray(confusion, dtype=np.float64)
     per_row = counts.sum(1, keepdims=True).clip(min=1)
-    cells = 100 * counts / per_row if normalize else counts
+    cells = 100 * counts / per_row
     n = len(classes)
     size = max(6.0, 0.6 * n + 2)
     fig, (ax, acc_ax) = plt.subplots(1, 2, figsize=(size + 2.5, size), layout="constrained",
                                      gridspec_kw={"width_ratios": [n, 2.5]})
-    image = ax.imshow(cells, cmap="Blues", vmin=0, vmax=100 if normalize else None)
+    image = ax.imshow(cells, cmap="Blues", vmin=0, vmax=100)
     ax.set_xticks(range(n), classes, rotation=45, ha="right")
     ax.set_yticks(range(n), classes)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    ax.set_title("Confusion matrix (% of each true class)" if normalize else "Confusion matrix (images)")
+    ax.set_title("Confusion matrix (% of each true class)")
     if n <= 20:  # numbers in the cells while they still fit
         for i in range(n):
             for j in range(n):
-                text = f"{cells[i, j]:.0f}" if normalize else f"{int(counts[i, j])}"
-                ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                ax.text(j, i, f"{cells[i, j]:.0f}", ha="center", va="center", fontsize=8,
                         color="white" if cells[i, j] > 0.6 * cells.max() else "black")
     fig.colorbar(image, ax=ax, shrink=0.7)
     accuracy = 100 * np.diag(counts) / per_row[:, 0]
