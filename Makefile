@@ -149,7 +149,7 @@ export: install install-extra ## write RUN_DIR/model.onnx from RUN_DIR/best.pth,
 test: install-dev install-gui install-extra ## run the whole test suite (what CI runs)
 	$(PYTHON) -m pytest --durations=10 tests/ $(ARGS)
 
-test-fast: install-dev install-gui install-extra ## run the tests that start no process and train no whole run: about a minute
+test-fast: install-dev install-gui install-extra ## run the tests that start no process and train no whole run: the tier for an edit loop
 	$(PYTHON) -m pytest -m "not slow" tests/ $(ARGS)
 
 clean: ## remove caches and install stamps (keeps data/, runs/, test/ and .venv)

@@ -640,7 +640,7 @@ def write_samples(images, labels, out_dir, per_class=10):
     return out_dir
 
 
-def md5_sum(text):
+def md5_flag(text):
     """--md5: 32 hexadecimal digits in either case, or '' to check nothing."""
     if text and not re.fullmatch(r"[0-9a-fA-F]{32}", text):
         raise argparse.ArgumentTypeError(f"{text!r} is not an MD5 sum (32 hexadecimal digits)")
@@ -655,13 +655,13 @@ def get_args_parser():
     p.add_argument("--archive", default=None, help="use this local copy of the official archive instead of downloading")
     p.add_argument("--url", default=os.environ.get("CIFAR_URL"),
                    help="download from here instead of the official address (environment: CIFAR_URL)")
-    p.add_argument("--md5", type=md5_sum, default=None,
+    p.add_argument("--md5", type=md5_flag, default=None,
                    help="expected MD5 of the archive ('' for no check; default: the official one)")
     p.add_argument("--image-size", type=cli.integer(min=8, max=1024), default=32,
                    help="folder datasets: pictures are resized to this")
     p.add_argument("--samples", default="test",
                    help="write sample test pictures here ('' for none): CIFAR-10 as <label>_<k>.jpg, "
-                        "other datasets in a sub-folder named after them")
+                        "CIFAR-100 in a sub-folder cifar100/ (a folder dataset has pictures already)")
     return p
 
 

@@ -9,8 +9,8 @@
 Choose a picture with the button, drop one on the window, or name it on the
 command line. The window shows the most likely class with its confidence (the
 model's softmax probability, not an accuracy) and the five most likely as
-bars, in English or Chinese. The model is loaded once per checkpoint; loading
-and preprocessing are predict.py's own.
+bars, in English or Chinese. The model is loaded once per checkpoint, by
+predict.py's Classifier; pictures are read and prepared by data.py, as predict.py does.
 
 Scriptable without a user: MainWindow(checkpoint=None), .open_image(path), .run().
 Needs Qt for Python: pip install -r requirements-gui.txt (`make gui` does it). Before
@@ -125,7 +125,7 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
         if not os.path.exists(path):  # in the window's words; the reader's other reasons are Pillow's
             self.show_message(self.words["not_found"].format(path))
             return False
-        try:  # predict.py's reader: what is shown is what is classified (EXIF turn included)
+        try:  # the reader predict.py uses: what is shown is what is classified (EXIF turn included)
             im = data.open_picture(path, draft=(1024, 1024))
         except data.PictureError as e:
             self.show_message(self.words["bad_picture"].format(e))

@@ -13,6 +13,7 @@ import export
 import gui
 import plot
 import predict
+import resnet
 import train
 from conftest import ROOT, one_line_error, run
 
@@ -81,6 +82,16 @@ def test_the_values_that_used_to_slip_through_are_refused_in_one_line(script, ar
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1
     assert err[0].startswith(f"{PARSERS[script]().prog}: error: argument {args[0]}")
+
+
+def test_data_py_takes_the_picture_sides_a_checkpoint_may_hold_as_train_py_does():
+    low, high = resnet.IMAGE_SIZES  # data.py decodes a folder's pictures at --image-size; it imports no resnet
+    for script in ("data.py", "train.py"):
+        assert parse(script, "--image-size", str(low)).image_size == low
+        assert parse(script, "--image-size", str(high)).image_size == high
+        for bad in (low - 1, high + 1):
+            with pytest.raises(SystemExit):
+                parse(script, "--image-size", str(bad))
 
 
 @pytest.mark.parametrize("script, flag, example", [("plot.py", "--out", "curves.png"),
