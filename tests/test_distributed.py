@@ -25,6 +25,16 @@ def flat_weights(path):
     return torch.cat([v.flatten() for k, v in state.items() if v.is_floating_point() and "running" not in k])
 
 
+def in_a_one_process_group(code):
+    """Runs code in a fresh Python that has joined a process group of one (gloo), with torch, dist
+    (torch.distributed) and device imported; it must succeed."""
+    code = ("import torch, torch.distributed as dist, device\n"
+            "dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)\n"
+            f"{code}dist.destroy_process_group()\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
 def losses(path):
     return [float(line.split("Loss: ")[1].split()[0]) for line in path.read_text().splitlines()]
 
@@ -72,9 +82,8 @@ def test_with_sync_bn_two_processes_match_one_at_the_same_global_batch(tmp_path)
 
 def test_global_batchnorm_keeps_its_statistics_in_fp32_under_bf16_autocast_as_batchnorm_does():
     # --sync-bn on the CPU, where --amp auto may train in bf16
-    code = (
-        "import torch, torch.nn as nn, torch.distributed as dist, device\n"
-        "dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)\n"
+    in_a_one_process_group(
+        "import torch.nn as nn\n"
         "torch.manual_seed(0); x = torch.randn(8, 4, 6, 6) * 3 + 1\n"
         "plain = nn.BatchNorm2d(4); synced = device.convert_sync_bn(nn.Sequential(nn.BatchNorm2d(4)), x.device)[0]\n"
         "for bn in (plain, synced):\n"
@@ -84,10 +93,7 @@ def test_global_batchnorm_keeps_its_statistics_in_fp32_under_bf16_autocast_as_ba
         "    assert bn.running_mean.dtype == bn.running_var.dtype == torch.float32\n"
         "assert type(synced).__name__ == 'GlobalBatchNorm2d'\n"
         "torch.testing.assert_close(synced.running_mean, plain.running_mean)\n"
-        "torch.testing.assert_close(synced.running_var, plain.running_var)\n"
-        "dist.destroy_process_group()\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+        "torch.testing.assert_close(synced.running_var, plain.running_var)\n")
 
 
 def test_a_two_process_run_stopped_mid_epoch_and_after_an_epoch_resumes_to_the_same_logs_and_weights(
@@ -142,15 +148,11 @@ def test_a_failing_process_ends_the_whole_job_promptly_with_an_error(tmp_path):
 def test_the_latest_reduction_is_held_by_python_so_no_collective_thread_frees_it_at_exit():
     # Gloo's worker thread needs the GIL to free a tensor Python still knows; if
     # that came after the interpreter began shutting down, the process aborted.
-    code = (
-        "import weakref, torch, torch.distributed as dist, device\n"
-        "dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)\n"
+    in_a_one_process_group(
+        "import weakref\n"
         "t = torch.tensor([1.0, 5.0]); ref = weakref.ref(t)\n"
         "assert device.all_reduce(t, 'max') is t and t.tolist() == [1.0, 5.0]\n"
         "del t\n"
         "assert ref() is not None, 'the reduction let go of its tensor'\n"
         "device.all_reduce(torch.zeros(1))\n"
-        "assert ref() is None, 'the next reduction did not release the previous one'\n"
-        "dist.destroy_process_group()\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+        "assert ref() is None, 'the next reduction did not release the previous one'\n")
