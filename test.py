@@ -79,7 +79,7 @@ def main(args):
     if ckpt["num_classes"] != len(data_classes):
         raise resnet.CheckpointError(f"{args.checkpoint}: predicts {ckpt['num_classes']} classes, "
                                      f"but the data in {data_dir} has {len(data_classes)}")
-    if dataset == "folder" and list(classes) != list(data_classes):
+    if list(classes) != list(data_classes):  # a folder-trained model on CIFAR-10, say: scores would mean nothing
         raise resnet.CheckpointError(f"{args.checkpoint}: trained on {rundir.named(classes)}, "
                                      f"but {data_dir} holds {rundir.named(data_classes)}")
     dev = device.pick_device(args.device)

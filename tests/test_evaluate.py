@@ -112,6 +112,17 @@ def test_no_checkpoint_or_a_file_that_is_not_one_is_a_one_line_error(tmp_path, c
     assert "notes.pth" in one_line_error(proc)
 
 
+def test_a_checkpoint_of_other_classes_than_the_data_s_is_refused_naming_both(trained_run, cifar_dir, tmp_path):
+    run_dir, _ = trained_run
+    ckpt = torch.load(run_dir / "best.pth", weights_only=True)  # as if trained on a folder of ten other classes
+    torch.save({**ckpt, "classes": [f"kind{i}" for i in range(10)]}, tmp_path / "folder.pth")
+    proc = run_here("test.py", "--checkpoint", tmp_path / "folder.pth", "--dataset", "cifar10", "--data-dir",
+                    cifar_dir, cwd=tmp_path, check=False)
+    assert one_line_error(proc) == (f"error: {tmp_path / 'folder.pth'}: trained on 10 classes (kind0, kind1, kind2, "
+                                    f"kind3, kind4, ...), but {cifar_dir} holds 10 classes (airplane, automobile, "
+                                    "bird, cat, deer, ...)")
+
+
 def test_training_with_tta_logs_what_test_py_tta_reports_for_that_epoch(tmp_path, cifar_dir):
     run_here("train.py", "--data-dir", cifar_dir, "--epochs", "1", "--tta", *QUICK, cwd=tmp_path)
     logged = (tmp_path / "runs" / "resnet18" / "acc.txt").read_text().split("= ")[1].strip()
