@@ -169,8 +169,9 @@ def _fetch(data_dir, dataset, archive, url, md5):
     if md5 and found != md5:
         if downloaded:  # a bad download must not block the next try
             archive.unlink()
+        trust = "" if downloaded else f"; a copy you trust (repacked, say) passes with MD5={found} (data.py: --md5)"
         raise DataError(f"{archive}: MD5 is {found}, expected {md5}; "
-                        f"the file is corrupt or not the official {spec.title} archive")
+                        f"the file is corrupt or not the official {spec.title} archive{trust}")
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=data_dir))
     try:
         try:
@@ -179,7 +180,8 @@ def _fetch(data_dir, dataset, archive, url, md5):
                            if m.isfile() and m.name.startswith(spec.folder + "/") and ".." not in m.name]
                 tar.extractall(tmp, members=members)
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise DataError(f"{archive}: cannot extract ({e})") from None
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(":")  # tarfile's may run to lines
+            raise DataError(f"{archive}: cannot extract ({detail})") from None
         if not is_prepared(tmp, dataset):
             raise DataError(f"{archive}: does not hold {spec.folder}/ with the {spec.title} batch files")
         classes = read_classes(tmp / spec.folder, spec)

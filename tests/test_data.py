@@ -213,11 +213,15 @@ def test_a_whole_copy_another_process_put_in_place_meanwhile_is_kept(tmp_path, a
     assert "lacks" not in capsys.readouterr().out
 
 
-def test_the_official_md5_is_checked_and_a_mismatch_leaves_no_dataset(tmp_path, archive):
-    path, _ = archive
+def test_the_official_md5_is_checked_and_a_mismatch_leaves_no_dataset_and_says_how_to_pass_a_trusted_copy(
+        tmp_path, archive):
+    path, md5 = archive
     assert data.CIFAR10_MD5 == "c58f30108f718f92721af3b95e74349a"
-    with pytest.raises(data.DataError, match="MD5"):
+    with pytest.raises(data.DataError) as e:
         data.prepare(tmp_path / "d", archive=path)
+    assert str(e.value) == (f"{path}: MD5 is {md5}, expected {data.CIFAR10_MD5}; the file is corrupt or not the "
+                            f"official CIFAR-10 archive; a copy you trust (repacked, say) passes with MD5={md5} "
+                            "(data.py: --md5)")
     assert not data.is_prepared(tmp_path / "d")
 
 

@@ -362,12 +362,19 @@ def test_an_extraction_that_fails_part_way_leaves_no_dataset(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_a_file_that_is_no_archive_at_all_is_one_line_however_many_formats_tarfile_tried(tmp_path):
+    (tmp_path / "notes.tar.gz").write_text("not an archive\n")
+    with pytest.raises(data.DataError) as e:
+        data.prepare(tmp_path / "d", archive=tmp_path / "notes.tar.gz", md5="")
+    assert str(e.value) == f"{tmp_path / 'notes.tar.gz'}: cannot extract (file could not be opened successfully)"
+
+
 def test_a_downloaded_archive_with_the_wrong_md5_is_removed_so_the_next_try_downloads_again(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "cifar-10-python.tar.gz").write_bytes(b"not the archive")
-    with pytest.raises(data.DataError, match="MD5"):
+    with pytest.raises(data.DataError, match="MD5") as e:
         data.prepare(tmp_path / "d")
-    assert list((tmp_path / "d").iterdir()) == []
+    assert list((tmp_path / "d").iterdir()) == [] and "trust" not in str(e.value)  # it is gone: nothing to pass
 
 
 @pytest.mark.slow
