@@ -14,6 +14,7 @@ global batch (DistributedDataParallel); process 0 alone prints and writes files.
 import copy
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -347,7 +348,7 @@ def main(args, given=()):
         start = folder.restore(t, state, steps, classes) if state else rundir.Start()
         if args.stop_after and start.epoch >= args.stop_after:  # before begin(), which would cut the logs back
             folder.say(f"nothing to do: the run already trained epoch {start.epoch} of {args.epochs} (--stop-after "
-                       f"{args.stop_after}); continue it with: python train.py --resume {folder.resumed_from}")
+                       f"{args.stop_after}); continue it with: {resume_command(folder.resumed_from, args)}")
             return Result(0, *start.best)
         folder.begin(args.data_dir, start, steps)
         if start.epoch >= args.epochs:
@@ -394,7 +395,7 @@ def run_epochs(args, t, loaders, describe, folder, stop, start, t0):
         first_step = first_step or r.first_step
         if r.stopped_at:  # a stop was asked for: save mid-epoch and leave
             folder.save_stopped(lambda: snapshot(epoch - 1, None), t, r.stopped_at, r.totals)
-            return stopped(folder, r.signum, f"at epoch {epoch}, step {r.stopped_at} of {len(train_loader)}")
+            return stopped(folder, args, r.signum, f"at epoch {epoch}, step {r.stopped_at} of {len(train_loader)}")
         tick = time.perf_counter()
         for model in (t.model,) if scored is t.model else (t.model, scored):  # one order in every process
             device.broadcast_buffers(model)  # every process evaluates, and saves, what process 0 has
@@ -420,10 +421,10 @@ def run_epochs(args, t, loaders, describe, folder, stop, start, t0):
                    f"{' | best' if is_best else ''}{f' | {duration(left)} left' if epoch < last_epoch else ''}")
         signum = stop.agreed(test_loader.images.device)  # a stop during evaluation: the epoch is complete
         if signum and epoch < last_epoch:
-            return stopped(folder, signum, f"after epoch {epoch}")
+            return stopped(folder, args, signum, f"after epoch {epoch}")
     if last_epoch < args.epochs:
-        folder.say(f"stopped after epoch {last_epoch} of {args.epochs}; continue with: python train.py "
-                   f"--resume {folder.path / 'last.pth'}")
+        folder.say(f"stopped after epoch {last_epoch} of {args.epochs}; continue with: "
+                   f"{resume_command(folder.path / 'last.pth', args)}")
     folder.say(f"best accuracy {best[0]:.2f}% at epoch {best[1]}, total time {time.perf_counter() - t0:.1f}s "
                f"(training {train_seconds:.1f}s, evaluation {eval_seconds:.1f}s)")
     return Result(0, *best, acc, train_seconds, eval_seconds, first_step, images)
@@ -475,10 +476,19 @@ def duration(seconds):
     return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
 
 
-def stopped(folder, signum, where):
+def stopped(folder, args, signum, where):
     folder.say(f"stopped by {signal.Signals(signum).name} {where}; saved {folder.path / 'last.pth'}. Continue "
-               f"with: python train.py --resume {folder.path / 'last.pth'}")
+               f"with: {resume_command(folder.path / 'last.pth', args)}")
     return Result(128 + signum)
+
+
+def resume_command(checkpoint, args):
+    """The command that continues a run from checkpoint, ready to paste: with the run's --data-dir
+    unless it is the default (--resume keeps the recipe, not where the data is)."""
+    words = ["python", "train.py", "--resume", str(checkpoint)]
+    if args.data_dir != get_args_parser().get_default("data_dir"):
+        words += ["--data-dir", str(args.data_dir)]
+    return shlex.join(words)
 
 
 if __name__ == "__main__":
@@ -495,6 +505,6 @@ if __name__ == "__main__":
         sys.exit(f"{where}error: {e}")
     except KeyboardInterrupt:  # a second Ctrl-C: what the run saved before it is all there is
         last = run_folder(args) / "last.pth"
-        print("\ninterrupted at once; " + (f"continue from its last save with: python train.py --resume {last}"
+        print("\ninterrupted at once; " + (f"continue from its last save with: {resume_command(last, args)}"
                                            if last.is_file() else "nothing of the run was saved yet"), file=sys.stderr)
         sys.exit(130)

@@ -328,13 +328,13 @@ def test_out_of_memory_in_epoch_2_is_one_line_naming_the_batch_to_lower_and_keep
 @pytest.mark.parametrize("where, line", [
     ((data, "training_loaders", 1), "interrupted at once; nothing of the run was saved yet"),
     ((resnet, "evaluate", 2), "interrupted at once; continue from its last save with: python train.py --resume "
-                              "run/last.pth")])
+                              "run/last.pth --data-dir {data}")])  # the data where it is not in data/
 def test_a_second_ctrl_c_stops_at_once_and_says_what_was_saved(tmp_path, cifar_dir, monkeypatch, where, line):
     # while the data loads; in epoch 2's evaluation, epoch 1 saved (the first Ctrl-C only asks for a stop at
     # the next step: test_device.py's StopRequest test)
     fail_at_call(monkeypatch, *where, KeyboardInterrupt())
     proc = run_here("train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", "run", cwd=tmp_path, check=False)
-    assert proc.returncode == 130 and one_line_error(proc) == line
+    assert proc.returncode == 130 and one_line_error(proc) == line.format(data=cifar_dir)
 
 
 @pytest.mark.slow

@@ -134,7 +134,8 @@ def test_a_stopped_and_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_pa
     again = run_here("train.py", "--resume", "--out-dir", "parts", "--data-dir", cifar_dir, "--device", "cpu",
                      "--stop-after", "1", cwd=tmp_path)
     assert again.stdout.rstrip().endswith("nothing to do: the run already trained epoch 1 of 3 (--stop-after 1); "
-                                          "continue it with: python train.py --resume parts/last.pth")
+                                          "continue it with: python train.py --resume parts/last.pth --data-dir "
+                                          f"{cifar_dir}")  # the command to paste: its data are not in data/
     # As if killed during epoch 2: lines of an unfinished epoch are in the logs.
     with open(tmp_path / "parts" / "log.txt", "a") as f:
         f.write("002 00003 | Loss: 9.999 | Acc: 0.000%\n")
