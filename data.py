@@ -377,14 +377,23 @@ def load_picture(path, size):
 def visible_files(folder):
     """Files under folder, sorted, skipping hidden ones (.DS_Store, .cache/ and the like). Its
     sub-folders may be links (class folders linked in from elsewhere, as datasets are often put
-    together); links further down are not followed, so a link loop cannot trap the walk."""
+    together); links further down are not followed, so a link loop cannot trap the walk. A
+    folder that cannot be read raises OSError: skipped, its pictures would be missed unnoticed."""
+    def unreadable(error):
+        raise error
+
     found = []
     for entry in Path(folder).iterdir():
-        if entry.is_dir():
-            found += [f for f in entry.rglob("*") if f.is_file()]
-        elif entry.is_file():
+        if entry.name.startswith("."):
+            continue
+        if os.path.isdir(entry):
+            for root, folders, files in os.walk(entry, onerror=unreadable):
+                folders[:] = [name for name in folders if not name.startswith(".")]
+                found += [Path(root, name) for name in files
+                          if not name.startswith(".") and os.path.isfile(os.path.join(root, name))]
+        elif os.path.isfile(entry):
             found.append(entry)
-    return sorted(f for f in found if not any(part.startswith(".") for part in f.relative_to(folder).parts))
+    return sorted(found)
 
 
 def folder_classes(data_dir):

@@ -61,9 +61,16 @@ def expand_paths(paths):
     from PIL import Image
     extensions = set(Image.registered_extensions())
     files, errors = [], []
-    for p in map(Path, paths):
-        if os.path.isdir(p):  # False for a name the file system refuses: then an error of its own below
-            found = [f for f in data.visible_files(p) if f.suffix.lower() in extensions]
+    for text in paths:
+        p = Path(text)
+        if not text:  # Path("") is the working folder: an unset shell variable ("$PICTURE"), most likely
+            errors.append("'': an empty name, no picture")
+        elif os.path.isdir(p):  # False for a name the file system refuses: then an error of its own below
+            try:
+                found = [f for f in data.visible_files(p) if f.suffix.lower() in extensions]
+            except OSError as e:
+                errors.append(f"{p}: cannot read {e.filename or p} ({e.strerror})")
+                continue
             if not found:
                 errors.append(f"{p}: folder holds no pictures")
             files.extend(found)

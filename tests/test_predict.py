@@ -119,6 +119,29 @@ def test_a_name_too_long_for_the_file_system_is_an_error_line_of_its_own(workdir
     assert proc.stdout.startswith(f"{d / 'cifar.png'}: ")
 
 
+def test_an_empty_name_is_an_error_line_not_the_working_folder(workdir, pictures):
+    d, _, _ = pictures
+    proc = run_here("predict.py", "", d / "cifar.png", cwd=workdir, check=False)  # python predict.py "$UNSET"
+    assert proc.returncode == 1 and proc.stderr.strip() == "error: '': an empty name, no picture"
+    assert len(proc.stdout.splitlines()) == 1
+
+
+def test_a_folder_part_of_which_cannot_be_read_is_an_error_line_naming_that_part(tmp_path, monkeypatch):
+    (tmp_path / "photos" / "locked").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "photos" / "a.png")
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)  # as for another user's folder (root reads them all)
+    files, errors = predict.expand_paths([str(tmp_path / "photos")])
+    assert errors == [f"{tmp_path / 'photos'}: cannot read {tmp_path / 'photos' / 'locked'} (Permission denied)"]
+    assert files == []
+
+
 def test_a_folder_is_predicted_picture_by_picture(workdir, pictures):
     d, _, _ = pictures
     proc = run_here("predict.py", d, "--json", cwd=workdir, check=False)
