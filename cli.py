@@ -101,6 +101,14 @@ def given(parser, argv, keys):
     return [key for key in keys if parsed[key] is not unset]
 
 
+def folder_error(path, error):
+    """One line for an OSError from making the folder path. A file in the way is said as such: the
+    system's words for it ("File exists", "Not a directory") name neither the file nor the fix."""
+    if isinstance(error, (FileExistsError, NotADirectoryError)):
+        return f"{path}: cannot make this folder: it, or a folder on its path, is a file"
+    return f"{path}: cannot make this folder ({error.strerror or error})"
+
+
 def first_few(names, k=5):
     """Names for a one-line message: 'cat, dog, ship', or the first k and '...'."""
     return ", ".join(map(str, names[:k])) + (", ..." if len(names) > k else "")

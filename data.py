@@ -141,7 +141,10 @@ def prepare(data_dir, archive=None, url=None, md5=None, dataset="cifar10"):
     if is_prepared(data_dir, dataset):
         return data_dir / spec.folder
     made = not data_dir.exists()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(cli.folder_error(data_dir, e)) from None
     try:
         return _fetch(data_dir, dataset, archive, url, md5)
     except BaseException:
@@ -641,7 +644,10 @@ def write_samples(images, labels, out_dir, per_class=10):
     """test/<label>_<k>.jpg: the first per_class test images of each class."""
     from PIL import Image
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(cli.folder_error(out_dir, e)) from None
     for label in range(int(labels.max()) + 1):
         picks = (labels == label).nonzero().flatten()[:per_class]
         for k, i in enumerate(picks.tolist()):

@@ -233,9 +233,12 @@ class RunFolder:
         self.made = [p for p in (self.path, *self.path.parents) if not p.exists()]
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            lock = open(self.path / ".lock", "a+", encoding="utf-8")
         except OSError as e:  # a read-only disk, a file where a folder should be on the way
-            raise TrainingError(f"{self.path}: cannot make the run's folder ({e.strerror or e})") from None
+            raise TrainingError(cli.folder_error(self.path, e)) from None
+        try:
+            lock = open(self.path / ".lock", "a+", encoding="utf-8")
+        except OSError as e:
+            raise TrainingError(f"{self.path}: cannot write in the run's folder ({e.strerror or e})") from None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

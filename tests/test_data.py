@@ -213,6 +213,19 @@ def test_a_whole_copy_another_process_put_in_place_meanwhile_is_kept(tmp_path, a
     assert "lacks" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("where", ["data_dir", "samples"])
+def test_a_file_where_a_folder_is_to_be_made_is_named_as_such(tmp_path, archive, where):
+    path, md5 = archive
+    (tmp_path / "notes").write_text("mine")
+    folders = {"data_dir": tmp_path / "d", "samples": tmp_path / "s", where: tmp_path / "notes" / "sub"}
+    with pytest.raises(data.DataError) as e:
+        out = data.prepare(folders["data_dir"], archive=path, md5=md5)
+        images, labels, _ = data.load_split(folders["data_dir"], train=False)
+        data.write_samples(images, labels, folders["samples"])
+    assert str(e.value) == f"{folders[where]}: cannot make this folder: it, or a folder on its path, is a file"
+    assert (tmp_path / "notes").read_text() == "mine"
+
+
 def test_the_official_md5_is_checked_and_a_mismatch_leaves_no_dataset_and_says_how_to_pass_a_trusted_copy(
         tmp_path, archive):
     path, md5 = archive

@@ -111,10 +111,13 @@ def test_a_finished_write_is_flushed_to_disk_then_its_rename_too(tmp_path, monke
     assert synced == [written, tmp_path.stat().st_ino]  # the file's bytes, then the folder that names it
 
 
-def test_a_run_folder_that_is_a_file_is_refused_at_once(tmp_path):
+def test_a_run_folder_that_is_a_file_or_lies_under_one_is_refused_at_once(tmp_path):
     (tmp_path / "notes").write_text("mine")
     with pytest.raises(rundir.TrainingError, match="notes is a file; --out-dir names the run's folder"):
         rundir.RunFolder(tmp_path / "notes")
+    with pytest.raises(rundir.TrainingError) as e, rundir.RunFolder(tmp_path / "notes" / "run"):
+        pass
+    assert str(e.value).endswith("notes/run: cannot make this folder: it, or a folder on its path, is a file")
     assert (tmp_path / "notes").read_text() == "mine"
 
 
