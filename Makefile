@@ -61,9 +61,16 @@ $(call whole_number,BATCH,images per step)
 else ifneq ($(filter bench,$(MAKECMDGOALS)),)
 $(call whole_number,BATCH,images per step)
 endif
-# A name with a space would reach the scripts as two arguments, and their error would name only half of it.
+# A name with a space would reach the scripts as two arguments, and their error would name only half of it;
+# one with a quote, a bracket, ; & | < > or a backquote would be read by the shell as its own syntax.
+lparen := (
+rparen := )
+SHELL_SYNTAX := ' " ` ; & | < > $(lparen) $(rparen)
 $(foreach v,DATA_DIR RUN_DIR IMG ARCHIVE,$(if $(word 2,$($(v))),$(error $(v)=$($(v)): make passes a name with \
-	spaces as two; choose one without, or run the script with the name in quotes)))
+	spaces as two; choose one without, or run the script with the name in quotes))$(if $(strip $(foreach \
+	c,$(SHELL_SYNTAX),$(findstring $(c),$($(v))))),$(error $(v)=$($(v)): the shell would read $(strip $(foreach \
+	c,$(SHELL_SYNTAX),$(findstring $(c),$($(v))))) in the name as its own syntax; choose a name without, or run \
+	the script with the name in quotes)))
 # test.py and export.py use the data the run trained on unless DATA_DIR (or, for test.py, DATASET) is given here.
 RUN_DATA := $(if $(filter command line environment,$(origin DATA_DIR)),--data-dir $(DATA_DIR))
 EVAL_FLAGS := --checkpoint $(RUN_DIR)/best.pth --device $(DEVICE) --confusion-png $(RUN_DIR)/confusion.png \

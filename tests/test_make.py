@@ -126,7 +126,7 @@ def test_a_mistyped_device_nproc_epochs_or_batch_stops_make_before_the_data_step
     assert listed.split() == device.DEVICES  # the Makefile's list is the scripts' own
 
 
-def test_a_name_with_a_space_stops_make_in_one_line_before_anything_runs(project):
+def test_a_name_with_a_space_or_the_shell_s_syntax_stops_make_in_one_line_before_anything_runs(project):
     d, make = project
     for goals, var in ((["data", "train"], "DATA_DIR=my data"), (["train"], "RUN_DIR=first try"),
                        (["predict"], "IMG=my photo.jpg"), (["data"], "ARCHIVE=cifar copy.tar.gz")):
@@ -135,6 +135,13 @@ def test_a_name_with_a_space_stops_make_in_one_line_before_anything_runs(project
         assert proc.stderr.strip().endswith(f"*** {var}: make passes a name with spaces as two; choose one "
                                             "without, or run the script with the name in quotes.  Stop.")
     assert not any((d / name).exists() for name in ("my", "my data", "first", "first try"))
+    for goals, var, chars in ((["predict"], "IMG=it's.jpg", "'"), (["eval"], "RUN_DIR=runs/a(1)", "( )"),
+                              (["train"], "RUN_DIR=a;b", ";")):
+        proc = make(*goals, var, check=False)
+        assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.stderr.strip().endswith(f"*** {var}: the shell would read {chars} in the name as its own "
+                                            "syntax; choose a name without, or run the script with the name in "
+                                            "quotes.  Stop.")
 
 
 def test_speedrun_trains_runs_times_and_ends_with_the_summary_line(project, tmp_path):
