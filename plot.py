@@ -97,8 +97,8 @@ def save(fig, out):
 
 
 def read_metrics(run_dir):
-    """metrics.csv of a run as a dict of columns (lists of floats)."""
-    path = Path(run_dir) / "metrics.csv"
+    """metrics.csv of a run (run_dir: its folder, or the file itself) as a dict of columns (lists of floats)."""
+    path = Path(run_dir) if os.path.isfile(run_dir) else Path(run_dir) / "metrics.csv"
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
@@ -205,14 +205,16 @@ def plot_confusion(confusion, classes, out):
 
 def get_args_parser():
     p = cli.parser("Plot the training curves of one or more runs.")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories holding metrics.csv")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories holding metrics.csv (or those files)")
     p.add_argument("--out", type=picture("curves.png"), default=None,
                    help="picture to write (default: RUN_DIR/curves.png for one run, runs/curves.png for several)")
     return p
 
 
 def main(args):
-    out = args.out or (Path(args.runs[0]) / "curves.png" if len(args.runs) == 1 else Path("runs/curves.png"))
+    run = Path(args.runs[0])
+    out = args.out or ((run.parent if run.is_file() else run) / "curves.png" if len(args.runs) == 1
+                       else Path("runs/curves.png"))
     plot_runs(args.runs, out)
     print(f"wrote {out}")
 

@@ -124,6 +124,14 @@ HEADER = "epoch,train_loss,train_acc,test_loss,test_acc,lr,epoch_seconds,img_s\n
 ROW = "{},2.0,30.000,1.9,35.000,0.1,5.00,100.0\n"
 
 
+def test_plot_py_takes_the_metrics_file_itself_and_draws_beside_it(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.csv").write_text(HEADER + ROW.format(1) + ROW.format(2))
+    proc = run_here("plot.py", tmp_path / "run" / "metrics.csv", cwd=tmp_path)
+    assert proc.stdout.strip() == f"wrote {tmp_path / 'run' / 'curves.png'}"
+    is_png(tmp_path / "run" / "curves.png", 1200, 400)
+
+
 def test_a_last_row_cut_short_by_a_kill_is_left_out_and_the_epochs_before_it_are_read(tmp_path):
     (tmp_path / "metrics.csv").write_text(HEADER + ROW.format(1) + ROW.format(2) + "3,1.8,33.0")
     assert plot.read_metrics(tmp_path)["epoch"] == [1.0, 2.0]
