@@ -296,7 +296,9 @@ def run_test_split(ckpt, data_dir=None, dataset=None, subset=None, remembered=No
         raise DataError(f"the checkpoint's dataset {dataset!r} is none of {', '.join(DATASETS)}: pass --dataset")
     given = data_dir is not None
     data_dir = data_dir or remembered or ckpt.get("args", {}).get("data_dir") or "data"
-    if not given and not is_prepared(data_dir, dataset):
+    # A CIFAR folder with files gone is the run's all the same: loading it names what is missing.
+    there = is_prepared(data_dir, dataset) or dataset in CIFAR and (Path(data_dir) / CIFAR[dataset].folder).is_dir()
+    if not given and not there:
         raise DataError(f"no {dataset} data in {data_dir!r}, the run's data folder as far as it is known: "
                         "pass --data-dir (DATA_DIR= with make)")
     images, labels, classes = load_split(data_dir, train=False, subset=subset, dataset=dataset,

@@ -226,6 +226,20 @@ def test_a_file_where_a_folder_is_to_be_made_is_named_as_such(tmp_path, archive,
     assert (tmp_path / "notes").read_text() == "mine"
 
 
+def test_the_run_s_data_folder_with_files_gone_is_named_with_what_is_missing_and_scored_without_the_rest(tmp_path,
+                                                                                                         cifar_dir):
+    import shutil
+    shutil.copytree(cifar_dir, tmp_path / "data")
+    ckpt = {"dataset": "cifar10", "image_size": 32}
+    (tmp_path / "data" / "cifar-10-batches-py" / "data_batch_1").unlink()  # test.py needs no training batch
+    images, _, _, _, _ = data.run_test_split(ckpt, remembered=tmp_path / "data")
+    assert len(images) > 0
+    (tmp_path / "data" / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(data.DataError) as e:
+        data.run_test_split(ckpt, remembered=tmp_path / "data")
+    assert str(e.value) == f"{tmp_path / 'data' / 'cifar-10-batches-py' / 'test_batch'}: missing; run `make data` again"
+
+
 def test_the_official_md5_is_checked_and_a_mismatch_leaves_no_dataset_and_says_how_to_pass_a_trusted_copy(
         tmp_path, archive):
     path, md5 = archive
