@@ -45,6 +45,7 @@ TEXT = {  # the words of the window, in both languages; {} is filled in
            "confidence": "confidence", "drop": "Drop a picture here or choose one",
            "no_picture": "Choose a picture first.", "train_first": "No trained model yet: train first (make train).",
            "not_found": "{} not found.", "bad_picture": "Cannot read this picture: {}",
+           "choose_checkpoint": "Choose one with “Checkpoint…”.",
            "bad_checkpoint": "Cannot use this checkpoint: {}", "no_checkpoint": "no checkpoint",
            "accuracy": "{:.2f}% test accuracy", "epoch": "epoch {}",
            "assumed": "normalization assumed: the tutorials' (mean {}, std {})"},
@@ -52,6 +53,7 @@ TEXT = {  # the words of the window, in both languages; {} is filled in
            "confidence": "置信度", "drop": "把图片拖到这里，或点“选择图片”",
            "no_picture": "请先选择图片。", "train_first": "还没有训练好的模型：请先训练（make train）。",
            "not_found": "找不到 {}。", "bad_picture": "无法读取这张图片：{}",
+           "choose_checkpoint": "请点“选择模型…”另选一个。",
            "bad_checkpoint": "无法使用这个模型文件：{}", "no_checkpoint": "没有模型",
            "accuracy": "测试准确率 {:.2f}%", "epoch": "第 {} 轮",
            "assumed": "按教程的归一化参数处理（均值 {}，标准差 {}）"},
@@ -169,9 +171,9 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
         if self.checkpoint is None:
             return self.show_message(self.words["train_first"])
         if self.checkpoint not in self.classifiers:
-            if not self.checkpoint.exists():
-                return self.show_message(f"{self.words['not_found'].format(self.checkpoint)} "
-                                         f"{self.words['train_first']}")
+            if not self.checkpoint.exists():  # a name mistyped, where trained runs are there to choose from?
+                hint = self.words["choose_checkpoint" if predict.trained_runs() else "train_first"]
+                return self.show_message(f"{self.words['not_found'].format(self.checkpoint)} {hint}")
             try:
                 self.classifiers[self.checkpoint] = predict.Classifier(self.checkpoint, self.arch)
             except resnet.CheckpointError as e:

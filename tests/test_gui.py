@@ -129,11 +129,20 @@ def test_an_unreadable_file_is_a_message_not_a_crash(app, checkpoint, tmp_path):
     assert "notes.jpg" in window.message.text() and window.run() is None
 
 
-def test_a_missing_checkpoint_says_train_first(app, picture, tmp_path):
+def test_a_missing_checkpoint_says_train_first_or_where_runs_are_there_to_choose_from(app, picture, tmp_path,
+                                                                                       monkeypatch, checkpoint):
+    monkeypatch.chdir(tmp_path)
     window = gui.MainWindow(tmp_path / "runs" / "none" / "best.pth", language="en")
     window.open_image(picture)
     assert window.run() is None
-    assert "make train" in window.message.text()
+    assert window.message.text() == (f"{tmp_path / 'runs' / 'none' / 'best.pth'} not found. No trained model yet: "
+                                     "train first (make train).")
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    (tmp_path / "runs" / "mine" / "best.pth").write_bytes(checkpoint.read_bytes())
+    window = gui.MainWindow(tmp_path / "runs" / "nope.pth", language="en")
+    window.open_image(picture)
+    assert window.run() is None
+    assert window.message.text() == f"{tmp_path / 'runs' / 'nope.pth'} not found. Choose one with “Checkpoint…”."
 
 
 def test_the_model_is_loaded_once_per_checkpoint(app, checkpoint, picture, monkeypatch, tmp_path):
