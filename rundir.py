@@ -400,8 +400,9 @@ class RunFolder:
             raise resnet.CheckpointError(f"{e}{hint}") from None
         whole = all(isinstance(state.get(k, 0), int) and state.get(k, 0) >= 0 for k in ("epoch", "step"))
         if not {"args", "epoch", "model"} <= set(state) or not isinstance(state["args"], dict) or not whole:
-            raise resnet.CheckpointError(f"{path}: not a checkpoint of train.py; --resume needs last.pth "
-                                         "or net_XXX.pth")
+            raise resnet.CheckpointError(f"{path}: not a checkpoint of train.py (weights alone, as the tutorials' "
+                                         "code saves, hold no run to go on with); --resume needs the last.pth or "
+                                         "net_XXX.pth of a run of train.py")
         self.resumed_from = path
         return state
 
