@@ -347,17 +347,17 @@ def _fit(model, state, arch, source):
     """Load state into model, or say in one line which keys or shapes differ."""
     own = model.state_dict()
     problems = []
-    for words, keys in (("lacks", [k for k in own if k not in state]),
-                        ("has extra", [k for k in state if k not in own])):
+    for words, keys in (("it lacks", [k for k in own if k not in state]),
+                        ("it has extra", [k for k in state if k not in own])):
         if keys:
             problems.append(f"{words} {', '.join(keys[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}")
     shapes = [k for k in own if k in state and state[k].shape != own[k].shape]
     if shapes:
         k = shapes[0]
-        problems.append(f"{k} is {list(state[k].shape)} where {arch} has {list(own[k].shape)}"
+        problems.append(f"its {k} is {list(state[k].shape)} where {arch} has {list(own[k].shape)}"
                         + (f" ({len(shapes) - 1} more shapes differ)" if len(shapes) > 1 else ""))
     if problems:
-        raise CheckpointError(f"{source}: does not fit {arch}: it {'; it '.join(problems)}")
+        raise CheckpointError(f"{source}: does not fit {arch}: {'; '.join(problems)}")
     model.load_state_dict(state)
 
 

@@ -91,7 +91,7 @@ def test_a_checkpoint_of_another_architecture_names_the_first_keys_that_differ()
     message = str(e.value)
     assert "\n" not in message and "Error(s) in loading" not in message
     assert "r18.pth: does not fit resnet50: it lacks layer1.0.conv3.weight" in message
-    assert "layer1.0.conv1.weight is [64, 64, 3, 3] where resnet50 has [64, 64, 1, 1]" in message
+    assert "; its layer1.0.conv1.weight is [64, 64, 3, 3] where resnet50 has [64, 64, 1, 1]" in message
 
 
 def test_a_state_dict_with_a_layer_too_many_or_too_few_names_it():
