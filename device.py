@@ -73,7 +73,7 @@ def _broken_torch_npu(error):
         cause = f"its import failed ({detail})"
     # auto as well as npu: torch_npu installed means this machine is meant to train on an NPU.
     return DeviceError(f"torch_npu is installed but cannot load: {cause}; load CANN's environment first "
-                      f"(`{CANN_ENV}`), or pass --device cpu")
+                       f"(`{CANN_ENV}`), or pass --device cpu")
 
 
 def pick_device(name="auto", index=0):

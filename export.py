@@ -10,8 +10,9 @@ The ONNX model takes a float32 batch (N, 3, size, size), already normalized with
 the checkpoint's mean and std (written into the model's metadata with the class
 names), and returns the logits (N, classes); N is free. BatchNorm is folded
 into the convolutions first, so the graph holds no BatchNormalization nodes:
-convolutions, ReLUs, additions, the global average pool and the final Gemm. Opset 17: the newest that Ascend's ATC reads
-(CANN supports ONNX 1.12, whose newest opset is 17).
+convolutions, ReLUs, additions, the global average pool and the final Gemm.
+Opset 17: the newest that Ascend's ATC reads (CANN supports ONNX 1.12, whose
+newest opset is 17).
 
 The check runs the first --images test pictures of the run's dataset through
 both and prints the largest difference of the logits; any picture whose top
