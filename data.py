@@ -444,21 +444,73 @@ def load_folder(data_dir, train, image_size=32):
     split = "train" if train else "test"
     split_dir = Path(data_dir) / split
     files = visible_files(split_dir)
+    fingerprint = folder_fingerprint(files, split_dir, image_size, classes)
+    cache = Path(data_dir) / ".cache" / f"{split}-{image_size}px.npz"
+    remove_abandoned(cache)
+    cached = read_cache(cache, fingerprint)
+    if cached is not None:
+        return *cached, classes
+    images, labels = decode_pictures(files, split_dir, classes, image_size)
+    empty = sorted(set(classes) - {classes[i] for i in set(labels)})
+    named = cli.first_few(empty)
+    if train and empty:  # a class the network could never learn
+        raise DataError(f"{split_dir}: no readable pictures in the class folders {named}; add some, or remove "
+                        "those folders")
+    if empty:
+        print(f"note: {split_dir} has no pictures of {named}: the test accuracy leaves "
+              f"{'that class' if len(empty) == 1 else 'those classes'} out", file=sys.stderr)
+    order = np.random.RandomState(0).permutation(len(images))
+    images, labels = np.stack(images)[order], np.asarray(labels, dtype=np.int64)[order]
+    write_cache(cache, fingerprint, images, labels)
+    return torch.from_numpy(images), torch.from_numpy(labels), classes
+
+
+def folder_fingerprint(files, split_dir, image_size, classes):
+    """What the cache of a split is valid for: its files' names, sizes and times, the size and the classes."""
     h = hashlib.sha256(f"v1 {image_size} {classes}".encode())
     for f in files:
         st = f.stat()
         # the name's bytes as the file system holds them, UTF-8 or not (a GBK name from a Windows zip, say)
         h.update(os.fsencode(f.relative_to(split_dir)) + f" {st.st_size} {st.st_mtime_ns}\n".encode())
-    fingerprint = h.hexdigest()
-    cache = Path(data_dir) / ".cache" / f"{split}-{image_size}px.npz"
-    remove_abandoned(cache)
-    if cache.is_file():
-        try:
-            with np.load(cache, allow_pickle=False) as z:
-                if str(z["fingerprint"]) == fingerprint:
-                    return torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]), classes
-        except Exception:  # a damaged cache is rebuilt like a stale one
-            pass
+    return h.hexdigest()
+
+
+def read_cache(cache, fingerprint):
+    """(images, labels) from the cache file if it was made for fingerprint, else None."""
+    import numpy as np
+    if not cache.is_file():
+        return None
+    try:
+        with np.load(cache, allow_pickle=False) as z:
+            if str(z["fingerprint"]) == fingerprint:
+                return torch.from_numpy(z["images"]), torch.from_numpy(z["labels"])
+    except Exception:  # a damaged cache is rebuilt like a stale one
+        pass
+    return None
+
+
+def write_cache(cache, fingerprint, images, labels):
+    """Save the decoded split; where that fails, everything still works, only slower next time."""
+    import numpy as np
+    # A name of its own for each torchrun process, on any of the machines that share the folder.
+    tmp = cache_copy(cache, f"{socket.gethostname()}-{os.getpid()}")
+    try:
+        cache.parent.mkdir(exist_ok=True)
+        np.savez(tmp, images=images, labels=labels, fingerprint=np.array(fingerprint))
+        os.replace(tmp, cache)
+    except BaseException as e:  # a read-only folder or a full disk
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # no half-written copy left behind, nor after Ctrl-C
+        if not isinstance(e, OSError):
+            raise
+        print(f"note: cannot cache the decoded pictures in {cache.parent} ({e.strerror or e})", file=sys.stderr)
+
+
+def decode_pictures(files, split_dir, classes, image_size):
+    """The pictures of a split's class folders, decoded, as (list of uint8 arrays, list of labels).
+    Files that are no readable pictures, outside a class folder or in a folder of a class the
+    network does not know are skipped, and listed on stderr."""
+    data_dir = split_dir.parent
     images, labels, skipped, unknown = [], [], [], {}
     for f in files:
         parts = f.relative_to(split_dir).parts
@@ -475,7 +527,7 @@ def load_folder(data_dir, train, image_size=32):
             skipped.append(str(e))
     # A folder of a class the network does not know is one line; the rest file by file (the first
     # 20), so the user can fix or remove them.
-    lines = [f"{split_dir / name}/: {n} file{'s' if n > 1 else ''}, a class {Path(data_dir) / 'train'} does not have"
+    lines = [f"{split_dir / name}/: {n} file{'s' if n > 1 else ''}, a class {data_dir / 'train'} does not have"
              for name, n in unknown.items()] + skipped
     if lines:
         print(f"skipped {len(skipped) + sum(unknown.values())} of {len(files)} files in {split_dir}:", file=sys.stderr)
@@ -485,29 +537,7 @@ def load_folder(data_dir, train, image_size=32):
             print(f"  and {len(lines) - 20} more", file=sys.stderr)
     if not images:
         raise DataError(f"{split_dir}: no readable pictures in its class folders")
-    empty = sorted(set(classes) - {classes[i] for i in set(labels)})
-    named = cli.first_few(empty)
-    if train and empty:  # a class the network could never learn
-        raise DataError(f"{split_dir}: no readable pictures in the class folders {named}; add some, or remove "
-                        "those folders")
-    if empty:
-        print(f"note: {split_dir} has no pictures of {named}: the test accuracy leaves "
-              f"{'that class' if len(empty) == 1 else 'those classes'} out", file=sys.stderr)
-    order = np.random.RandomState(0).permutation(len(images))
-    images, labels = np.stack(images)[order], np.asarray(labels, dtype=np.int64)[order]
-    # A name of its own for each torchrun process, on any of the machines that share the folder.
-    tmp = cache_copy(cache, f"{socket.gethostname()}-{os.getpid()}")
-    try:
-        cache.parent.mkdir(exist_ok=True)
-        np.savez(tmp, images=images, labels=labels, fingerprint=np.array(fingerprint))
-        os.replace(tmp, cache)
-    except BaseException as e:  # a read-only folder or a full disk: everything works, only slower next time
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)  # no half-written copy left behind, nor after Ctrl-C
-        if not isinstance(e, OSError):
-            raise
-        print(f"note: cannot cache the decoded pictures in {cache.parent} ({e.strerror or e})", file=sys.stderr)
-    return torch.from_numpy(images), torch.from_numpy(labels), classes
+    return images, labels
 
 
 # ---------------------------------------------------------------------------
