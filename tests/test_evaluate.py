@@ -6,7 +6,7 @@ import torch
 
 import data
 import resnet
-from conftest import QUICK, one_line_error, run_here
+from conftest import QUICK, one_line_error, run_here, write_cifar100
 from test_tutorials import load_script
 
 pytestmark = pytest.mark.slow  # each test runs the scripts
@@ -121,6 +121,14 @@ def test_a_checkpoint_of_other_classes_than_the_data_s_is_refused_naming_both(tr
     assert one_line_error(proc) == (f"error: {tmp_path / 'folder.pth'}: trained on 10 classes (kind0, kind1, kind2, "
                                     f"kind3, kind4, ...), but {cifar_dir} holds 10 classes (airplane, automobile, "
                                     "bird, cat, deer, ...)")
+
+
+def test_a_tutorial_s_cifar_100_weights_name_no_classes_and_are_scored_on_cifar_100(tmp_path):
+    root = write_cifar100(tmp_path / "data", n_train=10, n_test=20)
+    torch.save(resnet.build_model("resnet18", 100).state_dict(), tmp_path / "net_100.pth")
+    proc = run_here("test.py", "--checkpoint", tmp_path / "net_100.pth", "--dataset", "cifar100", "--data-dir", root,
+                    "--device", "cpu", cwd=tmp_path)
+    assert re.search(r"accuracy \d+\.\d\d% \(\d+/20\)", proc.stdout)
 
 
 def test_training_with_tta_logs_what_test_py_tta_reports_for_that_epoch(tmp_path, cifar_dir):
