@@ -443,7 +443,10 @@ def load_folder(data_dir, train, image_size=32):
     classes = folder_classes(data_dir)
     split = "train" if train else "test"
     split_dir = Path(data_dir) / split
-    files = visible_files(split_dir)
+    try:
+        files = visible_files(split_dir)
+    except OSError as e:  # a folder of another user's, say: its pictures would be missing from the split
+        raise DataError(f"{split_dir}: cannot read {e.filename or split_dir} ({e.strerror or e})") from None
     fingerprint = folder_fingerprint(files, split_dir, image_size, classes)
     cache = Path(data_dir) / ".cache" / f"{split}-{image_size}px.npz"
     remove_abandoned(cache)

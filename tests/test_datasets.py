@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import data
+import resnet
 from conftest import (FINE_CLASSES, QUICK, ROOT, make_archive, one_line_error, run_here, write_cifar100,
                       write_folder)
 
@@ -148,6 +149,26 @@ def test_a_class_folder_linked_in_from_elsewhere_is_read_and_a_link_loop_is_not_
     (root / "train" / "dog" / "loop").symlink_to(root / "train", target_is_directory=True)
     images, labels, classes = data.load_folder(root, train=True, image_size=32)
     assert classes == ["cat", "dog", "ship"] and labels.bincount().tolist() == [3, 3, 3]
+
+
+def test_a_class_folder_part_of_which_cannot_be_read_is_one_line_in_test_py_naming_that_part(tmp_path, monkeypatch):
+    root = write_folder(tmp_path / "photos", per_class=3, odd_files=False)
+    (root / "test" / "cat" / "locked").mkdir()
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)  # as for another user's folder (root reads them all)
+    model = resnet.build_model("resnet18", 3)
+    torch.save(resnet.checkpoint(model, "resnet18", ["cat", "dog", "ship"], (0.5,) * 3, (0.25,) * 3, 32, "folder", 1,
+                                 50.0, {}), tmp_path / "best.pth")
+    proc = run_here("test.py", "--checkpoint", tmp_path / "best.pth", "--data-dir", root, "--device", "cpu",
+                    cwd=tmp_path, check=False)
+    assert one_line_error(proc) == (f"error: {root / 'test'}: cannot read {root / 'test' / 'cat' / 'locked'} "
+                                    "(Permission denied)")
 
 
 def test_a_training_class_folder_without_pictures_is_refused_by_name_and_the_test_split_may_lack_one(tmp_path,
