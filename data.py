@@ -348,15 +348,24 @@ def open_picture(path, draft=None):
     """A picture file as an upright 8-bit RGB Pillow image, or PictureError.
 
     draft: (w, h) a JPEG may be decoded at instead of full size (big photos load
-    many times faster; the result is at least that large)."""
+    many times faster; the result is at least that large). Pillow's pixel limit is
+    applied to what is decoded: a phone's 200-megapixel JPEG passes at a fraction of
+    its size, a PNG that large does not."""
     from PIL import Image, ImageOps
+    limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
-            # Pillow only warns (in Image.open) between 1x and 2x its pixel limit; refuse those too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's later checks (GIF frames)
+            Image.MAX_IMAGE_PIXELS = None  # Image.open's check comes before draft() could shrink the picture
+            try:
+                im = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
+            with im:
                 if draft:
                     im.draft("RGB", draft)
+                if limit and im.size[0] * im.size[1] > limit:  # Pillow warns up to 2x the limit: refused here
+                    raise Image.DecompressionBombError(f"{im.size[0]} x {im.size[1]} pixels")
                 return to_rgb(ImageOps.exif_transpose(im))
     except FileNotFoundError:
         raise PictureError(f"{path}: no such file") from None

@@ -415,7 +415,21 @@ def bomb_png(path, side=30000):
 def test_a_picture_over_pillow_s_pixel_limit_is_refused_before_decoding(tmp_path, side):
     bomb_png(tmp_path / "bomb.png", side)
     with pytest.raises(data.PictureError, match="bomb.png: too many pixels to decode safely"):
-        data.open_picture(tmp_path / "bomb.png")
+        data.open_picture(tmp_path / "bomb.png", draft=(64, 64))
+    assert Image.MAX_IMAGE_PIXELS == 89478485  # lifted for Image.open alone
+
+
+def test_a_jpeg_over_the_pixel_limit_is_read_where_its_draft_decodes_within_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # a 1.2-megapixel photo as a 120-megapixel one
+    Image.new("RGB", (1200, 1000), (200, 30, 30)).save(tmp_path / "photo.jpg")
+    assert data.open_picture(tmp_path / "photo.jpg", draft=(64, 64)).size == (150, 125)  # an eighth of each side
+    assert data.load_picture(tmp_path / "photo.jpg", 32).shape == (3, 32, 32)
+    with pytest.raises(data.PictureError, match="photo.jpg: too many pixels to decode safely"):
+        data.open_picture(tmp_path / "photo.jpg")  # at full size
+    Image.new("RGB", (1200, 1000)).save(tmp_path / "photo.png")
+    with pytest.raises(data.PictureError, match="photo.png: too many pixels to decode safely"):
+        data.open_picture(tmp_path / "photo.png", draft=(64, 64))  # no draft decoding for a PNG
+    assert Image.MAX_IMAGE_PIXELS == 1_000_000
 
 
 @pytest.fixture(scope="module")
