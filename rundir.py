@@ -273,11 +273,12 @@ class RunFolder:
         """The checkpoint --resume names: PATH, or '' for last.pth here."""
         return Path(resume) if resume else self.path / "last.pth"
 
-    def resume(self, args, recipe, parser, given=()):
+    def resume(self, args, recipe, parser, given=None):
         """The saved state that --resume (args.resume) continues from, or None to start afresh.
         The run keeps its recipe: args' values of the names in `recipe` become the saved ones, and
-        a note names each of those the command line gave (`given`) that the run does not take.
-        parser: train.py's, for its defaults, and to check the saved values as it checks its flags."""
+        a note names each of those the command line gave (`given`; None: those not at their default)
+        that the run does not take. parser: train.py's, for its defaults, and to check the saved
+        values as it checks its flags."""
         defaults = parser.parse_args([])
         if args.resume is None:
             if self.holds_a_run():
@@ -302,7 +303,8 @@ class RunFolder:
             if why:
                 raise resnet.CheckpointError(f"{path}: its recipe's --{key.replace('_', '-')} is not what train.py "
                                              f"takes ({why}): edited by hand, or saved by other code")
-            if key in given and getattr(args, key) != saved:
+            was_given = getattr(args, key) != getattr(defaults, key) if given is None else key in given
+            if was_given and getattr(args, key) != saved:
                 self.say(f"note: ignoring --{key.replace('_', '-')} {getattr(args, key)}; the run keeps its own "
                          f"({saved})")
             setattr(args, key, saved)

@@ -313,8 +313,9 @@ def run_folder(args):
     return Path(args.out_dir or (Path(args.resume).parent if args.resume else f"runs/{args.model}"))
 
 
-def main(args, given=()):
-    """given: the recipe's settings the command line gave, for --resume to note those the run does not take."""
+def main(args, given=None):
+    """given: the recipe's settings the command line gave, for --resume to note those the run does not take
+    (None, for a caller that parsed no command line: those not at their default)."""
     job = device.job()
     dev = device.pick_device(args.device, job.local_rank)
     device.keep_freed_memory(dev)

@@ -236,6 +236,11 @@ def test_resume_names_each_recipe_flag_given_that_the_run_does_not_take_even_at_
     assert (args.epochs, args.label_smoothing) == (30, 0.1)
     resume_with_args(finished_epoch(tmp_path), saved)
     assert "note:" not in capsys.readouterr().out  # no flag given, no note
+    # called from code, with no command line to tell: a value other than the default was given
+    args = train.get_args_parser().parse_args(["--resume", str(tmp_path / "last.pth"), "--epochs", "50", "--seed", "0"])
+    rundir.RunFolder(tmp_path).resume(args, train.RECIPE, train.get_args_parser())
+    assert [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note:")] == [
+        "note: ignoring --epochs 50; the run keeps its own (30)"]
 
 
 @pytest.mark.parametrize("key, value, why", [
