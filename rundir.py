@@ -401,10 +401,11 @@ class RunFolder:
             hint = f"; resume from the newest good epoch instead: --resume {fallback}" if fallback else ""
             raise resnet.CheckpointError(f"{e}{hint}") from None
         whole = all(isinstance(state.get(k, 0), int) and state.get(k, 0) >= 0 for k in ("epoch", "step"))
-        if not {"args", "epoch", "model"} <= set(state) or not isinstance(state["args"], dict) or not whole:
-            raise resnet.CheckpointError(f"{path}: not a checkpoint of train.py (weights alone, as the tutorials' "
-                                         "code saves, hold no run to go on with); --resume needs the last.pth or "
-                                         "net_XXX.pth of a run of train.py")
+        weights_alone = not {"args", "epoch", "model"} <= set(state)  # the tutorials' files, say
+        if weights_alone or not isinstance(state["args"], dict) or not whole:
+            why = " (weights alone hold no run to go on with)" if weights_alone else ""
+            raise resnet.CheckpointError(f"{path}: not a checkpoint of train.py{why}; --resume needs the last.pth "
+                                         "or net_XXX.pth of a run of train.py")
         self.resumed_from = path
         return state
 

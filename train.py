@@ -347,7 +347,7 @@ def main(args, given=None):
             model = device.convert_sync_bn(model, dev)
         t = make_training(model, args, dev, amp, args.epochs * steps)
         start = folder.restore(t, state, steps, classes) if state else rundir.Start()
-        if args.stop_after and start.epoch >= args.stop_after:  # before begin(), which would cut the logs back
+        if args.stop_after and args.epochs > start.epoch >= args.stop_after:  # before begin(), which cuts the logs
             folder.say(f"nothing to do: the run already trained epoch {start.epoch} of {args.epochs} (--stop-after "
                        f"{args.stop_after}); continue it with: {resume_command(folder.resumed_from, args)}")
             return Result(0, *start.best)

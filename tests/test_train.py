@@ -207,9 +207,11 @@ def test_resuming_from_an_earlier_epoch_says_which_epochs_are_trained_again(trai
 @pytest.mark.slow
 def test_resuming_a_finished_run_has_nothing_to_do(trained_run, cifar_dir):
     run_dir, _ = trained_run
-    proc = run_here("train.py", "--resume", "--data-dir", cifar_dir, "--device", "cpu", cwd=run_dir.parent.parent)
-    assert "nothing to do: the run already finished, at epoch 2 of 2 (best " in proc.stdout
-    assert proc.stdout.rstrip().endswith("a longer schedule is a new run: a larger --epochs in another --out-dir")
+    for stop_after in ([], ["--stop-after", "1"]):  # finished is finished, whatever stop is asked for
+        proc = run_here("train.py", "--resume", "--data-dir", cifar_dir, "--device", "cpu", *stop_after,
+                        cwd=run_dir.parent.parent)
+        assert "nothing to do: the run already finished, at epoch 2 of 2 (best " in proc.stdout
+        assert proc.stdout.rstrip().endswith("a longer schedule is a new run: a larger --epochs in another --out-dir")
 
 
 @pytest.mark.slow
