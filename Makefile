@@ -66,7 +66,7 @@ endif
 lparen := (
 rparen := )
 SHELL_SYNTAX := ' " ` ; & | < > $(lparen) $(rparen)
-$(foreach v,DATA_DIR RUN_DIR IMG ARCHIVE,$(if $(word 2,$($(v))),$(error $(v)=$($(v)): make passes a name with \
+$(foreach v,MODEL DATASET DATA_DIR RUN_DIR IMG ARCHIVE,$(if $(word 2,$($(v))),$(error $(v)=$($(v)): make passes a name with \
 	spaces as two; choose one without, or run the script with the name in quotes))$(if $(strip $(foreach \
 	c,$(SHELL_SYNTAX),$(findstring $(c),$($(v))))),$(error $(v)=$($(v)): the shell would read $(strip $(foreach \
 	c,$(SHELL_SYNTAX),$(findstring $(c),$($(v))))) in the name as its own syntax; choose a name without, or run \

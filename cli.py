@@ -105,6 +105,11 @@ def folder_error(path, error):
     """One line for an OSError from making the folder path. A file in the way is said as such: the
     system's words for it ("File exists", "Not a directory") name neither the file nor the fix."""
     if isinstance(error, (FileExistsError, NotADirectoryError)):
+        part = os.path.normpath(path)
+        while part and part != os.path.dirname(part):  # a link to a disk not mounted reads as a file too
+            if os.path.islink(part) and not os.path.exists(part):
+                return f"{path}: cannot make this folder: {part} is a link to {os.readlink(part)}, which is not there"
+            part = os.path.dirname(part)
         return f"{path}: cannot make this folder: it, or a folder on its path, is a file"
     return f"{path}: cannot make this folder ({error.strerror or error})"
 

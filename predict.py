@@ -82,12 +82,12 @@ def expand_paths(paths):
 class Classifier:
     """A checkpoint loaded once, ready for any number of pictures."""
 
-    def __init__(self, checkpoint, arch=None, dev="cpu"):
+    def __init__(self, checkpoint, arch=None, device="cpu"):
         model, self.ckpt = resnet.load_model(checkpoint, arch)
         self.classes, self.image_size = self.ckpt["classes"], self.ckpt["image_size"]
         self.mean, self.std = self.ckpt["mean"], self.ckpt["std"]
         self.assumed = self.ckpt.get("assumed")  # what a tutorial's checkpoint left to assume, or None
-        self.device = torch.device(dev)
+        self.device = torch.device(device)
         self.model = resnet.for_inference(model, self.device)
 
     @torch.no_grad()

@@ -111,13 +111,18 @@ def test_a_finished_write_is_flushed_to_disk_then_its_rename_too(tmp_path, monke
     assert synced == [written, tmp_path.stat().st_ino]  # the file's bytes, then the folder that names it
 
 
-def test_a_run_folder_that_is_a_file_or_lies_under_one_is_refused_at_once(tmp_path):
+def test_a_run_folder_that_is_a_file_lies_under_one_or_under_a_link_to_nowhere_is_refused_at_once(tmp_path):
     (tmp_path / "notes").write_text("mine")
     with pytest.raises(rundir.TrainingError, match="notes is a file; --out-dir names the run's folder"):
         rundir.RunFolder(tmp_path / "notes")
     with pytest.raises(rundir.TrainingError) as e, rundir.RunFolder(tmp_path / "notes" / "run"):
         pass
     assert str(e.value).endswith("notes/run: cannot make this folder: it, or a folder on its path, is a file")
+    (tmp_path / "usb").symlink_to(tmp_path / "unmounted" / "runs")  # a disk not mounted
+    with pytest.raises(rundir.TrainingError) as e, rundir.RunFolder(tmp_path / "usb" / "r18"):
+        pass
+    assert str(e.value) == (f"{tmp_path / 'usb' / 'r18'}: cannot make this folder: {tmp_path / 'usb'} is a link to "
+                            f"{tmp_path / 'unmounted' / 'runs'}, which is not there")
     assert (tmp_path / "notes").read_text() == "mine"
 
 
