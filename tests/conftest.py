@@ -212,6 +212,19 @@ PROCESS_FIXTURES = {"trained_run", "reference", "reference_of_four_steps", "proj
 QUICK = ["--device", "cpu", "--batch-size", "8", "--subset", "16", "--eval-batch-size", "100"]
 
 
+@pytest.fixture
+def locked_folders(monkeypatch):
+    """Folders named `locked` cannot be listed, as another user's (root, who runs CI, reads them all)."""
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+
+
 @pytest.fixture(scope="session")
 def cifar_dir(tmp_path_factory):
     return write_cifar(tmp_path_factory.mktemp("cifar"))

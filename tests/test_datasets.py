@@ -151,17 +151,9 @@ def test_a_class_folder_linked_in_from_elsewhere_is_read_and_a_link_loop_is_not_
     assert classes == ["cat", "dog", "ship"] and labels.bincount().tolist() == [3, 3, 3]
 
 
-def test_a_class_folder_part_of_which_cannot_be_read_is_one_line_in_test_py_naming_that_part(tmp_path, monkeypatch):
+def test_a_class_folder_part_of_which_cannot_be_read_is_one_line_in_test_py_naming_that_part(tmp_path, locked_folders):
     root = write_folder(tmp_path / "photos", per_class=3, odd_files=False)
     (root / "test" / "cat" / "locked").mkdir()
-    scandir = os.scandir
-
-    def refusing(path="."):
-        if Path(path).name == "locked":
-            raise PermissionError(13, "Permission denied", str(path))
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", refusing)  # as for another user's folder (root reads them all)
     model = resnet.build_model("resnet18", 3)
     torch.save(resnet.checkpoint(model, "resnet18", ["cat", "dog", "ship"], (0.5,) * 3, (0.25,) * 3, 32, "folder", 1,
                                  50.0, {}), tmp_path / "best.pth")

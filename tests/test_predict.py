@@ -126,17 +126,9 @@ def test_an_empty_name_is_an_error_line_not_the_working_folder(workdir, pictures
     assert len(proc.stdout.splitlines()) == 1
 
 
-def test_a_folder_part_of_which_cannot_be_read_is_an_error_line_naming_that_part(tmp_path, monkeypatch):
+def test_a_folder_part_of_which_cannot_be_read_is_an_error_line_naming_that_part(tmp_path, locked_folders):
     (tmp_path / "photos" / "locked").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "photos" / "a.png")
-    scandir = os.scandir
-
-    def refusing(path="."):
-        if Path(path).name == "locked":
-            raise PermissionError(13, "Permission denied", str(path))
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", refusing)  # as for another user's folder (root reads them all)
     files, errors = predict.expand_paths([str(tmp_path / "photos")])
     assert errors == [f"{tmp_path / 'photos'}: cannot read {tmp_path / 'photos' / 'locked'} (Permission denied)"]
     assert files == []
