@@ -132,9 +132,10 @@ def plot_runs(run_dirs, out):
     for i, run_dir in enumerate(run_dirs):
         m, color, name = read_metrics(run_dir), f"C{i}", str(run_dir)
         marker = "o" if len(m["epoch"]) < 30 else None  # a few epochs read better as dots
-        loss_ax.plot(m["epoch"], m["train_loss"], "--", color=color, marker=marker, label=f"{name} train")
+        train = dict(color=color, marker=marker, markerfacecolor="none")  # hollow: told apart even as one dot
+        loss_ax.plot(m["epoch"], m["train_loss"], "--", **train, label=f"{name} train")
         loss_ax.plot(m["epoch"], m["test_loss"], "-", color=color, marker=marker, label=f"{name} test")
-        acc_ax.plot(m["epoch"], m["train_acc"], "--", color=color, marker=marker, label=f"{name} train")
+        acc_ax.plot(m["epoch"], m["train_acc"], "--", **train, label=f"{name} train")
         acc_ax.plot(m["epoch"], m["test_acc"], "-", color=color, marker=marker, label=f"{name} test")
         lr_ax.plot(m["epoch"], m["lr"], "-", color=color, marker=marker, label=name)
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter

@@ -132,6 +132,15 @@ def test_plot_py_takes_the_metrics_file_itself_and_draws_beside_it(tmp_path):
     is_png(tmp_path / "run" / "curves.png", 1200, 400)
 
 
+def test_after_one_epoch_train_and_test_are_a_hollow_and_a_filled_dot(tmp_path):
+    (tmp_path / "metrics.csv").write_text(HEADER + ROW.format(1))
+    loss_ax, acc_ax, _ = plot.plot_runs([tmp_path], tmp_path / "curves.png").axes[:3]
+    for ax in (loss_ax, acc_ax):
+        train, test = ax.get_lines()
+        assert train.get_marker() == test.get_marker() == "o"
+        assert train.get_markerfacecolor() == "none" and test.get_markerfacecolor() != "none"
+
+
 def test_a_last_row_cut_short_by_a_kill_is_left_out_and_the_epochs_before_it_are_read(tmp_path):
     (tmp_path / "metrics.csv").write_text(HEADER + ROW.format(1) + ROW.format(2) + "3,1.8,33.0")
     assert plot.read_metrics(tmp_path)["epoch"] == [1.0, 2.0]
