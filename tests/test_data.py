@@ -219,7 +219,7 @@ def test_a_file_where_a_folder_is_to_be_made_is_named_as_such(tmp_path, archive,
     (tmp_path / "notes").write_text("mine")
     folders = {"data_dir": tmp_path / "d", "samples": tmp_path / "s", where: tmp_path / "notes" / "sub"}
     with pytest.raises(data.DataError) as e:
-        out = data.prepare(folders["data_dir"], archive=path, md5=md5)
+        data.prepare(folders["data_dir"], archive=path, md5=md5)
         images, labels, _ = data.load_split(folders["data_dir"], train=False)
         data.write_samples(images, labels, folders["samples"])
     assert str(e.value) == f"{folders[where]}: cannot make this folder: it, or a folder on its path, is a file"
