@@ -34,9 +34,11 @@ import resnet  # noqa: E402
 import rundir  # noqa: E402
 
 # Settings that define a run. --resume continues with the checkpoint's values of these,
-# whatever the command line says, so the schedule stays the same.
+# whatever the command line says, so the schedule stays the same, and so does how each
+# epoch is scored (--tta), which picks best.pth.
 RECIPE = ("model", "dataset", "image_size", "epochs", "batch_size", "lr", "warmup", "momentum", "weight_decay",
-          "norm_weight_decay", "label_smoothing", "ema", "flip", "zero_init_residual", "seed", "subset", "sync_bn")
+          "norm_weight_decay", "label_smoothing", "ema", "flip", "zero_init_residual", "seed", "subset", "sync_bn",
+          "tta")
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile's
 
 

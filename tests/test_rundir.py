@@ -228,9 +228,10 @@ def resume_with_args(last, saved_args, *flags):
 
 
 def test_resume_takes_the_recipe_train_py_saved(tmp_path):
-    saved = {**vars(train.get_args_parser().parse_args(["--epochs", "12", "--flip", "alternate"])), "lr": 0.4}
+    saved = {**vars(train.get_args_parser().parse_args(["--epochs", "12", "--flip", "alternate", "--tta"])), "lr": 0.4}
     state, args = resume_with_args(finished_epoch(tmp_path), saved)
     assert state["epoch"] == 1 and (args.epochs, args.flip, args.lr, args.ema) == (12, "alternate", 0.4, 0)
+    assert args.tta == "flip"  # the epochs to come are scored as those before, for best.pth
 
 
 def test_resume_names_each_recipe_flag_given_that_the_run_does_not_take_even_at_its_default(tmp_path, capsys):
