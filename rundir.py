@@ -308,8 +308,9 @@ class RunFolder:
                 self.say(f"note: ignoring --{key.replace('_', '-')} {getattr(args, key)}; the run keeps its own "
                          f"({saved})")
             setattr(args, key, saved)
-        where = f"epoch {state['epoch']}" + (f", step {state['step']}" if state.get("step") else "")
-        self.say(f"resuming {path} after {where} of {args.epochs}"
+        where = (f"in epoch {state['epoch'] + 1} of {args.epochs}, after its step {state['step']}" if state.get("step")
+                 else f"after epoch {state['epoch']} of {args.epochs}")
+        self.say(f"resuming {path} {where}"
                  + ("" if "optimizer" in state else " (weights only: the optimizer's momentum starts afresh)"))
         return state
 

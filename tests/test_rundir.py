@@ -234,6 +234,16 @@ def test_resume_takes_the_recipe_train_py_saved(tmp_path):
     assert args.tta == "flip"  # the epochs to come are scored as those before, for best.pth
 
 
+def test_resume_says_where_the_run_goes_on(tmp_path, capsys):
+    last = finished_epoch(tmp_path)
+    saved = vars(train.get_args_parser().parse_args(["--epochs", "3"]))
+    resume_with_args(last, saved)
+    assert f"resuming {last} after epoch 1 of 3" in capsys.readouterr().out
+    torch.save({**torch.load(last, weights_only=True), "step": 8}, last)  # stopped by Ctrl-C in epoch 2
+    resume_with_args(last, saved)
+    assert f"resuming {last} in epoch 2 of 3, after its step 8" in capsys.readouterr().out
+
+
 def test_resume_names_each_recipe_flag_given_that_the_run_does_not_take_even_at_its_default(tmp_path, capsys):
     saved = vars(train.get_args_parser().parse_args(["--epochs", "30"]))
     _, args = resume_with_args(finished_epoch(tmp_path), saved, "--epochs", "40", "--seed", "0", "--lab", "0.2")
