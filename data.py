@@ -5,7 +5,7 @@
     python data.py --dataset cifar100 --data-dir data   # CIFAR-100 (its 100 fine labels)
     python data.py --dataset folder --data-dir photos   # photos/train/<class>/*, photos/test/<class>/*
 
-A dataset of this size (CIFAR: 150 MB of uint8) is loaded once into one tensor
+A dataset of this size (CIFAR: 184 MB of uint8, both splits) is loaded once into one tensor
 and kept on the training device. Shuffling, random crops and flips are done on
 whole batches there: no DataLoader workers, no per-image Python work. Picture
 folders are decoded once and cached as arrays beside the pictures.
@@ -29,10 +29,12 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
-import torch.nn.functional as F
+os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # torch_npu loads in device.py, which explains failures
 
-import cli
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import cli  # noqa: E402
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"

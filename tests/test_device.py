@@ -1,6 +1,7 @@
 """device.py: which device, precision and layout a run gets; the processes of a torchrun job;
 and torch_npu installed without CANN's environment, the commonest Ascend set-up mistake."""
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -12,7 +13,7 @@ import torch
 
 import device
 import resnet
-from conftest import ROOT, one_line_error, run
+from conftest import ROOT, one_line_error, run, write_cifar
 
 # stand-ins: torch.device("npu") exists only where torch_npu is installed
 CPU, CUDA, NPU, MPS = (types.SimpleNamespace(type=t) for t in ("cpu", "cuda", "npu", "mps"))
@@ -179,6 +180,24 @@ def test_torch_npu_without_cann_names_the_missing_library_and_set_env_sh(tmp_pat
     line = one_line_error(proc)
     assert "torch_npu is installed" in line and "CANN library" in line and "libhccl.so" in line
     assert "set_env.sh" in line
+
+
+def test_every_script_turns_torch_s_backend_autoloading_off_before_anything_imports_torch():
+    # or a torch_npu without CANN breaks `import torch` in that script, with a traceback
+    loads_torch = re.compile(r"import (torch|data|device|resnet|rundir|train|predict)\b")
+    for script in sorted(p for p in ROOT.glob("*.py") if 'if __name__ == "__main__"' in p.read_text()):
+        lines = script.read_text().splitlines()
+        first = next((i for i, line in enumerate(lines) if loads_torch.match(line)), None)
+        if first is not None:  # plot.py loads no torch
+            off = [i for i, line in enumerate(lines) if 'setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")' in line]
+            assert off and off[0] < first, script.name
+
+
+@pytest.mark.slow
+def test_make_data_s_script_runs_where_torch_npu_cannot_load(tmp_path, torch_npu_without_cann):
+    write_cifar(tmp_path / "data", n_train=10, n_test=10)
+    proc = run("data.py", "--data-dir", "data", "--samples", "", cwd=tmp_path, env=torch_npu_without_cann)
+    assert proc.stdout.startswith("CIFAR-10 ready in data")
 
 
 @pytest.mark.slow
