@@ -1,5 +1,6 @@
 """metrics.csv, plot.py's training curves and test.py's confusion-matrix picture."""
 import csv
+import os
 import re
 import subprocess
 import sys
@@ -79,6 +80,12 @@ def test_test_py_draws_the_confusion_matrix_with_per_class_accuracy(trained_run,
 
 
 CHINESE = ["狗", "猫", "船"]  # a picture folder's class names
+
+
+def test_a_class_name_that_is_not_utf_8_is_drawn_as_its_bytes(tmp_path):
+    gbk = os.fsdecode("狗".encode("gbk"))  # a GBK folder name as Python holds it: surrogates no font draws
+    fig = plot.plot_confusion([[3, 1], [0, 4]], [gbk, "cat"], tmp_path / "cm.png")
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["\\xb9\\xb7", "cat"]
 
 
 def test_chinese_class_names_are_drawn_with_a_chinese_font_where_one_is_installed(tmp_path, capsys):
