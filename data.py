@@ -729,6 +729,9 @@ def get_args_parser():
 
 
 def main(args):
+    if args.archive and args.dataset in CIFAR and is_prepared(args.data_dir, args.dataset):
+        print(f"note: {Path(args.data_dir) / CIFAR[args.dataset].folder} is complete already; {args.archive} is "
+              "not read")
     out = prepare(args.data_dir, archive=args.archive, url=args.url, md5=args.md5, dataset=args.dataset)
     if args.dataset == "folder":  # decode and cache both splits now, so training starts at once
         for train in (True, False):

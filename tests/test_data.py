@@ -357,6 +357,9 @@ def test_data_py_extracts_an_archive_and_writes_sample_pictures(tmp_path, archiv
     assert data.is_prepared(tmp_path / "d")
     # the tiny archive's test split holds one picture per class
     assert sorted(p.name for p in (tmp_path / "test").iterdir()) == [f"{c}_0.jpg" for c in range(10)]
+    again = run_here("data.py", "--data-dir", "d", "--archive", tmp_path / "elsewhere.tar.gz", cwd=tmp_path)
+    assert again.stdout.startswith(f"note: {Path('d') / 'cifar-10-batches-py'} is complete already; "
+                                   f"{tmp_path / 'elsewhere.tar.gz'} is not read\n")
 
 
 @pytest.mark.slow
