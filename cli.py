@@ -17,6 +17,7 @@ import argparse
 import io
 import math
 import os
+import pathlib
 import signal
 import sys
 
@@ -99,6 +100,15 @@ def given(parser, argv, keys):
     parser.set_defaults(**dict.fromkeys(keys, unset))
     parsed = vars(parser.parse_args(argv))
     return [key for key in keys if parsed[key] is not unset]
+
+
+def make_folder(path, error=OSError):
+    """Make the folder path and those above it, as needed; where that fails, raise `error` (the
+    script's own exception) with one line that says why."""
+    try:
+        pathlib.Path(path).mkdir(parents=True, exist_ok=True)  # os.makedirs says a link to nowhere less plainly
+    except OSError as e:
+        raise error(folder_error(path, e)) from None
 
 
 def folder_error(path, error):

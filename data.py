@@ -141,12 +141,11 @@ def prepare(data_dir, archive=None, url=None, md5=None, dataset="cifar10"):
     spec = CIFAR[dataset]
     md5 = (spec.md5 if md5 is None else md5).lower()  # PowerShell's Get-FileHash writes capitals
     if is_prepared(data_dir, dataset):
+        if archive:
+            print(f"note: {data_dir / spec.folder} is complete already; {archive} is not read")
         return data_dir / spec.folder
     made = not data_dir.exists()
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(cli.folder_error(data_dir, e)) from None
+    cli.make_folder(data_dir, DataError)
     try:
         return _fetch(data_dir, dataset, archive, url, md5)
     except BaseException:
@@ -690,10 +689,7 @@ def write_samples(images, labels, out_dir, per_class=10):
     """test/<label>_<k>.jpg: the first per_class test images of each class."""
     from PIL import Image
     out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(cli.folder_error(out_dir, e)) from None
+    cli.make_folder(out_dir, DataError)
     for label in range(int(labels.max()) + 1):
         picks = (labels == label).nonzero().flatten()[:per_class]
         for k, i in enumerate(picks.tolist()):
@@ -729,9 +725,6 @@ def get_args_parser():
 
 
 def main(args):
-    if args.archive and args.dataset in CIFAR and is_prepared(args.data_dir, args.dataset):
-        print(f"note: {Path(args.data_dir) / CIFAR[args.dataset].folder} is complete already; {args.archive} is "
-              "not read")
     out = prepare(args.data_dir, archive=args.archive, url=args.url, md5=args.md5, dataset=args.dataset)
     if args.dataset == "folder":  # decode and cache both splits now, so training starts at once
         for train in (True, False):

@@ -118,10 +118,7 @@ def main(args):
     metadata = {"arch": ckpt["arch"], "dataset": dataset, "classes": list(classes), "mean": list(mean),
                 "std": list(std), "image_size": size}
     # Renamed into place only once it has passed the check: a model.onnx on disk always matched its checkpoint.
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ExportError(cli.folder_error(out.parent, e)) from None
+    cli.make_folder(out.parent, ExportError)
     with rundir.atomic_write(out) as tmp:
         export(resnet.for_inference(model), tmp, size, metadata)
         diff, scale, mismatched = compare(model, tmp, images, mean, std)

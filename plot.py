@@ -96,9 +96,14 @@ def save(fig, out):
               f"{matplotlib.get_cachedir()}/fontlist-*.json so that matplotlib finds it", file=sys.stderr)
 
 
+def metrics_csv(run):
+    """A run's metrics.csv: run names its folder, or the file itself."""
+    return Path(run) if os.path.isfile(run) else Path(run) / "metrics.csv"
+
+
 def read_metrics(run_dir):
     """metrics.csv of a run (run_dir: its folder, or the file itself) as a dict of columns (lists of floats)."""
-    path = Path(run_dir) if os.path.isfile(run_dir) else Path(run_dir) / "metrics.csv"
+    path = metrics_csv(run_dir)
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
@@ -213,8 +218,7 @@ def get_args_parser():
 
 
 def main(args):
-    run = Path(args.runs[0])
-    out = args.out or ((run.parent if run.is_file() else run) / "curves.png" if len(args.runs) == 1
+    out = args.out or (metrics_csv(args.runs[0]).parent / "curves.png" if len(args.runs) == 1
                        else Path("runs/curves.png"))
     plot_runs(args.runs, out)
     print(f"wrote {out}")

@@ -231,10 +231,7 @@ class RunFolder:
         except ImportError:  # Windows
             return
         self.made = [p for p in (self.path, *self.path.parents) if not p.exists()]
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:  # a read-only disk, a file where a folder should be on the way
-            raise TrainingError(cli.folder_error(self.path, e)) from None
+        cli.make_folder(self.path, TrainingError)  # a read-only disk, a file where a folder should be on the way
         try:
             lock = open(self.path / ".lock", "a+", encoding="utf-8")
         except OSError as e:
