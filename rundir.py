@@ -287,6 +287,11 @@ class RunFolder:
             raise resnet.CheckpointError(f"{self.path} already holds another run; {path} goes on in its own "
                                          "folder: leave out --out-dir, or choose an empty one")
         state = self.load(args.resume)
+        if state is None and self.holds_a_run():  # last.pth deleted: starting afresh would write over the run
+            fallback = next(self.good_epoch_checkpoints(self.path), None)
+            raise resnet.CheckpointError(f"{path} is missing, but {self.path} holds a run: " + (
+                f"resume from its newest good epoch with --resume {fallback}" if fallback else
+                "none of its epochs' checkpoints loads either; start afresh in another --out-dir"))
         if state is None:
             self.say(f"note: {path} does not exist yet; starting the run from the beginning")
             return None
@@ -341,7 +346,11 @@ class RunFolder:
             t.ema.updates = state.get("ema_updates", 0)
         epoch = state["epoch"]
         if "optimizer" in state:
+            # The saved state would bring back the kernel choice too: this run's --fused decides it.
+            kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in t.optimizer.param_groups]
             t.optimizer.load_state_dict(state["optimizer"])
+            for group, chosen in zip(t.optimizer.param_groups, kernels):
+                group.update(chosen)
             t.scheduler.load_state_dict(state["scheduler"])
             if state.get("scaler"):
                 t.scaler.load_state_dict(state["scaler"])

@@ -135,6 +135,28 @@ def test_fused_where_the_device_has_no_fused_sgd_kernel_is_one_line(tmp_path, ci
                                     "arguments from the 'PrivateUse1' backend; run again without --fused")
 
 
+@pytest.mark.slow
+def test_a_resumed_run_uses_the_fused_kernel_as_its_own_command_says_not_as_the_saved_run_did(tmp_path, cifar_dir,
+                                                                                               monkeypatch):
+    def no_kernel(*args, **kwargs):
+        raise NotImplementedError(NO_FUSED_KERNEL)
+
+    fused_sgd, calls = torch._fused_sgd_, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fused_sgd(*args, **kwargs)
+
+    train_py = ["train.py", "--data-dir", cifar_dir, "--epochs", "3", *QUICK]
+    run_here(*train_py, "--fused", "--stop-after", "1", cwd=tmp_path)
+    monkeypatch.setattr(torch, "_fused_sgd_", no_kernel)  # "run again --resume without --fused" must then work
+    run_here(*train_py, "--resume", "--stop-after", "2", cwd=tmp_path)
+    monkeypatch.setattr(torch, "_fused_sgd_", counted)
+    run_here(*train_py, "--resume", "--fused", cwd=tmp_path)
+    assert len(calls) == 2  # epoch 3's two steps
+    assert len((tmp_path / "runs" / "resnet18" / "acc.txt").read_text().splitlines()) == 3
+
+
 def test_a_step_s_error_the_command_line_can_mend_is_one_line_the_others_keep_their_traceback():
     assert train.step_failure(NotImplementedError(NO_FUSED_KERNEL), fused=True, resume=True).endswith(
         "backend; run again --resume without --fused")

@@ -187,6 +187,10 @@ def test_nor_one_whose_last_pth_is_gone_nor_a_resumed_run_sent_into_another_run_
     proc = run_here("train.py", "--data-dir", cifar_dir, *QUICK, "--out-dir", other, cwd=tmp_path, check=False)
     assert one_line_error(proc).endswith("already holds a run: continue it with --resume, or choose another "
                                          "--out-dir (RUN_DIR=)")
+    proc = run_here("train.py", "--resume", "--data-dir", cifar_dir, "--device", "cpu", "--out-dir", other,
+                    cwd=tmp_path, check=False)  # a bare --resume does not start the run afresh over it
+    assert one_line_error(proc) == (f"error: {other / 'last.pth'} is missing, but {other} holds a run: resume from "
+                                    f"its newest good epoch with --resume {other / 'net_002.pth'}")
     proc = run_here("train.py", "--resume", run_dir / "last.pth", "--data-dir", cifar_dir, "--device", "cpu",
                     "--out-dir", other, cwd=tmp_path, check=False)
     assert one_line_error(proc) == (f"error: {other} already holds another run; {run_dir / 'last.pth'} goes on in "
