@@ -333,6 +333,11 @@ class RunFolder:
                 raise resnet.CheckpointError(f"{path}: the run trained on {named(saved)} and the data now has "
                                              f"{named(classes)}: resume with the data it trained on, or start a "
                                              "new run in another --out-dir")
+            if state.get("step", 0) >= steps_per_epoch:  # a folder dataset that lost pictures since
+                raise resnet.CheckpointError(f"{path}: the run stopped after step {state['step']} of epoch "
+                                             f"{state['epoch'] + 1} and an epoch of the data now has {steps_per_epoch} "
+                                             "steps: resume with the data it trained on, or start a new run in "
+                                             "another --out-dir")
             return self._restore(t, state, steps_per_epoch)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a file edited, or saved by other code
             detail = " ".join(str(e).split())

@@ -227,7 +227,7 @@ class Epoch(NamedTuple):
     """What train_one_epoch did."""
     loss: float
     acc: float
-    images: int
+    images: int  # trained by this process group now: a resumed epoch's earlier steps are not counted
     seconds: float
     first_step: float  # seconds of the first step, which holds torch.compile's compilation
     stopped_at: int = 0  # steps done when a stop came mid-epoch (0: the epoch ran to its end)
@@ -243,6 +243,7 @@ def train_one_epoch(t, loader, epoch, args, folder, stop, start_step=0, totals=N
     global_batch = min(args.batch_size, len(loader.labels))
     # Running sums on the device (loss, correct, images), read only at log points. Those of a
     # resumed epoch are the whole job's: the main process alone carries them on, as they are added up.
+    carried = totals[2] if totals else 0.0  # images of the epoch trained before the stop: not this run's speed
     totals = torch.tensor(totals if totals and folder.is_main else [0.0] * 3, dtype=torch.float32, device=dev)
     bad_step = torch.full((), -1, dtype=torch.int64, device=dev)  # the first non-finite loss
     steps, start, first_step, stopped_at = len(loader), time.perf_counter(), 0.0, 0
@@ -264,22 +265,24 @@ def train_one_epoch(t, loader, epoch, args, folder, stop, start_step=0, totals=N
             loss_total, correct, seen, any_bad, stopping = summed.tolist()
             if any_bad:
                 first = device.all_reduce(torch.where(bad_step >= 0, bad_step, steps).view(1), "min").item()
-                kept = f"last.pth still holds epoch {epoch - 1}" if epoch > 1 else "no epoch had finished"
+                kept = (f"last.pth still holds it up to step {start_step}" if start_step else
+                        f"last.pth still holds epoch {epoch - 1}" if epoch > 1 else "no epoch had finished")
                 raise rundir.TrainingError(f"the loss became {'NaN' if math.isnan(loss_total) else 'infinite'} at "
                                            f"epoch {epoch}, step {first + 1} of {steps}; nothing of epoch {epoch} "
-                                           f"was saved ({kept}). Lower --lr, or try --amp off")
+                                           f"{f'after step {start_step} ' if start_step else ''}was saved ({kept}). "
+                                           "Lower --lr, or try --amp off")
             loss, acc = loss_total / seen, 100.0 * correct / seen
             if at_log:
                 folder.log_step(epoch, (epoch - 1) * steps + step + 1, loss, acc)
                 progress.update(step + 1, loss=loss_text(loss), acc=f"{acc:.2f}%",
                                 lr=f"{t.scheduler.get_last_lr()[0]:.4f}",
-                                img_s=f"{seen / (time.perf_counter() - start):.0f}")
+                                img_s=f"{(seen - carried) / (time.perf_counter() - start):.0f}")
             if stopping and step + 1 < steps:
                 stopped_at = step + 1
                 break
     progress.close()
     device.synchronize(dev)
-    return Epoch(loss, acc, int(seen), time.perf_counter() - start, first_step, stopped_at,
+    return Epoch(loss, acc, int(seen - carried), time.perf_counter() - start, first_step, stopped_at,
                  [loss_total, correct, seen] if stopped_at else None, stop.agreed(dev) if stopped_at else 0)
 
 
@@ -386,11 +389,12 @@ def run_epochs(args, t, loaders, describe, folder, stop, start, t0):
     for epoch in range(start.epoch + 1, last_epoch + 1):
         train_loader.set_epoch(epoch)
         first = epoch == start.epoch + 1  # a run stopped mid-epoch goes on from its step
+        resumable = epoch > 1 or start.step > 0  # last.pth is there: a failure's advice says --resume
         try:
             r = train_one_epoch(t, train_loader, epoch, args, folder, stop, start.step if first else 0,
                                 start.totals if first else None)
         except (RuntimeError, NotImplementedError) as e:  # a batch too large, --compile or --fused unsupported
-            why = step_failure(e, args.fused, resume=epoch > 1 or start.step > 0)
+            why = step_failure(e, args.fused, resume=resumable)
             if why is None:
                 raise
             raise rundir.TrainingError(why) from None
@@ -410,7 +414,7 @@ def run_epochs(args, t, loaders, describe, folder, stop, start, t0):
             if oom is None:
                 raise
             raise rundir.TrainingError(f"out of memory in evaluation: {oom}; run again "
-                                       f"{'--resume ' if epoch > 1 else ''}with a smaller --eval-batch-size") from None
+                                       f"{'--resume ' if resumable else ''}with a smaller --eval-batch-size") from None
         eval_seconds += time.perf_counter() - tick
         is_best = acc > best[0] or not best[1]  # the first epoch is the best so far even at 0%: best.pth exists
         best = (acc, epoch) if is_best else best

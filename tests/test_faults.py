@@ -189,6 +189,10 @@ def test_sigterm_or_sigint_stops_after_the_step_saves_and_says_how_to_resume(tmp
     assert_same_weights(tmp_path / "parts" / "last.pth", reference_of_four_steps / "last.pth")
     for name in ("log.txt", "acc.txt"):
         assert (tmp_path / "parts" / name).read_text() == (reference_of_four_steps / name).read_text()
+    # the resumed epoch's speed counts the pictures trained after the resume, in the time they took
+    fields = dict(zip(*[ln.split(",") for ln in (tmp_path / "parts" / "metrics.csv").read_text().splitlines()[:2]]))
+    trained = float(fields["img_s"]) * float(fields["epoch_seconds"])
+    assert trained == pytest.approx((4 - state["step"]) * 4, abs=1.5)
 
 
 def read_one_line_then_close(command, cwd):
@@ -288,6 +292,7 @@ def test_a_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_che
     proc = run("train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", "run", cwd=tmp_path, check=False, env=env)
     line = one_line_error(proc)
     assert "NaN" in line and "epoch 2, step 1" in line
+    assert "nothing of epoch 2 was saved (last.pth still holds epoch 1)" in line
     state = resnet.load_checkpoint(tmp_path / "run" / "last.pth")
     weights = torch.cat([v.flatten().float() for v in state["model"].values()])
     assert state["epoch"] == 1 and torch.isfinite(weights).all()
@@ -322,6 +327,24 @@ def test_out_of_memory_in_epoch_2_is_one_line_naming_the_batch_to_lower_and_keep
     assert one_line_error(proc) == line
     assert resnet.load_checkpoint(tmp_path / "run" / "last.pth")["epoch"] == 1
     assert (tmp_path / "run" / "acc.txt").read_text().startswith("EPOCH=001")
+
+
+@pytest.mark.slow
+def test_out_of_memory_in_the_evaluation_of_an_epoch_resumed_mid_way_says_to_resume(tmp_path, cifar_dir, monkeypatch):
+    step = torch.optim.SGD.step
+
+    def step_then_sigterm(*args, **kwargs):  # a job scheduler's stop during epoch 1's first step
+        step(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step_then_sigterm)
+    proc = run_here("train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", "run", cwd=tmp_path, check=False)
+    assert proc.returncode == 143 and resnet.load_checkpoint(tmp_path / "run" / "last.pth")["step"] == 1
+    monkeypatch.undo()
+    fail_at_call(monkeypatch, resnet, "evaluate", 1, torch.OutOfMemoryError("CUDA out of memory. Tried to ..."))
+    proc = run_here("train.py", "--data-dir", cifar_dir, "--resume", "run/last.pth", cwd=tmp_path, check=False)
+    assert one_line_error(proc) == ("error: out of memory in evaluation: CUDA out of memory; run again --resume with "
+                                    "a smaller --eval-batch-size")
 
 
 @pytest.mark.slow

@@ -298,6 +298,18 @@ def test_resuming_after_the_class_folders_changed_names_both_class_lists(tmp_pat
                             "start a new run in another --out-dir")
 
 
+def test_resuming_mid_epoch_on_data_that_now_makes_fewer_steps_than_were_done_names_both(tmp_path):
+    last = finished_epoch(tmp_path)
+    torch.save({**torch.load(last, weights_only=True), "step": 3}, last)  # stopped in epoch 2 after step 3
+    folder = rundir.RunFolder(tmp_path)
+    with pytest.raises(resnet.CheckpointError) as e:  # pictures deleted from a folder dataset since
+        folder.restore(training(resnet.build_model("resnet18")), folder.load(str(last)), 3, resnet.CIFAR10_CLASSES)
+    assert str(e.value) == (f"{last}: the run stopped after step 3 of epoch 2 and an epoch of the data now has 3 "
+                            "steps: resume with the data it trained on, or start a new run in another --out-dir")
+    assert folder.restore(training(resnet.build_model("resnet18")), folder.load(str(last)), 4,
+                          resnet.CIFAR10_CLASSES).step == 3
+
+
 def test_the_run_folder_notes_its_data_folder_for_test_py_and_export_py(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
