@@ -490,11 +490,17 @@ def stopped(folder, args, signum, where):
 
 
 def resume_command(checkpoint, args):
-    """The command that continues a run from checkpoint, ready to paste: with the run's --data-dir
-    unless it is the default (--resume keeps the recipe, not where the data is)."""
-    words = ["python", "train.py", "--resume", str(checkpoint)]
-    if args.data_dir != get_args_parser().get_default("data_dir"):
-        words += ["--data-dir", str(args.data_dir)]
+    """The command that continues a run from checkpoint, ready to paste: under torchrun as this job
+    was, with the flags given that --resume does not keep (it keeps the recipe, not where the data
+    is nor how the steps run), so the run goes on as it went."""
+    world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    launcher = (["python"] if world == 1 else ["torchrun", "--standalone", f"--nproc_per_node={local}"]
+                if world == local else ["torchrun", "..."])  # several machines: the job's own torchrun flags
+    words, parser = [*launcher, "train.py", "--resume", str(checkpoint)], get_args_parser()
+    for key in ("data_dir", "device", "amp", "channels_last", "compile", "fused", "eval_batch_size", "log_every"):
+        value = getattr(args, key)
+        if value != parser.get_default(key):
+            words += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
     return shlex.join(words)
 
 

@@ -351,7 +351,7 @@ def test_out_of_memory_in_the_evaluation_of_an_epoch_resumed_mid_way_says_to_res
 @pytest.mark.parametrize("where, line", [
     ((data, "training_loaders", 1), "interrupted at once; nothing of the run was saved yet"),
     ((resnet, "evaluate", 2), "interrupted at once; continue from its last save with: python train.py --resume "
-                              "run/last.pth --data-dir {data}")])  # the data where it is not in data/
+                              "run/last.pth --data-dir {data} --device cpu --eval-batch-size 100 --log-every 1")])
 def test_a_second_ctrl_c_stops_at_once_and_says_what_was_saved(tmp_path, cifar_dir, monkeypatch, where, line):
     # while the data loads; in epoch 2's evaluation, epoch 1 saved (the first Ctrl-C only asks for a stop at
     # the next step: test_device.py's StopRequest test)

@@ -72,6 +72,23 @@ def test_no_note_once_an_epoch_has_8_steps_and_the_run_100():
     assert train.few_steps_note(128, 8, 1) is None
 
 
+def test_the_command_to_continue_a_run_repeats_the_flags_given_that_resume_does_not_keep(monkeypatch):
+    argv = ["--epochs", "30", "--data-dir", "my data", "--device", "cuda", "--amp", "off", "--compile", "--fused",
+            "--log-every", "5", "--eval-batch-size", "256", "--stop-after", "2", "--out-dir", "runs/a"]
+    args = train.get_args_parser().parse_args(argv)  # --epochs: the run keeps it; --stop-after: done with
+    assert train.resume_command("runs/a/last.pth", args) == (
+        "python train.py --resume runs/a/last.pth --data-dir 'my data' --device cuda --amp off --compile default "
+        "--fused --eval-batch-size 256 --log-every 5")
+    bare = train.get_args_parser().parse_args([])
+    assert train.resume_command("runs/resnet18/last.pth", bare) == "python train.py --resume runs/resnet18/last.pth"
+    monkeypatch.setenv("WORLD_SIZE", "4")  # under torchrun, as the job was started
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert train.resume_command("r/last.pth", bare) == ("torchrun --standalone --nproc_per_node=4 train.py --resume "
+                                                         "r/last.pth")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two machines: their rendezvous flags are the job's own
+    assert train.resume_command("r/last.pth", bare) == "torchrun ... train.py --resume r/last.pth"
+
+
 def test_the_time_left_goes_at_the_pace_of_the_epochs_done_less_the_first_step():
     # 3 epochs of 10 s done, the first with a 50 s compilation in its first step: 7 more take 70 s, not 187
     assert train.seconds_left(80, 50, 3, 7) == pytest.approx(70)
@@ -135,7 +152,7 @@ def test_a_stopped_and_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_pa
                      "--stop-after", "1", cwd=tmp_path)
     assert again.stdout.rstrip().endswith("nothing to do: the run already trained epoch 1 of 3 (--stop-after 1); "
                                           "continue it with: python train.py --resume parts/last.pth --data-dir "
-                                          f"{cifar_dir}")  # the command to paste: its data are not in data/
+                                          f"{cifar_dir} --device cpu")  # to paste: its data are not in data/
     # As if killed during epoch 2: lines of an unfinished epoch are in the logs.
     with open(tmp_path / "parts" / "log.txt", "a") as f:
         f.write("002 00003 | Loss: 9.999 | Acc: 0.000%\n")
