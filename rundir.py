@@ -21,6 +21,7 @@ import contextlib
 import os
 import queue
 import re
+import shutil
 import socket
 import sys
 import threading
@@ -396,6 +397,8 @@ class RunFolder:
             self.path.mkdir(parents=True, exist_ok=True)
             write_text(self.path / "data_dir.txt", str(Path(data_dir).resolve()) + "\n")
             self.repair(start.epoch, start.epoch * steps_per_epoch + start.step, start.best)
+            if self.resumed_from is not None:
+                self.roll_back_best(start.epoch, start.best)
 
     def say(self, line):
         if self.is_main:
@@ -440,6 +443,22 @@ class RunFolder:
         self._keep(self.path / "metrics.csv", METRICS_LINE, epoch, header=METRICS)
         if best[1]:
             self.write_best(*best)
+
+    def roll_back_best(self, epoch, best):
+        """best.pth of an epoch after `epoch`, which is trained again (a resume from an earlier
+        checkpoint, or a kill between best.pth and last.pth), goes back to the best epoch up to
+        `epoch`, best: (accuracy, epoch), whose net_XXX.pth holds the same; best_acc.txt says it."""
+        path = self.path / "best.pth"
+        try:
+            kept = resnet.load_checkpoint(path).get("epoch", 0)
+        except resnet.CheckpointError:  # none: the next epoch writes it
+            return
+        source = self.path / f"net_{best[1]:03d}.pth"
+        if isinstance(kept, int) and kept > epoch and best[1] and source.is_file():
+            with atomic_write(path) as tmp:
+                shutil.copyfile(source, tmp)
+            self.say(f"note: best.pth held epoch {kept}, which is trained again; it holds epoch {best[1]} again, the "
+                     f"best up to epoch {epoch}")
 
     @staticmethod
     def _keep(path, pattern, last, header=None):

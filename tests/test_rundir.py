@@ -20,14 +20,16 @@ def training(model):
     return train.make_training(model, train.get_args_parser().parse_args([]), torch.device("cpu"), None, 10)
 
 
-def epoch(folder, number, accuracy, is_best, built=None):
+def epoch(folder, number, accuracy, is_best, built=None, best=None):
+    """Hand epoch `number` to the folder; best: (accuracy, epoch) the best so far, if not this one."""
     model = resnet.build_model("resnet18")
+    best_accuracy, best_epoch = best or (accuracy, number)
 
     def checkpoint():
         if built is not None:
             built.append(number)
         return resnet.checkpoint(model, "resnet18", resnet.CIFAR10_CLASSES, (0.5,) * 3, (0.25,) * 3, 32, "cifar10",
-                                 number, accuracy, {}, best_accuracy=accuracy, best_epoch=number)
+                                 number, accuracy, {}, best_accuracy=best_accuracy, best_epoch=best_epoch)
 
     folder.save_epoch(checkpoint, training(model), is_best,
                       [str(number), "1.0", "50.0", "1.0", f"{accuracy:.3f}", "0.1", "1.0", "100.0"])
@@ -308,6 +310,26 @@ def test_resuming_mid_epoch_on_data_that_now_makes_fewer_steps_than_were_done_na
                             "steps: resume with the data it trained on, or start a new run in another --out-dir")
     assert folder.restore(training(resnet.build_model("resnet18")), folder.load(str(last)), 4,
                           resnet.CIFAR10_CLASSES).step == 3
+
+
+def test_resuming_before_the_best_epoch_puts_best_pth_back_to_the_best_epoch_up_to_there(tmp_path, capsys):
+    with rundir.RunFolder(tmp_path) as folder:  # epoch 1 at 40%, epoch 2 the best at 60%, epoch 3 at 50%
+        for number, accuracy in ((1, 40.0), (2, 60.0), (3, 50.0)):
+            epoch(folder, number, accuracy, is_best=number < 3, best=(60.0, 2) if number == 3 else None)
+
+    def resume_from(name):
+        folder = rundir.RunFolder(tmp_path)
+        start = folder.restore(training(resnet.build_model("resnet18")), folder.load(str(tmp_path / name)), 10,
+                               resnet.CIFAR10_CLASSES)
+        folder.begin(tmp_path, start, 10)
+        folder.writer.close()
+        return resnet.load_checkpoint(tmp_path / "best.pth")["epoch"], (tmp_path / "best_acc.txt").read_text()
+
+    assert resume_from("last.pth") == (2, "EPOCH=2, best_acc=60.000%\n") and "note" not in capsys.readouterr().out
+    # epochs 2 and 3 are trained again: best.pth and best_acc.txt are epoch 1's until a better one comes
+    assert resume_from("net_001.pth") == (1, "EPOCH=1, best_acc=40.000%\n")
+    assert capsys.readouterr().out.endswith("note: best.pth held epoch 2, which is trained again; it holds epoch 1 "
+                                            "again, the best up to epoch 1\n")
 
 
 def test_the_run_folder_notes_its_data_folder_for_test_py_and_export_py(tmp_path, monkeypatch):
