@@ -157,24 +157,27 @@ def prepare(data_dir, archive=None, url=None, md5=None, dataset="cifar10"):
 def _fetch(data_dir, dataset, archive, url, md5):
     """prepare()'s work once DATA_DIR exists: download or take the archive, check it, extract it."""
     spec = CIFAR[dataset]
-    downloaded = archive is None
+    found = downloaded = False  # the archive was in DATA_DIR already / this call fetched it
     if archive is None:
         archive = data_dir / spec.archive
-        if not archive.is_file():
+        found = archive.is_file()
+        if not found:
             url = url or os.environ.get("CIFAR_URL") or spec.url
             print(f"downloading {url}")
             download(url, archive, spec.archive)
+            downloaded = True
     archive = Path(archive)
     if archive.is_dir():
         raise DataError(f"{archive} is a folder; --archive (ARCHIVE=) names the {spec.archive} file")
     if not archive.is_file():
         raise DataError(f"{archive}: no such archive")
-    found = md5sum(archive) if md5 else None
-    if md5 and found != md5:
-        if downloaded:  # a bad download must not block the next try
+    sum_found = md5sum(archive) if md5 else None
+    if md5 and sum_found != md5:
+        if downloaded:  # a bad download must not block the next try; a copy put here by hand is kept
             archive.unlink()
-        trust = "" if downloaded else f"; a copy you trust (repacked, say) passes with MD5={found} (data.py: --md5)"
-        raise DataError(f"{archive}: MD5 is {found}, expected {md5}; "
+        trust = "" if downloaded else (f"; a copy you trust (repacked, say) passes with MD5={sum_found} (data.py: "
+                                       f"--md5){', or delete it to download the official one' if found else ''}")
+        raise DataError(f"{archive}: MD5 is {sum_found}, expected {md5}; "
                         f"the file is corrupt or not the official {spec.title} archive{trust}")
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=data_dir))
     try:

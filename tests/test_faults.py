@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -392,12 +393,23 @@ def test_a_file_that_is_no_archive_at_all_is_one_line_however_many_formats_tarfi
     assert str(e.value) == f"{tmp_path / 'notes.tar.gz'}: cannot extract (file could not be opened successfully)"
 
 
-def test_a_downloaded_archive_with_the_wrong_md5_is_removed_so_the_next_try_downloads_again(tmp_path):
+def test_a_downloaded_archive_with_the_wrong_md5_is_removed_so_the_next_try_downloads_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "download", lambda url, dest, name: Path(dest).write_bytes(b"a proxy's error page"))
     (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "cifar-10-python.tar.gz").write_bytes(b"not the archive")
     with pytest.raises(data.DataError, match="MD5") as e:
         data.prepare(tmp_path / "d")
     assert list((tmp_path / "d").iterdir()) == [] and "trust" not in str(e.value)  # it is gone: nothing to pass
+
+
+def test_an_archive_put_in_the_data_folder_by_hand_is_kept_whatever_its_md5(tmp_path):
+    (tmp_path / "d").mkdir()
+    archive = tmp_path / "d" / "cifar-10-python.tar.gz"
+    archive.write_bytes(b"a repacked copy")  # where torchvision users put theirs
+    with pytest.raises(data.DataError) as e:
+        data.prepare(tmp_path / "d")
+    assert archive.read_bytes() == b"a repacked copy"
+    assert str(e.value).endswith(f"; a copy you trust (repacked, say) passes with MD5={data.md5sum(archive)} "
+                                 "(data.py: --md5), or delete it to download the official one")
 
 
 @pytest.mark.slow
