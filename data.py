@@ -338,7 +338,7 @@ def to_rgb(im):
     import numpy as np
     from PIL import Image
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16/32-bit grayscale
-        arr = np.asarray(im, dtype=np.float64)
+        arr = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)  # no number: black
         # 16-bit if any value says so; a float picture (a TIFF from science or a renderer) is often 0..1
         top = 65535.0 if arr.max() > 255 else 1.0 if im.mode == "F" and arr.max() <= 1 else 255.0
         im = Image.fromarray((arr * 255.0 / top).clip(0, 255).astype(np.uint8), "L")

@@ -17,6 +17,7 @@ import copy
 import math
 import os
 import re
+import warnings
 
 import torch
 import torch.nn as nn
@@ -246,6 +247,9 @@ def clean_state_dict(state_dict):
     return out
 
 
+TORCH_LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"  # 0x1950a86a20f9469cfc6c as pickle writes it
+
+
 def describe_file(path):
     """What a file that torch.load refused is, from its first bytes: for the error message."""
     with open(path, "rb") as f:
@@ -262,8 +266,8 @@ def describe_file(path):
         if not any(n.endswith("/data.pkl") for n in names):
             return "a zip archive, not a PyTorch file"
         return None
-    if head.startswith(b"\x80"):  # a pickle, as torch.save wrote before PyTorch 1.6
-        return None
+    if head.startswith(b"\x80"):  # a pickle: as torch.save wrote before PyTorch 1.6, its magic number first
+        return None if head[2:13] == TORCH_LEGACY_MAGIC else "a Python pickle, not a PyTorch file"
     pictures = {b"\x89PNG": "a PNG picture", b"\xff\xd8\xff": "a JPEG picture", b"GIF8": "a GIF picture"}
     for magic, what in pictures.items():
         if head.startswith(magic):
@@ -278,7 +282,9 @@ def describe_file(path):
 def load_checkpoint(path):
     """Read a .pth file safely (weights_only) onto the CPU, as it is, or raise CheckpointError."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # "Detected pickle protocol 4": a file that is refused below anyway
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
     except IsADirectoryError:
@@ -308,13 +314,19 @@ TUTORIAL_NAMES = [(r"^conv1\.0\.", "conv1."), (r"^conv1\.1\.", "bn1."),
 def _weights_of(ckpt, source):
     """(state dict in this project's names, which format it came in) of any supported file."""
     if "model" in ckpt and "arch" in ckpt:
-        return ckpt["model"], "project"
-    if isinstance(ckpt.get("net"), dict):  # kuangliu's main.py: {'net': state dict, 'acc', 'epoch'}
-        return ckpt["net"], "kuangliu checkpoint"
-    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return ckpt, "state dict"
-    raise CheckpointError(f"{source}: not a checkpoint of this project or its tutorials "
-                          f"(its keys: {', '.join(map(str, list(ckpt)[:5]))})")
+        weights, kind, key = ckpt["model"], "project", "model"
+    elif isinstance(ckpt.get("net"), dict):  # kuangliu's main.py: {'net': state dict, 'acc', 'epoch'}
+        weights, kind, key = ckpt["net"], "kuangliu checkpoint", "net"
+    elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        weights, kind, key = ckpt, "state dict", None
+    else:
+        raise CheckpointError(f"{source}: not a checkpoint of this project or its tutorials "
+                              f"(its keys: {', '.join(map(str, list(ckpt)[:5]))})")
+    if not (isinstance(weights, dict) and weights
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items())):
+        what = f"its {key!r}" if key else "it"
+        raise CheckpointError(f"{source}: {what} should map the network's layer names to tensors, and does not")
+    return weights, kind
 
 
 def _translate(state):
@@ -374,13 +386,20 @@ def read_checkpoint(ckpt, arch=None, source="checkpoint"):
     found = ckpt["arch"] if kind == "project" else infer_arch(state, source)
     if arch is not None and arch != found:
         raise CheckpointError(f"{source}: holds a {found}, not a {arch}")
-    if found not in ARCHS:
+    if not isinstance(found, str) or found not in ARCHS:
         raise CheckpointError(f"{source}: a network named {found!r}, which is none of {', '.join(MODELS)}")
     if "linear.weight" not in state:
         raise CheckpointError(f"{source}: has no final layer (linear.weight); not a ResNet of this project")
+    if state["linear.weight"].ndim != 2:
+        raise CheckpointError(f"{source}: its linear.weight is {list(state['linear.weight'].shape)}, where a final "
+                              "layer is [classes, features]")
     num_classes = state["linear.weight"].shape[0]
     model = build_model(found, num_classes)
     _fit(model, state, found, source)
+    broken = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if broken:  # a run that diverged: every answer would be NaN
+        raise CheckpointError(f"{source}: its {broken} holds NaN or infinite values; take the checkpoint of an "
+                              "epoch before the run diverged")
     described = {"arch": found, "dataset": "cifar10", "num_classes": num_classes, "image_size": 32,
                  "classes": CIFAR10_CLASSES if num_classes == 10 else [str(i) for i in range(num_classes)],
                  "epoch": ckpt.get("epoch"), "accuracy": ckpt.get("acc")}
@@ -418,7 +437,8 @@ def _check_description(d, num_classes, source):
         ("dataset", isinstance(d["dataset"], str), "a name"),
         ("epoch", d["epoch"] is None or whole(d["epoch"]), "a whole number"),
         ("accuracy", d["accuracy"] is None or number(d["accuracy"]), "a number"),
-        ("args", isinstance(d.get("args", {}), dict), "a dict of train.py's flags"),
+        ("args", isinstance(d.get("args", {}), dict) and isinstance(d.get("args", {}).get("data_dir", ""), str),
+         "a dict of train.py's flags"),
     ]
     for key, ok, wanted in checks:
         if not ok:

@@ -3,6 +3,7 @@ import json
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,10 @@ def test_pictures_become_rgb_at_the_training_size():
     for mode, white in [("I;16", 65535), ("I", 255), ("F", 1.0), ("F", 255.0)]:  # float: 0..1 or 0..255
         assert data.to_rgb(Image.new(mode, (2, 2), white)).getpixel((0, 0)) == (255, 255, 255), (mode, white)
     assert data.to_rgb(Image.new("F", (2, 2), 0.5)).getpixel((0, 0)) == (127, 127, 127)
+    with warnings.catch_warnings():  # a float picture's values that are no number are black, without a warning
+        warnings.simplefilter("error")
+        nan = Image.fromarray(np.array([[0.5, np.nan], [np.inf, 1.0]], dtype=np.float32), "F")
+        assert [data.to_rgb(nan).getpixel(xy)[0] for xy in ((0, 0), (1, 0), (0, 1), (1, 1))] == [127, 0, 0, 255]
 
 
 def test_large_pictures_are_center_cropped_then_resized(tmp_path):

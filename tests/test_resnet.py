@@ -124,7 +124,7 @@ def test_a_checkpoint_as_train_py_writes_it_is_read_with_its_own_description():
     ("std", [0.2, 0.0, 0.2]), ("std", [0.2, -0.2, 0.2]), ("std", [0.2, 0.2, 0.2, 0.2]),
     ("image_size", -3), ("image_size", 0), ("image_size", 32.0), ("image_size", 10 ** 6), ("image_size", True),
     ("dataset", 10), ("epoch", "one"), ("epoch", 2.5), ("accuracy", "high"), ("accuracy", float("inf")),
-    ("args", "--epochs 40")])
+    ("args", "--epochs 40"), ("args", {"data_dir": 5})])
 def test_a_description_that_does_not_fit_the_weights_or_the_format_is_refused_naming_the_key(key, value):
     # what the scripts would otherwise trip over later: a class list shorter than the outputs, a
     # std of 0 (every confidence NaN), a picture side of -3
@@ -132,6 +132,31 @@ def test_a_description_that_does_not_fit_the_weights_or_the_format_is_refused_na
         resnet.read_checkpoint(saved(**{key: value}), source="edited.pth")
     message = str(e.value)
     assert message.startswith(f"edited.pth: its '{key}' is ") and "\n" not in message
+
+
+def weights(**changes):
+    return {**resnet.ResNet18().state_dict(), **changes}
+
+
+@pytest.mark.parametrize("ckpt, said", [
+    (saved(model=5), "its 'model' should map the network's layer names to tensors, and does not"),
+    (saved(model={}), "its 'model' should map the network's layer names to tensors, and does not"),
+    (saved(model={1: torch.zeros(3)}), "its 'model' should map the network's layer names to tensors, and does not"),
+    (saved(model=weights(**{"linear.weight": 5})), "its 'model' should map the network's layer names to tensors"),
+    ({"net": {"linear.weight": [1.0]}, "acc": 90}, "its 'net' should map the network's layer names to tensors"),
+    (saved(arch=["resnet18"]), "a network named ['resnet18'], which is none of resnet18, resnet34"),
+    (saved(model=weights(**{"linear.weight": torch.tensor(1.0)})), "its linear.weight is [], where a final layer "
+                                                                    "is [classes, features]"),
+    (saved(model=weights(**{"layer3.1.bn2.running_var": torch.full((256,), float("nan"))})),
+     "its layer3.1.bn2.running_var holds NaN or infinite values; take the checkpoint of an epoch before the run "
+     "diverged"),
+    (weights(**{"linear.bias": torch.full((10,), float("inf"))}), "its linear.bias holds NaN or infinite values")])
+def test_weights_of_the_wrong_kind_or_that_diverged_are_refused_in_one_line(ckpt, said):
+    # a file edited by hand or saved by other code: what predict.py, test.py, export.py and the window
+    # would otherwise end with a traceback on, or answer NaN with
+    with pytest.raises(resnet.CheckpointError) as e:
+        resnet.read_checkpoint(ckpt, source="edited.pth")
+    assert str(e.value).startswith(f"edited.pth: {said}") and "\n" not in str(e.value)
 
 
 def test_checkpoints_load_with_weights_only(tmp_path):

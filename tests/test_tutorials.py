@@ -3,6 +3,7 @@ and answer as the tutorials themselves would; files that are no checkpoint say w
 import importlib.util
 import io
 import json
+import pickle
 import zipfile
 
 import pytest
@@ -148,12 +149,21 @@ def test_gui_py_and_export_py_take_model_as_predict_py_and_test_py_do():
     (b"hello, I am a text file\n", "a text file, not a checkpoint"),
     (b"\x89PNG\r\n\x1a\n" + bytes(40), "a PNG picture, not a checkpoint"),
     (b"\x00\x01\x02\x03\xfe\xff" * 10, "not a PyTorch file (it starts with 00 01 02 03 fe ff 00 01)"),
+    (pickle.dumps({"net": [0.1, 0.2]}), "a Python pickle, not a PyTorch file"),
 ])
-def test_a_file_that_is_no_checkpoint_says_what_it_is(tmp_path, content, what):
+def test_a_file_that_is_no_checkpoint_says_what_it_is(tmp_path, content, what, recwarn):
     (tmp_path / "x.pth").write_bytes(content)
     with pytest.raises(resnet.CheckpointError) as e:
         resnet.load_checkpoint(tmp_path / "x.pth")
     assert str(e.value) == f"{tmp_path / 'x.pth'}: not a readable checkpoint: {what}"
+    assert not recwarn.list  # torch.load's warning about the pickle's protocol is no use to the user
+
+
+def test_a_checkpoint_in_the_format_of_torch_before_1_6_still_loads(tmp_path):
+    state = resnet.build_model("resnet18").state_dict()
+    torch.save(state, tmp_path / "old.pth", _use_new_zipfile_serialization=False)  # a pickle, magic number first
+    model, _ = resnet.load_model(tmp_path / "old.pth")
+    assert torch.equal(model.state_dict()["linear.weight"], state["linear.weight"])
 
 
 def test_a_truncated_checkpoint_says_it_was_cut_off(tmp_path):
