@@ -138,8 +138,21 @@ def names_as_they_are():
 
 
 def reader_gone():
-    """After a BrokenPipeError on stdout: send what is left to /dev/null, so Python's flush on the
-    way out cannot fail again with a traceback, and return the exit code of a Unix tool that
-    SIGPIPE stopped (141)."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    """After a BrokenPipeError on stdout: the exit code of a Unix tool that SIGPIPE stopped (141)."""
+    _drop_output()
     return 128 + signal.SIGPIPE
+
+
+def output_failed(error):
+    """After an OSError of a script's last word: one line for it. Where it names no file, writing
+    standard output failed (`> /dev/full`, a disk that filled up)."""
+    if error.filename is not None:
+        return f"error: {error.filename}: {error.strerror or error}"
+    _drop_output()
+    return f"error: cannot write the output: {error.strerror or error}"
+
+
+def _drop_output():
+    """Send what is left of stdout to /dev/null, so Python's flush on the way out cannot fail
+    again with a traceback."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -227,7 +227,12 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
+        sys.stdout.flush()  # output that cannot be written fails here, in the handlers below
     except PlotError as e:
         sys.exit(f"error: {e}")
     except BrokenPipeError:  # `plot.py | head`
         sys.exit(cli.reader_gone())
+    except OSError as e:  # `> /dev/full`, a disk that filled up
+        sys.exit(cli.output_failed(e))
+    except KeyboardInterrupt:
+        sys.exit(130)

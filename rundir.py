@@ -288,11 +288,16 @@ class RunFolder:
             raise resnet.CheckpointError(f"{self.path} already holds another run; {path} goes on in its own "
                                          "folder: leave out --out-dir, or choose an empty one")
         state = self.load(args.resume)
-        if state is None and self.holds_a_run():  # last.pth deleted: starting afresh would write over the run
-            fallback = next(self.good_epoch_checkpoints(self.path), None)
-            raise resnet.CheckpointError(f"{path} is missing, but {self.path} holds a run: " + (
-                f"resume from its newest good epoch with --resume {fallback}" if fallback else
-                "none of its epochs' checkpoints loads either; start afresh in another --out-dir"))
+        if state is None and self.holds_a_run():
+            if max(self.saved_epochs(), default=0) > 1:  # last.pth deleted: starting afresh would write over it
+                fallback = next(self.good_epoch_checkpoints(self.path), None)
+                raise resnet.CheckpointError(f"{path} is missing, but {self.path} holds a run: " + (
+                    f"resume from its newest good epoch with --resume {fallback}" if fallback else
+                    "none of its epochs' checkpoints loads either; start afresh in another --out-dir"))
+            # Stopped while epoch 1's files were written, before its last.pth: only that epoch is lost.
+            self.say(f"note: {path} was never written, the run stopped while it saved epoch 1; "
+                     "starting the run from the beginning")
+            return None
         if state is None:
             self.say(f"note: {path} does not exist yet; starting the run from the beginning")
             return None

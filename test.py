@@ -119,6 +119,7 @@ if __name__ == "__main__":
     cli.names_as_they_are()
     try:
         main(get_args_parser().parse_args())
+        sys.stdout.flush()  # output that cannot be written fails here, in the handlers below
     except (data.DataError, device.DeviceError, resnet.CheckpointError) as e:
         sys.exit(f"error: {e}")
     except RuntimeError as e:  # the device ran out of memory: one line; anything else: its traceback
@@ -128,5 +129,7 @@ if __name__ == "__main__":
         sys.exit(f"error: out of memory: {oom}; run again with a smaller --batch-size")
     except BrokenPipeError:  # `test.py | head`
         sys.exit(cli.reader_gone())
+    except OSError as e:  # `> /dev/full`, a disk that filled up
+        sys.exit(cli.output_failed(e))
     except KeyboardInterrupt:
         sys.exit(130)

@@ -140,7 +140,9 @@ def test_kill_9_in_the_middle_of_writing_a_checkpoint(tmp_path, cifar_dir, refer
                env=env)
     assert proc.returncode == -signal.SIGKILL
     assert_every_checkpoint_loads(tmp_path / "run")  # the half-written one is a .tmp, never read
-    run_here("train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", "run", "--resume", cwd=tmp_path)
+    assert not (tmp_path / "run" / "last.pth").exists()  # it died writing epoch 1's last.pth, the first one
+    proc = run_here("train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", "run", "--resume", cwd=tmp_path)
+    assert "the run stopped while it saved epoch 1; starting the run from the beginning" in proc.stdout
     assert_each_epoch_logged_once(tmp_path / "run")
     assert_same_weights(tmp_path / "run" / "last.pth", reference / "last.pth")
 
@@ -223,6 +225,21 @@ def test_predict_py_whose_reader_goes_away_stops_quietly(tmp_path, reference, ba
         [sys.executable, ROOT / "predict.py", *many, "--topk", "10", "--json", "--checkpoint", reference / "best.pth"],
         tmp_path)
     assert first == "{\n" and code == 141 and err == ""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["test.py", "predict.py", "plot.py"])
+def test_output_that_cannot_be_written_is_one_line(tmp_path, reference, cifar_dir, battery, script):
+    d, _, _ = battery
+    args = {"test.py": ["--checkpoint", reference / "best.pth", "--data-dir", cifar_dir],
+            "predict.py": [d / "good.jpg", "--checkpoint", reference / "best.pth"],
+            "plot.py": [reference, "--out", tmp_path / "curves.png"]}[script]
+    for unbuffered in ("1", ""):  # the write fails at once, or at the flush on the way out
+        env = {**os.environ, "PYTHONUNBUFFERED": unbuffered}
+        with open(os.devnull if not os.path.exists("/dev/full") else "/dev/full", "w") as full:
+            proc = subprocess.run([sys.executable, ROOT / script, *args], cwd=tmp_path, stdout=full,
+                                  stderr=subprocess.PIPE, text=True, env=env)
+        assert (proc.returncode, proc.stderr) == (1, "error: cannot write the output: No space left on device\n")
 
 
 @pytest.mark.slow
