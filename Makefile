@@ -39,12 +39,15 @@ PYTHON := $(ENV)/bin/python
 # requirements file changes.
 STAMP := .make/$(subst /,_,$(abspath $(ENV)))
 
-# EPOCHS and BATCH are train.py's own defaults (a test keeps the two the same).
-TRAIN_FLAGS := --model $(MODEL) --dataset $(DATASET) --device $(DEVICE) --data-dir $(DATA_DIR) --out-dir $(RUN_DIR) \
-	--epochs $(EPOCHS) --batch-size $(BATCH)
+# $(call given,VAR,--flag): "--flag value" where VAR is given to make (or set in the environment), else nothing.
+given = $(if $(filter command line environment,$(origin $(1))),$(2) $($(1)))
+# MODEL, DATASET, EPOCHS and BATCH are train.py's own defaults (a test keeps them the same). They reach it only
+# when given, as a resumed run keeps its own and notes each flag given that it does not take.
+TRAIN_FLAGS := $(strip $(call given,MODEL,--model) $(call given,DATASET,--dataset) --device $(DEVICE) \
+	--data-dir $(DATA_DIR) --out-dir $(RUN_DIR) $(call given,EPOCHS,--epochs) $(call given,BATCH,--batch-size))
 # NPROC=N: N processes on this machine under torchrun (DDP), one device each.
 LAUNCH := $(if $(NPROC),$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC),$(PYTHON))
-# A mistyped DEVICE, NPROC, EPOCHS or BATCH stops make in one line before any target runs: not after
+# A mistyped DEVICE, NPROC, EPOCHS, BATCH or RUNS stops make in one line before any target runs: not after
 # the data step has fetched the dataset, and not with torchrun's traceback (its answer to NPROC=0).
 DEVICES := auto npu cuda mps cpu
 ifneq ($(filter train eval bench speedrun predict,$(MAKECMDGOALS)),)
@@ -57,9 +60,12 @@ whole_number = $(if $(shell echo '$($(1))' | grep -Ex '[1-9][0-9]*'),,$(error $(
 ifneq ($(filter train,$(MAKECMDGOALS)),)
 $(if $(NPROC),$(call whole_number,NPROC,the number of processes to start))
 $(call whole_number,EPOCHS,passes over the training set)
+endif
+ifneq ($(filter train bench,$(MAKECMDGOALS)),)
 $(call whole_number,BATCH,images per step)
-else ifneq ($(filter bench,$(MAKECMDGOALS)),)
-$(call whole_number,BATCH,images per step)
+endif
+ifneq ($(filter speedrun,$(MAKECMDGOALS)),)
+$(if $(RUNS),$(call whole_number,RUNS,the number of runs))
 endif
 # A name with a space would reach the scripts as two arguments, and their error would name only half of it;
 # one with a quote, a bracket, ; & | < > or a backquote would be read by the shell as its own syntax.
@@ -139,7 +145,7 @@ predict: install ## classify IMG (a picture or a folder) with the newest run's b
 	$(PYTHON) predict.py $(IMG) $(PREDICT_FLAGS) $(PREDICT_DEVICE) $(ARGS)
 
 bench: install ## time training, evaluation and loading against the tutorials' pipeline (MODEL, DEVICE, BATCH; ARGS: bench.py flags, then -- and train.py's step flags)
-	$(PYTHON) bench.py --model $(MODEL) --device $(DEVICE) $(if $(filter command line environment,$(origin BATCH)),--batch-size $(BATCH)) $(ARGS)
+	$(PYTHON) bench.py --model $(MODEL) --device $(DEVICE) $(call given,BATCH,--batch-size) $(ARGS)
 
 speedrun: install data ## train the fast recipe RUNS times (3), timed to accuracy (MODEL, DEVICE, DATA_DIR; ARGS: train.py flags)
 	$(PYTHON) bench.py --speedrun $(or $(RUNS),3) --model $(MODEL) --device $(DEVICE) --data-dir $(DATA_DIR) -- $(ARGS)

@@ -53,11 +53,19 @@ def test_make_alone_lists_every_target_with_one_line(project):
         assert var in out
 
 
-def test_the_makefile_s_epochs_and_batch_are_train_py_s_defaults(project):
+def test_the_makefile_s_model_dataset_epochs_and_batch_are_train_py_s_defaults_passed_only_when_given(project):
     import train
+    _, make = project
     defaults = train.get_args_parser().parse_args([])
-    dry = project[1]("-n", "train").stdout
-    assert f"--epochs {defaults.epochs} --batch-size {defaults.batch_size}" in dry
+    shown = make().stdout
+    for var, value in (("MODEL", defaults.model), ("DATASET", defaults.dataset), ("EPOCHS", defaults.epochs),
+                       ("BATCH", defaults.batch_size)):
+        assert f"{var}={value}" in shown.split()
+    train_line = lambda *given: next(ln for ln in make("-n", "train", *given).stdout.splitlines() if " train.py " in ln)
+    dry = train_line()  # a resumed run keeps its recipe: nothing to note for flags never typed
+    assert not {"--model", "--dataset", "--epochs", "--batch-size"} & set(dry.split())
+    dry = train_line("MODEL=resnet50", "DATASET=cifar100", "EPOCHS=3", "BATCH=64")
+    assert "--model resnet50 --dataset cifar100" in dry and "--epochs 3 --batch-size 64" in dry
 
 
 def test_data_train_eval_predict_chain_as_a_user_types_them(project, tmp_path):
@@ -86,7 +94,7 @@ def test_model_run_dir_and_data_dir_pass_through_to_train_and_eval(project):
     dry = make("-n", "train", "DATA_DIR=/abs/data", "MODEL=resnet34", "RUN_DIR=runs/r34", "EPOCHS=1", "BATCH=4",
                "DEVICE=cpu", "ARGS=--subset 4").stdout
     assert "data.py --dataset cifar10 --data-dir /abs/data" in dry
-    assert ("train.py --model resnet34 --dataset cifar10 --device cpu --data-dir /abs/data --out-dir runs/r34 "
+    assert ("train.py --model resnet34 --device cpu --data-dir /abs/data --out-dir runs/r34 "
             "--epochs 1 --batch-size 4 --subset 4") in dry
     evaluation = make("-n", "eval", "RUN_DIR=runs/r34", "DEVICE=cpu").stdout
     assert "test.py --checkpoint runs/r34/best.pth --device cpu --confusion-png runs/r34/confusion.png" in evaluation
@@ -102,7 +110,7 @@ def test_predict_runs_on_the_cpu_unless_device_is_given(project):
 
 def test_nproc_starts_torchrun_and_anything_but_a_count_stops_make_in_one_line(project):
     _, make = project
-    assert "-m torch.distributed.run --standalone --nproc_per_node=2 train.py --model" in make(
+    assert "-m torch.distributed.run --standalone --nproc_per_node=2 train.py --device auto" in make(
         "-n", "train", "NPROC=2").stdout
     for bad in ("0", "-1", "abc", "auto"):  # torchrun's own answer to 0 is a traceback
         proc = make("-n", "train", f"NPROC={bad}", check=False)
@@ -117,7 +125,7 @@ def test_a_mistyped_device_nproc_epochs_or_batch_stops_make_before_the_data_step
     for goals, var in ((["data", "train"], "DEVICE=gpu"), (["data", "train"], "NPROC=two"), (["eval"], "DEVICE=GPU"),
                        (["speedrun"], "DEVICE=npu0"), (["train"], "DEVICE="), (["bench"], "DEVICE=cuda cpu"),
                        (["predict"], "DEVICE=gpu"), (["data", "train"], "EPOCHS=0"), (["data", "train"], "BATCH=1k"),
-                       (["bench"], "BATCH=-8")):
+                       (["bench"], "BATCH=-8"), (["speedrun"], "RUNS=0"), (["data", "speedrun"], "RUNS=three")):
         proc = make(*goals, var, "DATA_DIR=fetched", "CIFAR_URL=http://127.0.0.1:9/cifar-10-python.tar.gz",
                     check=False)
         assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
