@@ -143,6 +143,13 @@ def reader_gone():
     return 128 + signal.SIGPIPE
 
 
+def flush_output():
+    """Write out what the script printed while its error handlers still run, so a failure to
+    write it is theirs to say. Nothing to do where stdout was closed (`>&-`): Python's is None."""
+    if sys.stdout is not None:
+        sys.stdout.flush()
+
+
 def output_failed(error):
     """After an OSError of a script's last word: one line for it. Where it names no file, writing
     standard output failed (`> /dev/full`, a disk that filled up)."""

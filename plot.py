@@ -227,7 +227,7 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
-        sys.stdout.flush()  # output that cannot be written fails here, in the handlers below
+        cli.flush_output()
     except PlotError as e:
         sys.exit(f"error: {e}")
     except BrokenPipeError:  # `plot.py | head`

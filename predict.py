@@ -150,7 +150,7 @@ if __name__ == "__main__":
     cli.names_as_they_are()
     try:
         code = main(get_args_parser().parse_args())
-        sys.stdout.flush()  # output that cannot be written fails here, in the handlers below
+        cli.flush_output()
         sys.exit(code)
     except (device.DeviceError, resnet.CheckpointError) as e:
         sys.exit(f"error: {e}")

@@ -520,7 +520,7 @@ class StepLog:
 
     def __init__(self, total, desc, enabled=True, initial=0):
         from tqdm import tqdm
-        self.tty, self.enabled = sys.stdout.isatty(), enabled
+        self.tty, self.enabled = sys.stdout is not None and sys.stdout.isatty(), enabled  # None: `>&-`
         self.bar = tqdm(total=total, desc=desc, file=sys.stdout, leave=False, initial=initial,
                         disable=not (self.tty and enabled), dynamic_ncols=True)
         self.desc, self.done, self.total = desc, initial, total

@@ -119,7 +119,7 @@ if __name__ == "__main__":
     cli.names_as_they_are()
     try:
         main(get_args_parser().parse_args())
-        sys.stdout.flush()  # output that cannot be written fails here, in the handlers below
+        cli.flush_output()
     except (data.DataError, device.DeviceError, resnet.CheckpointError) as e:
         sys.exit(f"error: {e}")
     except RuntimeError as e:  # the device ran out of memory: one line; anything else: its traceback

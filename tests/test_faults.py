@@ -240,6 +240,18 @@ def test_output_that_cannot_be_written_is_one_line(tmp_path, reference, cifar_di
             proc = subprocess.run([sys.executable, ROOT / script, *args], cwd=tmp_path, stdout=full,
                                   stderr=subprocess.PIPE, text=True, env=env)
         assert (proc.returncode, proc.stderr) == (1, "error: cannot write the output: No space left on device\n")
+    closed = subprocess.run([sys.executable, ROOT / script, *args], cwd=tmp_path, preexec_fn=lambda: os.close(1),
+                            stderr=subprocess.PIPE, text=True)  # `>&-`: nothing to write to is no error
+    assert (closed.returncode, closed.stderr) == (0, "")
+
+
+@pytest.mark.slow
+def test_train_py_with_stdout_closed_trains_and_saves_as_ever(tmp_path, cifar_dir, reference):
+    proc = subprocess.run([sys.executable, ROOT / "train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", "run"],
+                          cwd=tmp_path, preexec_fn=lambda: os.close(1), stderr=subprocess.PIPE, text=True)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert_each_epoch_logged_once(tmp_path / "run")
+    assert_same_weights(tmp_path / "run" / "last.pth", reference / "last.pth")
 
 
 @pytest.mark.slow
