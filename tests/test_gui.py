@@ -84,7 +84,9 @@ def test_class_names_switch_to_chinese(app, checkpoint, picture):
     assert window.windowTitle().startswith("CIFAR-10 十分类") and window.run_button.text() == "运行"
 
 
-def test_in_chinese_the_status_bar_and_the_messages_are_chinese_too(app, checkpoint, picture, tmp_path):
+def test_in_chinese_the_status_bar_and_the_messages_are_chinese_too(app, checkpoint, picture, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/ here: the missing checkpoint's message says to train first
     window = gui.MainWindow(checkpoint, language="zh")
     assert "测试准确率 61.25%" in window.statusBar().currentMessage() and "第 7 轮" in window.statusBar().currentMessage()
     assert window.run() is None and window.message.text() == "请先选择图片。"
