@@ -74,6 +74,10 @@ def _sync_folder(folder):
             os.close(fd)
 
 
+def _number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def named(classes):
     """'3 classes (cat, dog, ship)', the first five named."""
     return f"{len(classes)} classes ({cli.first_few(classes)})"
@@ -344,8 +348,15 @@ class RunFolder:
                                              f"{state['epoch'] + 1} and an epoch of the data now has {steps_per_epoch} "
                                              "steps: resume with the data it trained on, or start a new run in "
                                              "another --out-dir")
-            return self._restore(t, state, steps_per_epoch)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a file edited, or saved by other code
+            start = self._restore(t, state, steps_per_epoch)
+            # Numbers the run goes on with: one of another type would fail only where an epoch is logged.
+            if not (_number(start.best[0]) and isinstance(start.best[1], int)):
+                raise TypeError(f"best_accuracy and best_epoch {start.best!r} are not a number and an epoch")
+            if start.totals is not None and not (isinstance(start.totals, (list, tuple)) and len(start.totals) == 3
+                                                 and all(map(_number, start.totals))):
+                raise TypeError(f"totals {start.totals!r} are not the epoch's three running sums")
+            return start
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:  # edited, or saved by other code
             detail = " ".join(str(e).split())
             raise resnet.CheckpointError(f"{path}: its training state does not load into this run "
                                          f"({type(e).__name__}: {detail[:200]})") from None
