@@ -256,6 +256,8 @@ def read_batch(path, num_classes, label_key="labels"):
         what = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DataError(f"{path}: 'data' should be uint8 of shape (N, 3072), found {what}")
     labels = np.asarray(labels)
+    if labels.size == 0:  # an empty list reads as floats
+        labels = labels.astype(np.int64)
     if labels.shape != (data.shape[0],) or labels.dtype.kind not in "iu":
         raise DataError(f"{path}: '{label_key}' should be {data.shape[0]} integers, "
                         f"found {labels.dtype} {labels.shape}")
@@ -285,6 +287,9 @@ def load_split(data_dir, train, subset=None, dataset="cifar10", image_size=32):
         labels.append(y)
         n += len(y)
     images, labels = torch.cat(images), torch.cat(labels)
+    if not len(labels):  # nothing to train on, or an accuracy of 0 of 0 pictures
+        raise DataError(f"{batches_dir}: its {'training' if train else 'test'} batches hold no images; "
+                        "delete the folder and run `make data` again")
     if subset is not None:
         images, labels = images[:subset], labels[:subset]
     return images, labels, classes

@@ -146,6 +146,19 @@ def test_a_damaged_batch_file_is_named_in_the_error(tmp_path, damage, message):
     assert "data_batch_2" in str(e.value)
 
 
+def test_batches_that_hold_no_images_are_one_error_not_a_division_by_zero_later(tmp_path):
+    import pickle
+    root = write_cifar(tmp_path, n_train=20, n_test=10)
+    path = root / "cifar-10-batches-py" / "test_batch"
+    batch = pickle.loads(path.read_bytes())
+    path.write_bytes(pickle.dumps({**batch, "data": batch["data"][:0], "labels": []}))
+    with pytest.raises(data.DataError) as e:
+        data.load_split(root, train=False)
+    assert str(e.value) == (f"{root / 'cifar-10-batches-py'}: its test batches hold no images; delete the folder "
+                            "and run `make data` again")
+    assert len(data.load_split(root, train=True)[1]) == 20
+
+
 def test_a_batch_file_that_would_run_code_is_refused(tmp_path):
     root = write_cifar(tmp_path, n_train=10, n_test=10)
     marker = tmp_path / "ran"
