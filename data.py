@@ -191,9 +191,13 @@ def _fetch(data_dir, dataset, archive, url, md5):
             raise DataError(f"{archive}: cannot extract ({detail})") from None
         if not is_prepared(tmp, dataset):
             raise DataError(f"{archive}: does not hold {spec.folder}/ with the {spec.title} batch files")
-        classes = read_classes(tmp / spec.folder, spec)
-        for name in spec.train_files + spec.test_files:  # fail now, not at the first epoch
-            read_batch(tmp / spec.folder / name, len(classes), spec.label_key)
+        try:  # fail now, not at the first epoch
+            classes = read_classes(tmp / spec.folder, spec)
+            for name in spec.train_files + spec.test_files:
+                read_batch(tmp / spec.folder / name, len(classes), spec.label_key)
+        except DataError as e:  # its line names the file in the temporary folder, about to go
+            said = str(e).replace(f"{tmp}{os.sep}", "").split("; delete ")[0]
+            raise DataError(f"{archive}: {said}; the archive is damaged, or not the official {spec.title} one") from None
         dest = data_dir / spec.folder
         missing = missing_files(dest, spec)
         if not missing:  # another process has just put a whole copy in place

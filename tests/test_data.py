@@ -298,6 +298,17 @@ def test_an_archive_missing_batch_files_leaves_no_dataset(tmp_path):
     assert list((tmp_path / "mine").iterdir()) == []
 
 
+def test_an_archive_with_a_damaged_batch_file_names_the_file_in_it_not_the_temporary_folder(tmp_path):
+    src = write_cifar(tmp_path / "src", n_train=10, n_test=10)
+    (src / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"junk")
+    path, md5 = make_archive(src, tmp_path / "bad.tar.gz")
+    with pytest.raises(data.DataError) as e:
+        data.prepare(tmp_path / "d", archive=path, md5=md5)
+    assert str(e.value).startswith(f"{path}: cifar-10-batches-py/data_batch_3: unreadable (")
+    assert str(e.value).endswith("); the archive is damaged, or not the official CIFAR-10 one")
+    assert not (tmp_path / "d").exists()
+
+
 class Server:
     """Serves one directory on 127.0.0.1; `lie_about_length` sends fewer bytes than it announces."""
 
