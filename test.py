@@ -59,6 +59,18 @@ def right(text, width):
     return " " * (width - columns(text)) + text
 
 
+def per_class_accuracy(confusion):
+    """Per true class, the % of its pictures predicted as it (0 for a class with none)."""
+    return (100.0 * confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
+
+
+def format_per_class(confusion, classes):
+    """Per-class accuracy as text lines, the names right-aligned in one column however long."""
+    width = max(12, *map(columns, classes))
+    return "\n".join(f"  {right(name, width)} {acc:6.2f}%  ({int(confusion[i, i])}/{int(confusion[i].sum())})"
+                     for i, (name, acc) in enumerate(zip(classes, per_class_accuracy(confusion))))
+
+
 def format_confusion(confusion, classes):
     """The confusion matrix as a text table: rows are true classes, columns predictions."""
     width = max(6, len(str(int(confusion.max()))) + 1)
@@ -94,14 +106,12 @@ def main(args):
                                       tta=args.tta, amp_dtype=amp)
 
     correct, total = int(confusion.diag().sum()), int(confusion.sum())
-    per_class = (100.0 * confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
+    per_class = per_class_accuracy(confusion)
     print(f"{args.checkpoint}: {ckpt['arch']}, epoch {ckpt.get('epoch') or '?'}, {total} test images from "
           f"{data_dir} on {dev} in {device.PRECISION_NAMES[amp]}"
           f"{'' if args.tta == 'off' else f', with {args.tta} TTA'}")
     print("\nper-class accuracy:")
-    for i, (name, acc) in enumerate(zip(classes, per_class)):
-        name = right(name, max(12, columns(name)))
-        print(f"  {name} {acc:6.2f}%  ({int(confusion[i, i])}/{int(confusion[i].sum())})")
+    print(format_per_class(confusion, classes))
     print("\nconfusion matrix (rows: true class, columns: predicted):")
     print(format_confusion(confusion, classes))
     accuracy = 100.0 * correct / max(total, 1)

@@ -77,6 +77,14 @@ def test_the_confusion_table_stays_aligned_with_chinese_class_names():
                                   "飞机     3     9"]
 
 
+def test_the_per_class_lines_keep_one_column_for_names_long_or_chinese():
+    lines = load_script("test").format_per_class(torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]]),
+                                                 ["猫", "a_long_folder_name", "ship"]).splitlines()
+    assert lines == ["                  猫  75.00%  (3/4)",
+                     "  a_long_folder_name 100.00%  (2/2)",
+                     "                ship   0.00%  (0/0)"]
+
+
 def test_the_run_remembers_its_data_folder(trained_run, cifar_dir, tmp_path):
     # trained_run used an absolute --data-dir: the run folder notes it, the shareable checkpoint does not
     run_dir, _ = trained_run
