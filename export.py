@@ -119,13 +119,16 @@ def main(args):
                 "std": list(std), "image_size": size}
     # Renamed into place only once it has passed the check: a model.onnx on disk always matched its checkpoint.
     cli.make_folder(out.parent, ExportError)
-    with rundir.atomic_write(out) as tmp:
-        export(resnet.for_inference(model), tmp, size, metadata)
-        diff, scale, mismatched = compare(model, tmp, images, mean, std)
-        if mismatched or diff > args.tolerance * scale:
-            raise ExportError(f"the export does not match {args.checkpoint} (largest logit difference {diff:.2e} "
-                              f"of {scale:.3g}, {mismatched} different answers on {len(images)} test pictures); "
-                              "nothing written")
+    try:
+        with rundir.atomic_write(out) as tmp:
+            export(resnet.for_inference(model), tmp, size, metadata)
+            diff, scale, mismatched = compare(model, tmp, images, mean, std)
+            if mismatched or diff > args.tolerance * scale:
+                raise ExportError(f"the export does not match {args.checkpoint} (largest logit difference "
+                                  f"{diff:.2e} of {scale:.3g}, {mismatched} different answers on {len(images)} test "
+                                  "pictures); nothing written")
+    except OSError as e:  # a folder not ours to write in, a full disk: said of the file asked for, not its .tmp
+        raise ExportError(f"cannot write {out} ({e.strerror or e}); nothing written") from None
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, opset {OPSET}, input 'input' N x 3 x {size} x {size} "
           f"normalized with mean {list(mean)} std {list(std)}, output 'logits' N x {len(classes)})")
     print(f"onnxruntime vs PyTorch on {len(images)} test pictures of {data_dir}: largest logit difference "

@@ -84,6 +84,20 @@ def test_an_output_that_cannot_be_written_is_one_line(trained_run, cifar_dir, tm
                                     "path, is a file")
 
 
+def test_an_output_in_a_folder_not_ours_to_write_in_is_one_line_naming_the_file(trained_run, cifar_dir, tmp_path,
+                                                                                 monkeypatch):
+    import errno
+    import torch
+
+    def refused(model, args, f, **kwargs):  # what the exporter meets in a folder of another user's
+        raise PermissionError(errno.EACCES, "Permission denied", str(f))
+    monkeypatch.setattr(torch.onnx, "export", refused)
+    proc = run_here("export.py", "--checkpoint", trained_run[0] / "best.pth", "--data-dir", cifar_dir,
+                    "--output", tmp_path / "m.onnx", "--images", "20", cwd=tmp_path, check=False)
+    assert one_line_error(proc) == f"error: cannot write {tmp_path / 'm.onnx'} (Permission denied); nothing written"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_output_that_is_a_folder_is_one_line_before_any_export(trained_run, cifar_dir, tmp_path):
     run_dir, _ = trained_run
     (tmp_path / "exports").mkdir()
