@@ -293,7 +293,8 @@ class RunFolder:
                                          "folder: leave out --out-dir, or choose an empty one")
         state = self.load(args.resume)
         if state is None and self.holds_a_run():
-            if max(self.saved_epochs(), default=0) > 1:  # last.pth deleted: starting afresh would write over it
+            done = max(self.saved_epochs() + self.logged_epochs(), default=0)
+            if done > 1:  # last.pth deleted: starting afresh would write over the run's epochs
                 fallback = next(self.good_epoch_checkpoints(self.path), None)
                 raise resnet.CheckpointError(f"{path} is missing, but {self.path} holds a run: " + (
                     f"resume from its newest good epoch with --resume {fallback}" if fallback else
@@ -330,8 +331,17 @@ class RunFolder:
         """The epochs whose checkpoints (net_XXX.pth) this folder holds."""
         return [epoch for epoch, _ in epoch_checkpoints(self.path)]
 
+    def logged_epochs(self):
+        """The epochs acc.txt here logs: a run's record, even where its checkpoints were deleted."""
+        try:
+            lines = (self.path / "acc.txt").read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        return [int(m.group(1)) for m in (re.fullmatch(ACC_LINE, line) for line in lines) if m]
+
     def holds_a_run(self):
-        return bool(self.saved_epochs()) or any((self.path / f).exists() for f in ("last.pth", "best.pth"))
+        return bool(self.saved_epochs() or self.logged_epochs()) or any(
+            (self.path / f).exists() for f in ("last.pth", "best.pth"))
 
     def restore(self, t, state, steps_per_epoch, classes):
         """Put a saved state back into train.py's Training t, whose network was built for

@@ -195,6 +195,22 @@ def finished_epoch(path):
     return path / "last.pth"
 
 
+def test_a_folder_whose_checkpoints_were_all_deleted_still_holds_its_run_by_its_acc_txt(tmp_path):
+    with rundir.RunFolder(tmp_path) as folder:
+        for n in (1, 2):
+            epoch(folder, n, 40.0 + n, is_best=True)
+    for f in tmp_path.glob("*.pth"):
+        f.unlink()  # deleted to free room: the logs are still the run's record
+    new_run = train.get_args_parser().parse_args([])
+    with pytest.raises(resnet.CheckpointError, match="already holds a run: continue it with --resume"):
+        rundir.RunFolder(tmp_path).resume(new_run, train.RECIPE, train.get_args_parser())
+    resumed = train.get_args_parser().parse_args(["--resume"])
+    with pytest.raises(resnet.CheckpointError) as e:
+        rundir.RunFolder(tmp_path).resume(resumed, train.RECIPE, train.get_args_parser())
+    assert str(e.value) == (f"{tmp_path / 'last.pth'} is missing, but {tmp_path} holds a run: none of its epochs' "
+                            "checkpoints loads either; start afresh in another --out-dir")
+
+
 def test_resume_restores_what_last_pth_saved(tmp_path):
     folder = rundir.RunFolder(tmp_path)
     state = folder.load(str(finished_epoch(tmp_path)))
