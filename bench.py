@@ -306,7 +306,8 @@ def main(args):
         sides["tutorial"].recv()
         flags = " ".join(train_flags(args))
         print(f"{args.model} on {dev}, batch {args.batch_size}{f', train.py {flags}' if flags else ''}: "
-              f"{args.repeats} repeats of {args.steps} steps after {args.warmup} warm-up steps, the two pipelines "
+              f"{cli.plural(args.repeats, 'repeat')} of {cli.plural(args.steps, 'step')} after "
+              f"{cli.plural(args.warmup, 'warm-up step')}, the two pipelines "
               "in two processes taking turns", flush=True)
         results = {f"{prefix}{kind}_img_s": [] for kind in ("train", "eval", "loader") for prefix in ("", "tutorial_")}
         gflops, warmups = [], {}  # the first warm-up of each: compilation (--compile), cuDNN's choices

@@ -124,6 +124,11 @@ def folder_error(path, error):
     return f"{path}: cannot make this folder ({error.strerror or error})"
 
 
+def plural(n, word):
+    """'1 step', '3 steps'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def first_few(names, k=5):
     """Names for a one-line message: 'cat, dog, ship', or the first k and '...'."""
     return ", ".join(map(str, names[:k])) + (", ..." if len(names) > k else "")

@@ -552,7 +552,7 @@ def decode_pictures(files, split_dir, classes, image_size):
             skipped.append(str(e))
     # A folder of a class the network does not know is one line; the rest file by file (the first
     # 20), so the user can fix or remove them.
-    lines = [f"{split_dir / name}/: {n} file{'s' if n > 1 else ''}, a class {data_dir / 'train'} does not have"
+    lines = [f"{split_dir / name}/: {cli.plural(n, 'file')}, a class {data_dir / 'train'} does not have"
              for name, n in unknown.items()] + skipped
     if lines:
         print(f"skipped {len(skipped) + sum(unknown.values())} of {len(files)} files in {split_dir}:", file=sys.stderr)

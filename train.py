@@ -163,7 +163,7 @@ def few_steps_note(n, steps, epochs):
     batch = 2 ** max(0, int(math.log2(n / per_epoch)))  # the largest power of two that makes them
     if n // batch <= steps:
         return None
-    return (f"note: {steps} step{'s' if steps > 1 else ''} per epoch, {steps * epochs} in all: too few to learn "
+    return (f"note: {cli.plural(steps, 'step')} per epoch, {steps * epochs} in all: too few to learn "
             f"much. A smaller batch gives more: --batch-size {batch} (make: BATCH={batch}) makes {n // batch} "
             f"per epoch, {n // batch * epochs} in all")
 
@@ -365,7 +365,7 @@ def main(args, given=None):
         folder.say(f"{args.model} on {dev}{f' x {job.world_size} processes' if job.world_size > 1 else ''}, "
                    f"{device.PRECISION_NAMES[amp]}{', channels_last' if layout == torch.channels_last else ''}"
                    f"{', compiled' if args.compile else ''}: {n} training / {len(loaders[1].labels)} test images, "
-                   f"{steps} step{'s' if steps > 1 else ''} of {min(args.batch_size, n)} per epoch, data loaded in "
+                   f"{cli.plural(steps, 'step')} of {min(args.batch_size, n)} per epoch, data loaded in "
                    f"{load_seconds:.1f}s; writing to {folder.path}")
         note = None if state else few_steps_note(n, steps, args.epochs)  # a resumed run keeps its batch
         if note:
