@@ -197,7 +197,8 @@ def _fetch(data_dir, dataset, archive, url, md5):
                 read_batch(tmp / spec.folder / name, len(classes), spec.label_key)
         except DataError as e:  # its line names the file in the temporary folder, about to go
             said = str(e).replace(f"{tmp}{os.sep}", "").split("; delete ")[0]
-            raise DataError(f"{archive}: {said}; the archive is damaged, or not the official {spec.title} one") from None
+            raise DataError(f"{archive}: {said}; the archive is damaged, or not the official {spec.title} "
+                            "one") from None
         dest = data_dir / spec.folder
         missing = missing_files(dest, spec)
         if not missing:  # another process has just put a whole copy in place
