@@ -414,14 +414,21 @@ def read_checkpoint(ckpt, arch=None, source="checkpoint"):
     return model.eval(), described
 
 
+def is_number(v):
+    """A plain int or float as a checkpoint stores one (True and False are not)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def is_whole(v):
+    """A plain int (True and False are not)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _check_description(d, num_classes, source):
     """The keys the scripts read must be what checkpoint() writes; a file edited by hand or
     saved by other code with the same keys gets one line naming the first key that is not."""
     def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    def whole(v):
-        return isinstance(v, int) and not isinstance(v, bool)
+        return is_number(v) and math.isfinite(v)
 
     classes = d["classes"]
     checks = [
@@ -432,10 +439,10 @@ def _check_description(d, num_classes, source):
          "three numbers, one per colour channel"),
         ("std", isinstance(d["std"], (list, tuple)) and len(d["std"]) == 3
          and all(number(v) and v > 0 for v in d["std"]), "three numbers above 0, one per colour channel"),
-        ("image_size", whole(d["image_size"]) and IMAGE_SIZES[0] <= d["image_size"] <= IMAGE_SIZES[1],
+        ("image_size", is_whole(d["image_size"]) and IMAGE_SIZES[0] <= d["image_size"] <= IMAGE_SIZES[1],
          f"a whole number from {IMAGE_SIZES[0]} to {IMAGE_SIZES[1]}"),
         ("dataset", isinstance(d["dataset"], str), "a name"),
-        ("epoch", d["epoch"] is None or whole(d["epoch"]), "a whole number"),
+        ("epoch", d["epoch"] is None or is_whole(d["epoch"]), "a whole number"),
         ("accuracy", d["accuracy"] is None or number(d["accuracy"]), "a number"),
         ("args", isinstance(d.get("args", {}), dict) and isinstance(d.get("args", {}).get("data_dir", ""), str),
          "a dict of train.py's flags"),

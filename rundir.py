@@ -74,10 +74,6 @@ def _sync_folder(folder):
             os.close(fd)
 
 
-def _number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def named(classes):
     """'3 classes (cat, dog, ship)', the first five named."""
     return f"{len(classes)} classes ({cli.first_few(classes)})"
@@ -360,10 +356,10 @@ class RunFolder:
                                              "another --out-dir")
             start = self._restore(t, state, steps_per_epoch)
             # Numbers the run goes on with: one of another type would fail only where an epoch is logged.
-            if not (_number(start.best[0]) and isinstance(start.best[1], int)):
+            if not (resnet.is_number(start.best[0]) and resnet.is_whole(start.best[1])):
                 raise TypeError(f"best_accuracy and best_epoch {start.best!r} are not a number and an epoch")
             if start.totals is not None and not (isinstance(start.totals, (list, tuple)) and len(start.totals) == 3
-                                                 and all(map(_number, start.totals))):
+                                                 and all(map(resnet.is_number, start.totals))):
                 raise TypeError(f"totals {start.totals!r} are not the epoch's three running sums")
             return start
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:  # edited, or saved by other code
