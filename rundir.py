@@ -437,7 +437,7 @@ class RunFolder:
             fallback = next(self.good_epoch_checkpoints(path.parent), None)
             hint = f"; resume from the newest good epoch instead: --resume {fallback}" if fallback else ""
             raise resnet.CheckpointError(f"{e}{hint}") from None
-        whole = all(isinstance(state.get(k, 0), int) and state.get(k, 0) >= 0 for k in ("epoch", "step"))
+        whole = all(resnet.is_whole(state.get(k, 0)) and state.get(k, 0) >= 0 for k in ("epoch", "step"))
         weights_alone = not {"args", "epoch", "model"} <= set(state)  # the tutorials' files, say
         if weights_alone or not isinstance(state["args"], dict) or not whole:
             why = " (weights alone hold no run to go on with)" if weights_alone else ""

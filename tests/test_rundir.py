@@ -218,7 +218,8 @@ def test_resume_restores_what_last_pth_saved(tmp_path):
     assert (start.epoch, start.step, start.best) == (1, 0, (40.0, 1))
 
 
-@pytest.mark.parametrize("changes", [{"args": "--epochs 40"}, {"epoch": "1"}, {"epoch": -1}, {"step": 2.5}])
+@pytest.mark.parametrize("changes", [{"args": "--epochs 40"}, {"epoch": "1"}, {"epoch": -1}, {"epoch": True},
+                                     {"step": 2.5}])
 def test_resume_refuses_a_last_pth_whose_args_epoch_or_step_train_py_did_not_write(tmp_path, changes):
     last = finished_epoch(tmp_path)
     torch.save({**torch.load(last, weights_only=True), **changes}, last)
