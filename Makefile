@@ -78,15 +78,15 @@ $(foreach v,MODEL DATASET DATA_DIR RUN_DIR IMG ARCHIVE,$(if $(word 2,$($(v))),$(
 	c,$(SHELL_SYNTAX),$(findstring $(c),$($(v))))) in the name as its own syntax; choose a name without, or run \
 	the script with the name in quotes)))
 # test.py and export.py use the data the run trained on unless DATA_DIR (or, for test.py, DATASET) is given here.
-RUN_DATA := $(if $(filter command line environment,$(origin DATA_DIR)),--data-dir $(DATA_DIR))
+RUN_DATA := $(call given,DATA_DIR,--data-dir)
 EVAL_FLAGS := --checkpoint $(RUN_DIR)/best.pth --device $(DEVICE) --confusion-png $(RUN_DIR)/confusion.png \
-	$(RUN_DATA) $(if $(filter command line environment,$(origin DATASET)),--dataset $(DATASET))
+	$(RUN_DATA) $(call given,DATASET,--dataset)
 # predict.py and gui.py pick the newest run's best.pth unless MODEL or RUN_DIR is given here.
 PREDICT_FLAGS := $(if $(filter command line environment,$(origin RUN_DIR) $(origin MODEL)),--checkpoint $(RUN_DIR)/best.pth)
 # gui.py opens a picture at once only when IMG is given.
 GUI_FLAGS := $(PREDICT_FLAGS) $(if $(filter command line,$(origin IMG)),$(IMG))
 # predict.py answers on the CPU, before an accelerator would have started, unless DEVICE is given here.
-PREDICT_DEVICE := $(if $(filter command line environment,$(origin DEVICE)),--device $(DEVICE))
+PREDICT_DEVICE := $(call given,DEVICE,--device)
 
 .DEFAULT_GOAL := help
 .PHONY: help install install-dev install-gui install-extra data train eval bench speedrun plot predict gui export \
