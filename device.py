@@ -14,9 +14,11 @@ rank) once, and `all_reduce` sums over the processes (an identity in a single pr
 """
 import contextlib
 import datetime
+import functools
 import os
 import signal
 import sys
+import time
 import warnings
 from typing import NamedTuple
 
@@ -141,16 +143,37 @@ def out_of_memory(error):
 # ---------------------------------------------------------------------------
 # Precision and layout
 
-def cpu_has_fast_bf16(cpuinfo="/proc/cpuinfo"):
-    """Whether this CPU multiplies bf16 in hardware (AVX512_BF16 or AMX-BF16: Intel Cooper
-    Lake, Sapphire Rapids and later, AMD Zen 4 and later); elsewhere bf16 is emulated and
-    slower than fp32. Linux only (other systems have no /proc/cpuinfo)."""
+def cpu_has_fast_bf16(cpuinfo="/proc/cpuinfo", speedup=None):
+    """Whether this CPU multiplies bf16 faster than fp32: it has bf16 instructions (AVX512_BF16 or
+    AMX-BF16: Intel Cooper Lake, Sapphire Rapids and later, AMD Zen 4 and later), and a matrix
+    multiply timed here runs clearly faster in bf16. Some machines list the instructions and still
+    multiply bf16 slower than fp32 (a virtual machine that hides AMX, say): fp32 trains faster
+    there. Linux only (other systems have no /proc/cpuinfo). speedup: cpu_bf16_speedup."""
     try:
         with open(cpuinfo) as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    if "avx512_bf16" not in flags and "amx_bf16" not in flags:  # emulated: always slower
+        return False
+    # Autocast adds casts that a bare matrix multiply does not pay: bf16 must win clearly.
+    return (speedup or cpu_bf16_speedup)() >= 1.25
+
+
+@functools.cache
+def cpu_bf16_speedup(n=512, repeats=3):
+    """How many times faster this CPU multiplies two n x n matrices in bf16 than in fp32, each the
+    best of `repeats` after one untimed run (oneDNN picks its kernel then); about 20 ms on 2 cores."""
+    def seconds(dtype):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a @ b
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return min(times)
+    return seconds(torch.float32) / seconds(torch.bfloat16)
 
 
 def resolve_amp(choice, device):
@@ -164,7 +187,7 @@ def resolve_amp(choice, device):
     # auto on a GPU or NPU: bf16 needs no loss scaling; chips without it get fp16 plus a GradScaler.
     if device.type in ("cuda", "npu"):
         return torch.bfloat16 if getattr(torch, device.type).is_bf16_supported() else torch.float16
-    # auto on a CPU: bf16 only where the hardware has it; MPS stays in fp32.
+    # auto on a CPU: bf16 only where it multiplies faster than fp32; MPS stays in fp32.
     return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
 
 

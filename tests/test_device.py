@@ -40,13 +40,28 @@ def test_channels_last_is_used_on_cuda_and_cpu_but_not_forced_on_npu_or_mps():
     assert not device.use_channels_last("off", CUDA) and device.use_channels_last("on", MPS)
 
 
-def test_the_cpu_flags_decide_whether_it_has_bf16_instructions(tmp_path):
+def test_a_cpu_gets_bf16_where_it_has_the_instructions_and_they_multiply_clearly_faster_than_fp32(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
-    for flags, fast in [("fpu avx2 avx512f avx512bw", False), ("fpu avx2 avx512f avx512_bf16", True),
-                        ("fpu amx_bf16 amx_tile", True)]:
+    timed = []
+
+    def speedup(ratio):
+        return lambda: timed.append(ratio) or ratio
+    for flags, ratio, fast in [("fpu avx2 avx512f avx512bw", 3.0, False),  # no bf16 instructions: not timed
+                               ("fpu avx2 avx512f avx512_bf16", 2.3, True),
+                               ("fpu amx_bf16 amx_tile", 1.25, True),
+                               ("fpu avx512f avx512_bf16 avx512_fp16", 0.6, False),  # listed, yet slower
+                               ("fpu avx512_bf16", 1.1, False)]:  # a gain autocast's casts would eat
         cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
-        assert device.cpu_has_fast_bf16(cpuinfo) is fast, flags
+        assert device.cpu_has_fast_bf16(cpuinfo, speedup(ratio)) is fast, flags
+    assert timed == [2.3, 1.25, 0.6, 1.1]
     assert device.cpu_has_fast_bf16(tmp_path / "missing") is False  # no /proc (macOS, Windows): fp32
+
+
+def test_the_bf16_speedup_is_timed_once_per_process_on_matrices_of_either_precision():
+    device.cpu_bf16_speedup.cache_clear()
+    ratio = device.cpu_bf16_speedup()
+    assert 0 < ratio < float("inf")
+    assert device.cpu_bf16_speedup() == ratio  # the same answer for every later caller in the process
 
 
 def test_a_stop_request_notes_the_first_signal_stops_at_a_second_ctrl_c_and_restores_the_handlers():
