@@ -164,8 +164,10 @@ def cpu_has_fast_bf16(cpuinfo="/proc/cpuinfo", speedup=None):
 def cpu_bf16_speedup(n=512, repeats=3):
     """How many times faster this CPU multiplies two n x n matrices in bf16 than in fp32, each the
     best of `repeats` after one untimed run (oneDNN picks its kernel then); about 20 ms on 2 cores."""
+    numbers = torch.Generator().manual_seed(0)  # its own: the run's seeded weights stay as they would be
+
     def seconds(dtype):
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a, b = (torch.randn(n, n, generator=numbers).to(dtype) for _ in range(2))
         a @ b
         times = []
         for _ in range(repeats):
