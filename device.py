@@ -15,6 +15,7 @@ rank) once, and `all_reduce` sums over the processes (an identity in a single pr
 import contextlib
 import datetime
 import functools
+import math
 import os
 import signal
 import sys
@@ -161,21 +162,26 @@ def cpu_has_fast_bf16(cpuinfo="/proc/cpuinfo", speedup=None):
 
 
 @functools.cache
-def cpu_bf16_speedup(n=512, repeats=3):
-    """How many times faster this CPU multiplies two n x n matrices in bf16 than in fp32, each the
-    best of `repeats` after one untimed run (oneDNN picks its kernel then); about 20 ms on 2 cores."""
+def cpu_bf16_speedup(n=512, repeats=5):
+    """How many times faster one core of this CPU multiplies two n x n matrices in bf16 than in fp32,
+    each precision's best of `repeats`, taken in turns after one untimed run (oneDNN picks its kernel
+    then); about 50 ms. One thread, taking turns: another program busy on the machine slows both alike."""
     numbers = torch.Generator().manual_seed(0)  # its own: the run's seeded weights stay as they would be
-
-    def seconds(dtype):
-        a, b = (torch.randn(n, n, generator=numbers).to(dtype) for _ in range(2))
-        a @ b
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
+    pairs = [[torch.randn(n, n, generator=numbers).to(dtype) for _ in range(2)]
+             for dtype in (torch.float32, torch.bfloat16)]
+    best, threads = [math.inf, math.inf], torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for a, b in pairs:
             a @ b
-            times.append(time.perf_counter() - start)
-        return min(times)
-    return seconds(torch.float32) / seconds(torch.bfloat16)
+        for _ in range(repeats):
+            for i, (a, b) in enumerate(pairs):
+                start = time.perf_counter()
+                a @ b
+                best[i] = min(best[i], time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return best[0] / best[1]
 
 
 def resolve_amp(choice, device):

@@ -57,13 +57,14 @@ def test_a_cpu_gets_bf16_where_it_has_the_instructions_and_they_multiply_clearly
     assert device.cpu_has_fast_bf16(tmp_path / "missing") is False  # no /proc (macOS, Windows): fp32
 
 
-def test_the_bf16_speedup_is_timed_once_per_process_and_leaves_the_seeded_random_numbers_alone():
+def test_the_bf16_speedup_is_timed_once_per_process_and_leaves_the_seeds_and_threads_as_they_were():
     torch.manual_seed(0)
-    first_draw = torch.rand(4)
+    first_draw, threads = torch.rand(4), torch.get_num_threads()
     device.cpu_bf16_speedup.cache_clear()
     torch.manual_seed(0)
     ratio = device.cpu_bf16_speedup()
     assert torch.equal(torch.rand(4), first_draw)  # --amp auto leaves the seeded weights as they would be
+    assert torch.get_num_threads() == threads  # timed on one thread; training gets them all back
     assert 0 < ratio < float("inf")
     assert device.cpu_bf16_speedup() == ratio  # the same answer for every later caller in the process
 
