@@ -148,14 +148,14 @@ def cpu_has_fast_bf16(cpuinfo="/proc/cpuinfo", speedup=None):
     """Whether this CPU multiplies bf16 faster than fp32: it has bf16 instructions (AVX512_BF16 or
     AMX-BF16: Intel Cooper Lake, Sapphire Rapids and later, AMD Zen 4 and later), and a matrix
     multiply timed here runs clearly faster in bf16. Some machines list the instructions and still
-    multiply bf16 slower than fp32 (a virtual machine that hides AMX, say): fp32 trains faster
-    there. Linux only (other systems have no /proc/cpuinfo). speedup: cpu_bf16_speedup."""
+    multiply bf16 slower than fp32, and train faster in fp32. Linux only (other systems have no
+    /proc/cpuinfo). speedup: cpu_bf16_speedup."""
     try:
         with open(cpuinfo) as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         return False
-    if "avx512_bf16" not in flags and "amx_bf16" not in flags:  # emulated: always slower
+    if "avx512_bf16" not in flags and "amx_bf16" not in flags:  # bf16 emulated: not worth timing
         return False
     # Autocast adds casts that a bare matrix multiply does not pay: bf16 must win clearly.
     return (speedup or cpu_bf16_speedup)() >= 1.25
