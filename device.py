@@ -165,7 +165,7 @@ def cpu_has_fast_bf16(cpuinfo="/proc/cpuinfo", speedup=None):
 def cpu_bf16_speedup(n=512, repeats=5):
     """How many times faster one core of this CPU multiplies two n x n matrices in bf16 than in fp32,
     each precision's best of `repeats`, taken in turns after one untimed run (oneDNN picks its kernel
-    then); about 50 ms. One thread, taking turns: another program busy on the machine slows both alike."""
+    then). One thread, taking turns: another program busy on the machine slows both alike."""
     numbers = torch.Generator().manual_seed(0)  # its own: the run's seeded weights stay as they would be
     pairs = [[torch.randn(n, n, generator=numbers).to(dtype) for _ in range(2)]
              for dtype in (torch.float32, torch.bfloat16)]
