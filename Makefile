@@ -159,11 +159,15 @@ gui: install install-gui ## open the desktop window (IMG= opens a picture at onc
 export: install install-extra ## write RUN_DIR/model.onnx from RUN_DIR/best.pth, checked against PyTorch with onnxruntime
 	$(PYTHON) export.py --checkpoint $(RUN_DIR)/best.pth $(RUN_DATA) $(ARGS)
 
+# A pytest worker per core (pytest-xdist), each computing on one thread: the tiny batches of the tests
+# keep torch's threads waiting on each other, and two threads per worker would share the cores twice over.
+PYTEST := OMP_NUM_THREADS=1 $(PYTHON) -m pytest -n auto
+
 test: install-dev install-gui install-extra ## run the whole test suite (what CI runs)
-	$(PYTHON) -m pytest --durations=10 tests/ $(ARGS)
+	$(PYTEST) --durations=10 tests/ $(ARGS)
 
 test-fast: install-dev install-gui install-extra ## run the tests that start no process and train no whole run: the tier for an edit loop
-	$(PYTHON) -m pytest -m "not slow" tests/ $(ARGS)
+	$(PYTEST) -m "not slow" tests/ $(ARGS)
 
 clean: ## remove caches and install stamps (keeps data/, runs/, test/ and .venv)
 	rm -rf .make .pytest_cache
