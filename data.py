@@ -79,6 +79,15 @@ class DataError(Exception):
     """Data that cannot be used; the message is one line for the user."""
 
 
+class BadBatchFile(DataError):
+    """A CIFAR batch file that does not read as one: its path, what is wrong with it, and what to do
+    (an extracted archive's file is named within the archive, and the archive is what to replace)."""
+
+    def __init__(self, path, problem, advice=""):
+        self.path, self.problem = Path(path), problem
+        super().__init__(f"{path}: {problem}{f'; {advice}' if advice else ''}")
+
+
 # ---------------------------------------------------------------------------
 # Fetch, verify, extract
 
@@ -195,10 +204,9 @@ def _fetch(data_dir, dataset, archive, url, md5):
             classes = read_classes(tmp / spec.folder, spec)
             for name in spec.train_files + spec.test_files:
                 read_batch(tmp / spec.folder / name, len(classes), spec.label_key)
-        except DataError as e:  # its line names the file in the temporary folder, about to go
-            said = str(e).replace(f"{tmp}{os.sep}", "").split("; delete ")[0]
-            raise DataError(f"{archive}: {said}; the archive is damaged, or not the official {spec.title} "
-                            "one") from None
+        except BadBatchFile as e:  # named within the archive: the temporary folder is about to go
+            raise DataError(f"{archive}: {e.path.relative_to(tmp).as_posix()}: {e.problem}; the archive is damaged, "
+                            f"or not the official {spec.title} one") from None
         dest = data_dir / spec.folder
         missing = missing_files(dest, spec)
         if not missing:  # another process has just put a whole copy in place
@@ -235,12 +243,12 @@ def _unpickle(path):
         with open(path, "rb") as f:
             obj = _ArrayUnpickler(f, encoding="latin1").load()
     except FileNotFoundError:
-        raise DataError(f"{path}: missing; run `make data` again") from None
+        raise BadBatchFile(path, "missing", "run `make data` again") from None
     except Exception as e:  # truncated or corrupt file
-        raise DataError(f"{path}: unreadable ({type(e).__name__}: {e}); delete "
-                        f"{Path(path).parent} and run `make data` again") from None
+        raise BadBatchFile(path, f"unreadable ({type(e).__name__}: {e})",
+                           f"delete {Path(path).parent} and run `make data` again") from None
     if not isinstance(obj, dict):
-        raise DataError(f"{path}: not a CIFAR batch (holds a {type(obj).__name__})")
+        raise BadBatchFile(path, f"not a CIFAR batch (holds a {type(obj).__name__})")
     return obj
 
 
@@ -248,7 +256,7 @@ def read_classes(batches_dir, spec=CIFAR["cifar10"]):
     meta = _unpickle(Path(batches_dir) / spec.meta_file)
     names = meta.get(spec.names_key)
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise DataError(f"{Path(batches_dir) / spec.meta_file}: no list of {spec.names_key}")
+        raise BadBatchFile(Path(batches_dir) / spec.meta_file, f"no list of {spec.names_key}")
     return names
 
 
@@ -259,15 +267,15 @@ def read_batch(path, num_classes, label_key="labels"):
     data, labels = batch.get("data"), batch.get(label_key)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         what = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
-        raise DataError(f"{path}: 'data' should be uint8 of shape (N, 3072), found {what}")
+        raise BadBatchFile(path, f"'data' should be uint8 of shape (N, 3072), found {what}")
     labels = np.asarray(labels)
     if labels.size == 0:  # an empty list reads as floats
         labels = labels.astype(np.int64)
     if labels.shape != (data.shape[0],) or labels.dtype.kind not in "iu":
-        raise DataError(f"{path}: '{label_key}' should be {data.shape[0]} integers, "
-                        f"found {labels.dtype} {labels.shape}")
+        raise BadBatchFile(path, f"'{label_key}' should be {data.shape[0]} integers, "
+                                 f"found {labels.dtype} {labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise DataError(f"{path}: labels outside 0..{num_classes - 1}")
+        raise BadBatchFile(path, f"labels outside 0..{num_classes - 1}")
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
     return images, torch.from_numpy(labels.astype(np.int64))
 

@@ -298,14 +298,24 @@ def test_an_archive_missing_batch_files_leaves_no_dataset(tmp_path):
     assert list((tmp_path / "mine").iterdir()) == []
 
 
-def test_an_archive_with_a_damaged_batch_file_names_the_file_in_it_not_the_temporary_folder(tmp_path):
+@pytest.mark.parametrize("name, damage, problem", [
+    ("data_batch_3", lambda batch: b"junk", "unreadable (UnpicklingError: "),
+    ("data_batch_3", lambda batch: {**batch, "labels": [10] * len(batch["labels"])}, "labels outside 0..9"),
+    ("batches.meta", lambda meta: {**meta, "label_names": []}, "no list of label_names"),
+])
+def test_an_archive_with_a_damaged_batch_file_names_the_file_in_it_not_the_temporary_folder(
+        tmp_path, name, damage, problem):
+    import pickle
     src = write_cifar(tmp_path / "src", n_train=10, n_test=10)
-    (src / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"junk")
+    file = src / "cifar-10-batches-py" / name
+    damaged = damage(pickle.loads(file.read_bytes()))
+    file.write_bytes(damaged if isinstance(damaged, bytes) else pickle.dumps(damaged, protocol=2))
     path, md5 = make_archive(src, tmp_path / "bad.tar.gz")
     with pytest.raises(data.DataError) as e:
         data.prepare(tmp_path / "d", archive=path, md5=md5)
-    assert str(e.value).startswith(f"{path}: cifar-10-batches-py/data_batch_3: unreadable (")
-    assert str(e.value).endswith("); the archive is damaged, or not the official CIFAR-10 one")
+    assert str(e.value).startswith(f"{path}: cifar-10-batches-py/{name}: {problem}")
+    assert str(e.value).endswith("; the archive is damaged, or not the official CIFAR-10 one")
+    assert "delete" not in str(e.value)  # the advice for a prepared folder, not for an archive
     assert not (tmp_path / "d").exists()
 
 
