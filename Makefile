@@ -161,7 +161,8 @@ export: install install-extra ## write RUN_DIR/model.onnx from RUN_DIR/best.pth,
 
 # A pytest worker per core (pytest-xdist), each computing on one thread: the tiny batches of the tests
 # keep torch's threads waiting on each other, and two threads per worker would share the cores twice over.
-PYTEST := OMP_NUM_THREADS=1 $(PYTHON) -m pytest -n auto
+# worksteal: a worker that runs out takes tests queued for another, so no core idles through a long last test.
+PYTEST := OMP_NUM_THREADS=1 $(PYTHON) -m pytest -n auto --dist worksteal
 
 test: install-dev install-gui install-extra ## run the whole test suite (what CI runs)
 	$(PYTEST) --durations=10 tests/ $(ARGS)
