@@ -1,6 +1,7 @@
 """data.py: fetching and checking CIFAR-10, loading it as tensors, and the on-device loader."""
 import functools
 import http.server
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -298,9 +299,9 @@ def test_an_archive_missing_batch_files_leaves_no_dataset(tmp_path):
     assert list((tmp_path / "mine").iterdir()) == []
 
 
-@pytest.mark.parametrize("name, damage, problem", [
-    ("data_batch_3", lambda batch: b"junk", "unreadable (UnpicklingError: "),
-    ("data_batch_3", lambda batch: {**batch, "labels": [10] * len(batch["labels"])}, "labels outside 0..9"),
+@pytest.mark.parametrize("name, damage, problem", [  # problem: a regular expression
+    ("data_batch_3", lambda batch: b"junk", r"unreadable \(UnpicklingError: [^;]+\)"),
+    ("data_batch_3", lambda batch: {**batch, "labels": [10] * len(batch["labels"])}, r"labels outside 0\.\.9"),
     ("batches.meta", lambda meta: {**meta, "label_names": []}, "no list of label_names"),
 ])
 def test_an_archive_with_a_damaged_batch_file_names_the_file_in_it_not_the_temporary_folder(
@@ -313,9 +314,9 @@ def test_an_archive_with_a_damaged_batch_file_names_the_file_in_it_not_the_tempo
     path, md5 = make_archive(src, tmp_path / "bad.tar.gz")
     with pytest.raises(data.DataError) as e:
         data.prepare(tmp_path / "d", archive=path, md5=md5)
-    assert str(e.value).startswith(f"{path}: cifar-10-batches-py/{name}: {problem}")
-    assert str(e.value).endswith("; the archive is damaged, or not the official CIFAR-10 one")
-    assert "delete" not in str(e.value)  # the advice for a prepared folder, not for an archive
+    # the file named within the archive, and no advice to delete a prepared folder: the archive is what to replace
+    assert re.fullmatch(re.escape(f"{path}: cifar-10-batches-py/{name}: ") + problem
+                        + re.escape("; the archive is damaged, or not the official CIFAR-10 one"), str(e.value))
     assert not (tmp_path / "d").exists()
 
 
