@@ -106,7 +106,6 @@ def main(args):
                                       tta=args.tta, amp_dtype=amp)
 
     correct, total = int(confusion.diag().sum()), int(confusion.sum())
-    per_class = per_class_accuracy(confusion)
     print(f"{args.checkpoint}: {ckpt['arch']}, epoch {ckpt.get('epoch') or '?'}, {total} test images from "
           f"{data_dir} on {dev} in {device.PRECISION_NAMES[amp]}"
           f"{'' if args.tta == 'off' else f', with {args.tta} TTA'}")
@@ -122,7 +121,7 @@ def main(args):
             print(f"wrote {args.confusion_png}")
         except plot.PlotError as e:  # the evaluation itself has succeeded: say so, don't fail
             print(f"note: no confusion matrix picture: {e}", file=sys.stderr)
-    return {"accuracy": accuracy, "loss": loss, "per_class": per_class, "confusion": confusion}
+    return {"accuracy": accuracy, "loss": loss, "confusion": confusion}  # per class: per_class_accuracy(confusion)
 
 
 if __name__ == "__main__":
