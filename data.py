@@ -367,13 +367,15 @@ def to_rgb(im):
 
 
 def open_picture(path, draft=None):
-    """A picture file as an upright 8-bit RGB Pillow image, or PictureError.
+    """A picture file (a path, or a binary stream such as sys.stdin.buffer) as an upright 8-bit RGB
+    Pillow image, or PictureError.
 
     draft: (w, h) a JPEG may be decoded at instead of full size (big photos load
     many times faster; the result is at least that large). Pillow's pixel limit is
     applied to what is decoded: a phone's 200-megapixel JPEG passes at a fraction of
     its size, a PNG that large does not."""
     from PIL import Image, ImageOps
+    name = getattr(path, "name", "<stream>") if hasattr(path, "read") else path  # sys.stdin.buffer: '<stdin>'
     limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
@@ -390,12 +392,14 @@ def open_picture(path, draft=None):
                     raise Image.DecompressionBombError(f"{im.size[0]} x {im.size[1]} pixels")
                 return to_rgb(ImageOps.exif_transpose(im))
     except FileNotFoundError:
-        raise PictureError(f"{path}: no such file") from None
+        raise PictureError(f"{name}: no such file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise PictureError(f"{path}: too many pixels to decode safely (a decompression bomb?)") from None
-    except Exception as e:  # not a picture, truncated, unsupported; or the system's refusal (a name too long, ...)
+        raise PictureError(f"{name}: too many pixels to decode safely (a decompression bomb?)") from None
+    except Image.UnidentifiedImageError:  # its message names the file again, a stream by its repr
+        raise PictureError(f"{name}: cannot read picture (cannot identify image file)") from None
+    except Exception as e:  # truncated, unsupported; or the system's refusal (a name too long, ...)
         detail = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
-        raise PictureError(f"{path}: cannot read picture ({detail})") from None
+        raise PictureError(f"{name}: cannot read picture ({detail})") from None
 
 
 def load_picture(path, size):

@@ -4,6 +4,7 @@
     python predict.py photos/ --topk 3
     python predict.py cat.png --checkpoint runs/resnet50/best.pth --json
     python predict.py test/0_3.jpg --checkpoint model/net_128.pth   # a checkpoint of the tutorials' code
+    cat photo.jpg | python predict.py -                  # a picture from standard input
 
 Any picture Pillow reads works (JPEG, PNG, GIF, BMP, WebP, TIFF; RGBA, palette,
 grayscale, CMYK, 16-bit): it is turned upright by its EXIF tag, made RGB,
@@ -29,7 +30,7 @@ import resnet  # noqa: E402
 
 def get_args_parser():
     p = cli.parser("Classify pictures with a trained checkpoint.")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="a picture, or a folder of pictures")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="a picture, a folder of pictures, or - (standard input)")
     p.add_argument("--checkpoint", default=None,
                    help="a .pth of train.py or of the tutorials' code (default: best.pth of the most "
                         "recent run under runs/)")
@@ -79,6 +80,16 @@ def expand_paths(paths):
     return files, errors
 
 
+def picture_source(path):
+    """What to open for a picture named on the command line: the file, or for "-" standard input."""
+    if str(path) != "-":
+        return path
+    if sys.stdin is None or sys.stdin.isatty():  # reading would wait for a picture typed in
+        raise data.PictureError("-: standard input is a terminal, not a picture: pipe one in "
+                                "(`cat photo.jpg | python predict.py -`)")
+    return sys.stdin.buffer  # Pillow reads a stream that cannot seek into memory first
+
+
 class Classifier:
     """A checkpoint loaded once, ready for any number of pictures."""
 
@@ -117,7 +128,7 @@ def main(args):
         batch, pictures = [], []  # results in the order given; pictures for those that loaded
         for f in files[start:start + args.batch_size]:
             try:
-                pictures.append(data.load_picture(f, clf.image_size))
+                pictures.append(data.load_picture(picture_source(f), clf.image_size))
                 batch.append({"path": str(f)})
             except data.PictureError as e:
                 batch.append({"path": str(f), "error": str(e)})

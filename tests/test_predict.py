@@ -1,7 +1,9 @@
 """predict.py: the class and confidence of the user's own pictures."""
+import io
 import json
 import os
 import re
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -79,6 +81,44 @@ def test_a_picture_from_a_pipe_is_answered_as_the_same_file_is(workdir, pictures
     writer.join(timeout=10)
     from_file = run_here("predict.py", d / "photo.jpg", cwd=workdir).stdout
     assert from_pipe.split(": ", 1)[1] == from_file.split(": ", 1)[1]
+
+
+class Stdin(io.TextIOWrapper):
+    """Standard input holding these bytes; a terminal, when tty."""
+
+    def __init__(self, content=b"", tty=False):
+        raw = io.BytesIO(content)
+        raw.name = "<stdin>"  # as the interpreter's standard input is named
+        super().__init__(io.BufferedReader(raw))
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+def test_a_dash_reads_the_picture_from_standard_input(workdir, pictures, monkeypatch):
+    # `cat photo.jpg | python predict.py -`, the other pictures named beside it answered as well
+    d, _, _ = pictures
+    monkeypatch.setattr(sys, "stdin", Stdin((d / "photo.jpg").read_bytes()))
+    from_stdin = run_here("predict.py", "-", d / "cifar.png", cwd=workdir).stdout.splitlines()
+    from_files = run_here("predict.py", d / "photo.jpg", d / "cifar.png", cwd=workdir).stdout.splitlines()
+    assert from_stdin[0] == from_files[0].replace(str(d / "photo.jpg"), "-")
+    assert from_stdin[1] == from_files[1]
+
+
+@pytest.mark.parametrize("stdin, message", [
+    (Stdin(tty=True), "-: standard input is a terminal, not a picture: pipe one in "
+                      "(`cat photo.jpg | python predict.py -`)"),
+    (Stdin(b"this is text, not a picture"), "<stdin>: cannot read picture (cannot identify image file)"),
+])
+def test_a_dash_with_no_picture_behind_it_is_an_error_the_others_still_answered(workdir, pictures, monkeypatch,
+                                                                                 stdin, message):
+    d, _, _ = pictures
+    monkeypatch.setattr(sys, "stdin", stdin)
+    proc = run_here("predict.py", "-", d / "cifar.png", cwd=workdir, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"error: {message}") and proc.stderr.count("\n") == 1, proc.stderr
+    assert re.fullmatch(LINE.format(re.escape(str(d / "cifar.png"))), proc.stdout.strip())
 
 
 def test_pictures_become_rgb_at_the_training_size():
