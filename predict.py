@@ -87,7 +87,7 @@ def picture_source(path):
     if sys.stdin is None or sys.stdin.isatty():  # reading would wait for a picture typed in
         raise data.PictureError("-: standard input is a terminal, not a picture: pipe one in "
                                 "(`cat photo.jpg | python predict.py -`)")
-    return sys.stdin.buffer  # Pillow reads a stream that cannot seek into memory first
+    return sys.stdin.buffer  # a pipe cannot seek: Pillow copies it into memory before decoding
 
 
 class Classifier:

@@ -117,7 +117,7 @@ def test_a_dash_with_no_picture_behind_it_is_an_error_the_others_still_answered(
     monkeypatch.setattr(sys, "stdin", stdin)
     proc = run_here("predict.py", "-", d / "cifar.png", cwd=workdir, check=False)
     assert proc.returncode == 1
-    assert proc.stderr.startswith(f"error: {message}") and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr == f"error: {message}\n"
     assert re.fullmatch(LINE.format(re.escape(str(d / "cifar.png"))), proc.stdout.strip())
 
 
