@@ -83,13 +83,22 @@ def test_a_picture_from_a_pipe_is_answered_as_the_same_file_is(workdir, pictures
     assert from_pipe.split(": ", 1)[1] == from_file.split(": ", 1)[1]
 
 
+class Pipe(io.BytesIO):
+    """These bytes as a pipe gives them: read once, no seeking back."""
+    name = "<stdin>"  # as the interpreter's standard input is named
+
+    def seekable(self):
+        return False
+
+    def seek(self, *args):
+        raise io.UnsupportedOperation("seek")
+
+
 class Stdin(io.TextIOWrapper):
     """Standard input holding these bytes; a terminal, when tty."""
 
     def __init__(self, content=b"", tty=False):
-        raw = io.BytesIO(content)
-        raw.name = "<stdin>"  # as the interpreter's standard input is named
-        super().__init__(io.BufferedReader(raw))
+        super().__init__(io.BufferedReader(Pipe(content)))
         self.tty = tty
 
     def isatty(self):
