@@ -17,6 +17,7 @@ BATCH    ?= 512
 DATA_DIR ?= data
 RUN_DIR  ?= runs/$(MODEL)
 IMG      ?= test/0_3.jpg
+OUT      ?= .gpu-data/results
 ARCHIVE  ?=
 MD5      ?=
 NPROC    ?=
@@ -90,7 +91,7 @@ PREDICT_DEVICE := $(call given,DEVICE,--device)
 
 .DEFAULT_GOAL := help
 .PHONY: help install install-dev install-gui install-extra data train eval bench speedrun plot predict gui export \
-	test test-fast clean
+	gpu-check test test-fast clean
 
 help: ## list the targets and the variables they take
 	@echo "usage: make TARGET [VAR=value ...]"
@@ -158,6 +159,9 @@ gui: install install-gui ## open the desktop window (IMG= opens a picture at onc
 
 export: install install-extra ## write RUN_DIR/model.onnx from RUN_DIR/best.pth, checked against PyTorch with onnxruntime
 	$(PYTHON) export.py --checkpoint $(RUN_DIR)/best.pth $(RUN_DATA) $(ARGS)
+
+gpu-check: ## on a CUDA GPU: bench, speedrun, train, airbench94, each step timed out alone, into OUT (gpu_check.py)
+	$(PYTHON) gpu_check.py '$(OUT)' $(ARGS)
 
 # A pytest worker per core (pytest-xdist), each computing on one thread: the tiny batches of the tests
 # keep torch's threads waiting on each other, and two threads per worker would share the cores twice over.
