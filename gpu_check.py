@@ -7,24 +7,28 @@
     python3 gpu_check.py results --device cpu --batches 8 ...   # the same steps, tiny (tests/test_gpu_check.py)
 
 In this order, each step as a user types it (make, with VIRTUAL_ENV set to this Python's
-prefix, so nothing is installed): the environment (GPU, torch, CUDA); `make bench` for
-ResNet18 at each of --batches, eager, then compiled in --compile's mode (reduce-overhead
-captures CUDA graphs; bench.py reports the compilation apart, as train_warmup_s and
-eval_warmup_s); the data (the JPEG CIFAR-10 in --data rebuilt in the official layout,
-unless it is there already); `make speedrun`; the default `make train` with its wall,
-training and evaluation seconds; ResNet50's `make bench`; airbench94 run --airbench-runs
-times in one process on the same data (CUDA only; elsewhere its line says it is skipped).
+prefix, so nothing is installed; without make, the command the Makefile runs): the
+environment (GPU, torch, CUDA); `make bench` for ResNet18 at each of --batches, eager,
+then compiled in --compile's mode (reduce-overhead captures CUDA graphs; bench.py reports
+the compilation apart, as train_warmup_s and eval_warmup_s); the data (the JPEG CIFAR-10
+in --data rebuilt in the official layout, unless it is there already); `make speedrun`;
+the default `make train` with its wall, training and evaluation seconds; ResNet50's `make
+bench`; airbench94 run --airbench-runs times in one process on the same data (CUDA only;
+elsewhere its line says it is skipped).
 
 Every line a step prints goes to OUT/log.txt as it comes; OUT/results.txt gets the
 machine-readable lines (bench ..., speedrun ..., train ..., airbench94 ...) as each step
 ends, then one `step` line saying how it ended. Each step runs under its own timeout, and
 all of them under --budget: a step whose timeout would overrun what is left of the budget
 runs under what is left, or is skipped when that is under a third of its timeout, so a
-step that hangs costs only its own results. Exit code 0 when every step that ran succeeded.
+step that hangs costs only its own results. Exit code 0 when every step ran and succeeded
+(airbench94 skipped off CUDA aside), 1 otherwise.
 """
 import argparse
 import os
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,7 +48,7 @@ FINISHED = (r"^best accuracy (?P<acc>[\d.]+)% at epoch (?P<epoch>\d+), total tim
 ENV_CODE = """import platform, torch
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
 print(f"env gpu={gpu.replace(' ', '_')} torch={torch.__version__} cuda={torch.version.cuda} "
-      f"cudnn={torch.backends.cudnn.version()} python={platform.python_version()} cpu_threads={torch.get_num_threads()}")
+      f"cudnn={torch.backends.cudnn.version()} python={platform.python_version()} threads={torch.get_num_threads()}")
 """
 
 
@@ -63,7 +67,7 @@ def get_args_parser():
                         "to make it; airbench94.py and cifar_batches_to_pt.py for the yardstick")
     p.add_argument("--device", default="cuda", help="DEVICE for every make step")
     p.add_argument("--budget", type=cli.integer(min=1), default=540, help="seconds for all the steps together")
-    p.add_argument("--timeout", type=timeout_flag, action="append", default=[], metavar="KIND=SECONDS",
+    p.add_argument("--timeout", type=timeout_flag, action="append", default=None, metavar="KIND=SECONDS",
                    help=f"one kind of step's timeout ({', '.join(f'{k}={v}' for k, v in TIMEOUTS.items())})")
     p.add_argument("--batches", type=cli.integer(min=1), nargs="+", default=[512, 1024, 2048],
                    help="ResNet18's bench batch sizes")
@@ -81,7 +85,7 @@ class Check:
     """Runs the steps one after another, under one budget, writing as it goes."""
 
     def __init__(self, args):
-        self.args, self.timeouts = args, {**TIMEOUTS, **dict(args.timeout)}
+        self.args, self.timeouts = args, {**TIMEOUTS, **dict(args.timeout or [])}
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.results, self.log = open(self.out / "results.txt", "w"), open(self.out / "log.txt", "w")
@@ -133,8 +137,23 @@ class Check:
         self.write(f"step {name} {how}, {time.monotonic() - start:.1f}s")
         return text if how == "exit code 0" else None
 
-    def make(self, name, kind, *variables):
-        return self.step(name, kind, ["make", "--no-print-directory", *variables, f"DEVICE={self.args.device}"])
+    def make(self, name, kind, goal, **variables):
+        """`make GOAL VAR=value ...`; where make is missing, the command the Makefile runs for it."""
+        v = {**{k: str(x) for k, x in variables.items()}, "DEVICE": self.args.device}
+        if shutil.which("make", path=self.env.get("PATH")):
+            command = ["make", "--no-print-directory", goal, *(f"{k}={x}" for k, x in v.items())]
+        else:
+            command = [sys.executable, *WITHOUT_MAKE[goal](v), *shlex.split(v.get("ARGS", ""))]
+        return self.step(name, kind, command)
+
+
+# What the Makefile runs for each goal, for a machine without make (a bare image, say).
+WITHOUT_MAKE = {
+    "bench": lambda v: ["bench.py", "--model", v["MODEL"], "--device", v["DEVICE"], "--batch-size", v["BATCH"]],
+    "speedrun": lambda v: ["bench.py", "--speedrun", v["RUNS"], "--model", "resnet18", "--device", v["DEVICE"],
+                           "--data-dir", v["DATA_DIR"], "--"],
+    "train": lambda v: ["train.py", "--device", v["DEVICE"], "--data-dir", v["DATA_DIR"], "--out-dir", v["RUN_DIR"]],
+}
 
 
 def stop(proc):
@@ -175,30 +194,29 @@ def airbench(check, data):
 
 def main(args):
     check, data = Check(args), Path(args.data).resolve()
-    bench = f"ARGS={args.bench_args}"
+    bench = args.bench_args
     check.step("env", "env", [sys.executable, "-c", ENV_CODE])
     for batch in args.batches:
-        check.make(f"bench-resnet18-{batch}", "bench", "bench", "MODEL=resnet18", f"BATCH={batch}", bench)
+        check.make(f"bench-resnet18-{batch}", "bench", "bench", MODEL="resnet18", BATCH=batch, ARGS=bench)
     for batch in args.batches:
-        check.make(f"bench-resnet18-{batch}-{args.compile}", "compile", "bench", "MODEL=resnet18", f"BATCH={batch}",
-                   f"{bench} --compile {args.compile}")
+        check.make(f"bench-resnet18-{batch}-{args.compile}", "compile", "bench", MODEL="resnet18", BATCH=batch,
+                   ARGS=f"{bench} --compile {args.compile}")
     if (data / "cifar-10-batches-py" / "test_batch").is_file():
         check.write(f"step data ready in {data}")
     else:  # the JPEG copy, rebuilt in the official layout in place
         check.step("data", "data", [sys.executable, str(data / "cifar10_jpeg_to_batches.py"), str(data)])
-    check.make("speedrun", "speedrun", "speedrun", f"RUNS={args.runs}", f"DATA_DIR={data}",
-               f"ARGS={args.speedrun_args}")
+    check.make("speedrun", "speedrun", "speedrun", RUNS=args.runs, DATA_DIR=data, ARGS=args.speedrun_args)
     with tempfile.TemporaryDirectory() as runs:
         start = time.monotonic()
-        text = check.make("train-resnet18", "train", "train", f"DATA_DIR={data}", f"RUN_DIR={runs}/resnet18",
-                          f"ARGS={args.train_args}")
+        text = check.make("train-resnet18", "train", "train", DATA_DIR=data, RUN_DIR=f"{runs}/resnet18",
+                          ARGS=args.train_args)
         wall = time.monotonic() - start
     end = re.search(FINISHED, text or "", re.M)
     if end:
         check.write(f"train model=resnet18 best_acc={end['acc']} best_epoch={end['epoch']} train_s={end['train']} "
                     f"eval_s={end['eval']} total_s={end['total']} wall_s={wall:.1f}")
-    check.make(f"bench-resnet50-{args.resnet50_batch}", "bench", "bench", "MODEL=resnet50",
-               f"BATCH={args.resnet50_batch}", bench)
+    check.make(f"bench-resnet50-{args.resnet50_batch}", "bench", "bench", MODEL="resnet50",
+               BATCH=args.resnet50_batch, ARGS=bench)
     airbench(check, data)
     check.write(f"done: {len(check.failed)} of the steps failed, timed out or were skipped"
                 f"{': ' + ', '.join(check.failed) if check.failed else ''}")

@@ -1,4 +1,6 @@
 """gpu_check.py: the GPU check's steps, run end to end on the CPU at tiny sizes, so its first run on a GPU works."""
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -65,3 +67,19 @@ def test_a_step_whose_timeout_would_overrun_the_budget_is_skipped_with_a_line(pr
                        "bench-resnet18-512-reduce-overhead", "bench-resnet18-1024-reduce-overhead",
                        "bench-resnet18-2048-reduce-overhead", "speedrun", "train-resnet18", "bench-resnet50-512"]
     assert "$ " not in (tmp_path / "out" / "log.txt").read_text()  # nothing was started
+
+
+def test_without_make_each_step_runs_the_command_the_makefile_runs(project):
+    import gpu_check
+    d, _ = project
+    env = {**os.environ, "VIRTUAL_ENV": sys.prefix}
+    env = {k: v for k, v in env.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "ARGS", "MODEL", "BATCH", "RUNS")}
+    for goal, v in (("bench", {"MODEL": "resnet50", "BATCH": "8", "ARGS": "--steps 1 --compile reduce-overhead"}),
+                    ("speedrun", {"RUNS": "3", "DATA_DIR": "/data/x y", "ARGS": "--epochs 1 --subset 16"}),
+                    ("train", {"DATA_DIR": "/data/x y", "RUN_DIR": "/tmp/r 1", "ARGS": "--epochs 1"})):
+        v["DEVICE"] = "cpu"
+        dry = subprocess.run(["make", "-n", goal, *(f"{k}={x}" for k, x in v.items())], cwd=d, env=env,
+                             capture_output=True, text=True, check=True).stdout
+        script = gpu_check.WITHOUT_MAKE[goal](v)[0]
+        words = shlex.split(next(ln for ln in dry.splitlines() if f" {script} " in ln))
+        assert words[words.index(script):] == gpu_check.WITHOUT_MAKE[goal](v) + shlex.split(v["ARGS"])
