@@ -38,6 +38,11 @@ PYTHON := $(ENV)/bin/python
 # Install stamps live here, one per environment, and are redone when a
 # requirements file changes.
 STAMP := .make/$(subst /,_,$(abspath $(ENV)))
+# Every install asks for the torch already there by its exact version, so pip keeps it and picks the
+# torchvision that goes with it: torch_npu, or a CUDA or CPU build, is paired with exactly that torch.
+# Where no torch is installed yet (a fresh env) this is empty and pip chooses freely.
+KEEP_TORCH = $(shell $(PYTHON) -c "import importlib.metadata as m; \
+	print(*[f'torch=={d.version}' for d in m.distributions(name='torch')][:1])")
 
 # $(call given,VAR,--flag): "--flag value" where VAR is given to make (or set in the environment), else nothing.
 given = $(if $(filter command line environment,$(origin $(1))),$(2) $($(1)))
@@ -108,19 +113,19 @@ $(ENV)/bin/python:
 	python3 -m venv $(ENV)
 
 $(STAMP).run: requirements.txt | $(ENV)/bin/python
-	$(PYTHON) -m pip install -r requirements.txt
+	$(PYTHON) -m pip install -r requirements.txt $(KEEP_TORCH)
 	@mkdir -p .make && touch $@
 
 $(STAMP).dev: requirements.txt requirements-dev.txt | $(ENV)/bin/python
-	$(PYTHON) -m pip install -r requirements-dev.txt
+	$(PYTHON) -m pip install -r requirements-dev.txt $(KEEP_TORCH)
 	@mkdir -p .make && touch $@ $(STAMP).run
 
 $(STAMP).extra: requirements-extra.txt | $(ENV)/bin/python
-	$(PYTHON) -m pip install -r requirements-extra.txt
+	$(PYTHON) -m pip install -r requirements-extra.txt $(KEEP_TORCH)
 	@mkdir -p .make && touch $@
 
 $(STAMP).gui: requirements-gui.txt | $(ENV)/bin/python
-	$(PYTHON) -m pip install -r requirements-gui.txt
+	$(PYTHON) -m pip install -r requirements-gui.txt $(KEEP_TORCH)
 	@mkdir -p .make && touch $@
 
 install: $(STAMP).run ## set up the Python environment (active venv/conda env, else .venv)
