@@ -176,9 +176,12 @@ def cpu_has_fast_bf16(cpuinfo="/proc/cpuinfo"):
     Sapphire Rapids and later), or AVX512_BF16 on an AMD CPU (Zen 4 and later). An Intel CPU with
     AVX512_BF16 but no AMX gets fp32: one such was measured multiplying bf16 slower than fp32
     (docs/results.md). Linux only: other systems have no /proc/cpuinfo, and train in fp32."""
+    fields = {}
     try:
         with open(cpuinfo) as f:
-            fields = dict(reversed([[part.strip() for part in line.split(":", 1)] for line in f if ":" in line]))
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())  # the first CPU's: all list the same
     except OSError:
         return False
     flags, vendor = fields.get("flags", "").split(), fields.get("vendor_id", "")
