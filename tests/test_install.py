@@ -3,6 +3,7 @@ torch_npu (or a CUDA or CPU build) is paired with. Driven with pip's dry run aga
 a folder, with no registry and none of this machine's pip configuration."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,17 +58,22 @@ def project(tmp_path):
     return tmp_path, env, wheels
 
 
-def make_install(folder, env, wheels):
-    """`make install` in folder with env active, pip answering from wheels alone in a dry run:
-    returns what pip would install, {name: version}."""
+def run_make_install(folder, env, wheels):
+    """`make install` in folder with env active, pip answering from wheels alone in a dry run that
+    reports to folder/report.json."""
     keep = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "MAKE", "CONDA"))}
-    report = folder / "report.json"
-    proc = subprocess.run(["make", "install"], cwd=folder, capture_output=True, text=True, timeout=300, env={
+    return subprocess.run(["make", "install"], cwd=folder, capture_output=True, text=True, timeout=300, env={
         **keep, "VIRTUAL_ENV": str(env), "PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1",
-        "PIP_FIND_LINKS": str(wheels), "PIP_DRY_RUN": "1", "PIP_REPORT": str(report),
+        "PIP_FIND_LINKS": str(wheels), "PIP_DRY_RUN": "1", "PIP_REPORT": str(folder / "report.json"),
         "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+
+
+def make_install(folder, env, wheels):
+    """What `make install` would install, {name: version}."""
+    proc = run_make_install(folder, env, wheels)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return {i["metadata"]["name"]: i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    report = json.loads((folder / "report.json").read_text())
+    return {i["metadata"]["name"]: i["metadata"]["version"] for i in report["install"]}
 
 
 @pytest.mark.parametrize("torch_version", ["2.9.0", "2.9.0+cpu"])
@@ -77,6 +83,20 @@ def test_install_keeps_the_torch_that_torch_npu_needs_and_picks_the_torchvision_
     installed(env, "torch", torch_version)
     installed(env, "torch-npu", "2.9.0", [f"torch=={torch_version}"])
     assert make_install(folder, env, wheels) == {"torchvision": "0.24.0"}
+
+
+@pytest.mark.parametrize("torch_version, torchvision", [("2.9.0", "0.24.0"), ("2.14.0+cpu", "0.29.0+cpu")])
+def test_install_with_no_torchvision_for_the_kept_torch_ends_with_one_line_naming_the_one_to_install(
+        project, torch_version, torchvision):
+    folder, env, wheels = project
+    installed(env, "torch", torch_version)
+    (wheels / "torchvision-0.24.0-py3-none-any.whl").unlink()  # a mirror without it
+    proc = run_make_install(folder, env, wheels)
+    # pip's own lines stay above; make's `*** [...] Error 1`, which follows every failed step, is left out
+    said = [line for line in proc.stderr.splitlines() if not re.match(r"make(\[\d+\])?: \*\*\*", line)]
+    assert proc.returncode != 0 and "ResolutionImpossible" in proc.stderr and "Traceback" not in proc.stderr
+    assert f"torch {torch_version}," in said[-1] and "keeps" in said[-1], said[-1]
+    assert f"pip install torchvision=={torchvision}" in said[-1], said[-1]
 
 
 def test_install_in_a_fresh_environment_chooses_torch_and_torchvision_freely(project):
@@ -91,4 +111,4 @@ def test_every_install_step_of_make_asks_for_the_installed_torch(project):
                           capture_output=True, text=True, timeout=60, env={**os.environ, "VIRTUAL_ENV": str(env)})
     pip_lines = [line for line in proc.stdout.splitlines() if "pip install" in line]
     assert proc.returncode == 0 and len(pip_lines) == 4, proc.stdout + proc.stderr
-    assert all(line.endswith(" torch==2.9.0+cpu") for line in pip_lines), pip_lines
+    assert all(re.search(r"pip install -r \S+ torch==2\.9\.0\+cpu( |$)", line) for line in pip_lines), pip_lines
