@@ -50,8 +50,8 @@ OR_NAME_TORCHVISION = $(if $(KEEP_TORCH),|| $(PYTHON) -c "$$NAME_TORCHVISION")
 export NAME_TORCHVISION = import importlib.metadata as m; t = m.version('torch'); v, plus, label = t.partition('+'); \
 	_, minor, patch = v.split('.')[:3]; tv = f'0.{int(minor) + 15}.{patch}{plus}{label}'; \
 	index = f' --index-url https://download.pytorch.org/whl/{label}' if label else ''; \
-	raise SystemExit(f'error: pip could not install beside torch {t}, which make keeps; the torchvision that goes \
-	with it is {tv}: $(PYTHON) -m pip install torchvision=={tv}{index}, then make again')
+	raise SystemExit(f'error: pip could not install beside torch {t}, which is kept; the torchvision that goes \
+	with it is {tv}: install it with $(PYTHON) -m pip install torchvision=={tv}{index}')
 
 # $(call given,VAR,--flag): "--flag value" where VAR is given to make (or set in the environment), else nothing.
 given = $(if $(filter command line environment,$(origin $(1))),$(2) $($(1)))
