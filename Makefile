@@ -30,6 +30,20 @@ PYTHON := $(ENV)/bin/python
 # Install stamps live here, one per environment, and are redone when a
 # requirements file changes.
 STAMP := .make/$(subst /,_,$(abspath $(ENV)))
+# Every install asks for the torch already there by its exact version, so pip keeps it and picks the
+# torchvision that goes with it: torch_npu, or a CUDA or CPU build, is paired with exactly that torch.
+# Where no torch is installed yet (a fresh env) this is empty and pip chooses freely.
+KEEP_TORCH = $(shell $(PYTHON) -c "import importlib.metadata as m; \
+	print(*[f'torch=={d.version}' for d in m.distributions(name='torch')][:1])")
+# Where pip cannot keep that torch (a mirror with no torchvision built for it), its many lines end with one naming
+# the torchvision that goes with it: 0.(minor+15).patch for torch 2.minor.patch, a local label (+cpu) kept.
+# The code reaches the shell in an environment variable, so the pip line make prints stays short.
+OR_NAME_TORCHVISION = $(if $(KEEP_TORCH),|| $(PYTHON) -c "$$NAME_TORCHVISION")
+export NAME_TORCHVISION = import importlib.metadata as m; t = m.version('torch'); v, plus, label = t.partition('+'); \
+	_, minor, patch = v.split('.')[:3]; tv = f'0.{int(minor) + 15}.{patch}{plus}{label}'; \
+	index = f' --index-url https://download.pytorch.org/whl/{label}' if label else ''; \
+	raise SystemExit(f'error: pip could not install beside torch {t}, which is kept; the torchvision that goes \
+	with it is {tv}: install it with $(PYTHON) -m pip install torchvision=={tv}{index}')
 
 # $(call given,VAR,--flag): --flag 'value' if VAR is given (or in the environment). Names are quoted, so one with
 # spaces or brackets arrives whole; the scripts check every value. MODEL, DATASET, EPOCHS and BATCH are
@@ -60,16 +74,16 @@ help: ## list the targets and the variables they take
 $(ENV)/bin/python:
 	python3 -m venv $(ENV)
 $(STAMP).run: requirements.txt | $(ENV)/bin/python
-	$(PYTHON) -m pip install -r requirements.txt
+	$(PYTHON) -m pip install -r requirements.txt $(KEEP_TORCH) $(OR_NAME_TORCHVISION)
 	@mkdir -p .make && touch $@
 $(STAMP).dev: requirements.txt requirements-dev.txt | $(ENV)/bin/python
-	$(PYTHON) -m pip install -r requirements-dev.txt
+	$(PYTHON) -m pip install -r requirements-dev.txt $(KEEP_TORCH) $(OR_NAME_TORCHVISION)
 	@mkdir -p .make && touch $@ $(STAMP).run
 $(STAMP).extra: requirements-extra.txt | $(ENV)/bin/python
-	$(PYTHON) -m pip install -r requirements-extra.txt
+	$(PYTHON) -m pip install -r requirements-extra.txt $(KEEP_TORCH) $(OR_NAME_TORCHVISION)
 	@mkdir -p .make && touch $@
 $(STAMP).gui: requirements-gui.txt | $(ENV)/bin/python
-	$(PYTHON) -m pip install -r requirements-gui.txt
+	$(PYTHON) -m pip install -r requirements-gui.txt $(KEEP_TORCH) $(OR_NAME_TORCHVISION)
 	@mkdir -p .make && touch $@
 install: $(STAMP).run ## set up the Python environment (active venv/conda env, else .venv)
 install-dev: $(STAMP).dev ## install, plus what the tests need

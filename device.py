@@ -14,12 +14,10 @@ rank) once, and `all_reduce` sums over the processes (an identity in a single pr
 """
 import contextlib
 import datetime
-import functools
-import math
 import os
+import re
 import signal
 import sys
-import time
 import warnings
 from typing import NamedTuple
 
@@ -30,7 +28,8 @@ import torch.nn as nn
 DEVICES = ["auto", "npu", "cuda", "mps", "cpu"]
 AMP_CHOICES = ["auto", "bf16", "fp16", "off"]
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # resolve_amp's answers
-CANN_ENV = "source /usr/local/Ascend/ascend-toolkit/set_env.sh"  # CANN's default install path
+# CANN's environment scripts at their default install paths: CANN 9's, then CANN 8's.
+CANN_ENV_SCRIPTS = ("/usr/local/Ascend/cann/set_env.sh", "/usr/local/Ascend/ascend-toolkit/set_env.sh")
 # A collective that waits longer than this means a peer process is gone: fail instead of
 # hanging. Generous, because process 0 may be writing a checkpoint meanwhile.
 DIST_TIMEOUT = datetime.timedelta(minutes=10)
@@ -43,7 +42,7 @@ class DeviceError(Exception):
 # ---------------------------------------------------------------------------
 # The device
 
-def _torch_npu_ready(required):
+def _torch_npu_ready(required, index=0):
     """Import torch_npu, which registers the 'npu' device, and check that it sees a chip.
 
     The scripts set TORCH_DEVICE_BACKEND_AUTOLOAD=0 before importing torch, so a torch_npu
@@ -62,27 +61,54 @@ def _torch_npu_ready(required):
         raise _broken_torch_npu(e) from None
     if not torch.npu.is_available():
         if required:
-            raise DeviceError("--device npu: torch_npu is installed but sees no NPU (check `npu-smi info`)")
+            raise DeviceError(f"--device npu: {_no_npu_seen()}")
+        if index == 0:  # once per machine, not once per process of a torchrun job
+            print(f"note: {_no_npu_seen()}; --device auto goes on without it", file=sys.stderr)
         return False
     return True
+
+
+def _no_npu_seen():
+    """Why an installed torch_npu sees no chip, as far as this process can tell."""
+    visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
+    ids = [int(i) for i in re.findall(r"\d+", visible or "")]
+    if ids and ids != sorted(set(ids)):  # torch_npu counts no chip at all then
+        order = f"ASCEND_RT_VISIBLE_DEVICES={visible} must list the chips in ascending order"
+    else:
+        order = "that ASCEND_RT_VISIBLE_DEVICES, if set, lists them in ascending order"
+    return f"torch_npu is installed but sees no NPU: check that `npu-smi info` lists the chips, and {order}"
+
+
+def cann_env():
+    """The command that loads CANN's environment on this machine (both defaults when neither is there)."""
+    found = [script for script in CANN_ENV_SCRIPTS if os.path.exists(script)]
+    if found:
+        return f"`source {found[0]}`"
+    return f"`source {CANN_ENV_SCRIPTS[0]}` (CANN 9) or `source {CANN_ENV_SCRIPTS[1]}` (CANN 8)"
 
 
 def _broken_torch_npu(error):
     """The DeviceError for a torch_npu whose import failed with error."""
     detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    other = re.search(r"Two accelerators cannot be used at the same time in PyTorch: npu and (\w+)", detail)
+    if other:  # torch_npu refuses a torch built for another accelerator that sees its devices
+        return DeviceError(f"torch_npu is installed beside a {other[1]} build of torch, and torch_npu refuses "
+                           f"two accelerators in one torch: for the NPU install the CPU build of torch that "
+                           f"torch_npu pairs with (docs/devices.md); for the {other[1]} device pass "
+                           f"--device {other[1]}")
     if ".so" in detail or "shared object" in detail:
         cause = f"a CANN library was not found ({detail})"
     else:
         cause = f"its import failed ({detail})"
     # auto as well as npu: torch_npu installed means this machine is meant to train on an NPU.
     return DeviceError(f"torch_npu is installed but cannot load: {cause}; load CANN's environment first "
-                       f"(`{CANN_ENV}`), or pass --device cpu")
+                       f"({cann_env()}), or pass --device cpu")
 
 
 def pick_device(name="auto", index=0):
     """auto: npu if torch_npu and a chip are there, else cuda, else mps, else cpu.
     index: the chip of this process (torchrun's LOCAL_RANK)."""
-    if name in ("auto", "npu") and _torch_npu_ready(required=name == "npu"):
+    if name in ("auto", "npu") and _torch_npu_ready(name == "npu", index):
         torch.npu.set_device(index)
         return torch.device("npu", index)
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
@@ -144,44 +170,22 @@ def out_of_memory(error):
 # ---------------------------------------------------------------------------
 # Precision and layout
 
-def cpu_has_fast_bf16(cpuinfo="/proc/cpuinfo", speedup=None):
-    """Whether this CPU multiplies bf16 faster than fp32: it has bf16 instructions (AVX512_BF16 or
-    AMX-BF16: Intel Cooper Lake, Sapphire Rapids and later, AMD Zen 4 and later), and a matrix
-    multiply timed here runs clearly faster in bf16. Some machines list the instructions and still
-    multiply bf16 slower than fp32, and train faster in fp32. Linux only (other systems have no
-    /proc/cpuinfo). speedup: cpu_bf16_speedup."""
+def cpu_has_fast_bf16(cpuinfo="/proc/cpuinfo"):
+    """Whether bf16 autocast trains faster than fp32 on this CPU, read from its flags alone, so that
+    every process and every run on the machine decides alike however busy it is: AMX-BF16 (Intel
+    Sapphire Rapids and later), or AVX512_BF16 on an AMD CPU (Zen 4 and later). An Intel CPU with
+    AVX512_BF16 but no AMX gets fp32: one such was measured multiplying bf16 slower than fp32
+    (docs/results.md). Linux only: other systems have no /proc/cpuinfo, and train in fp32."""
+    fields = {}
     try:
         with open(cpuinfo) as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())  # the first CPU's: all list the same
     except OSError:
         return False
-    if "avx512_bf16" not in flags and "amx_bf16" not in flags:  # bf16 emulated: not worth timing
-        return False
-    # Autocast adds casts that a bare matrix multiply does not pay: bf16 must win clearly.
-    return (speedup or cpu_bf16_speedup)() >= 1.25
-
-
-@functools.cache
-def cpu_bf16_speedup(n=512, repeats=5):
-    """How many times faster one core of this CPU multiplies two n x n matrices in bf16 than in fp32,
-    each precision's best of `repeats`, taken in turns after one untimed run (oneDNN picks its kernel
-    then). One thread, taking turns: another program busy on the machine slows both alike."""
-    numbers = torch.Generator().manual_seed(0)  # its own: the run's seeded weights stay as they would be
-    pairs = [[torch.randn(n, n, generator=numbers).to(dtype) for _ in range(2)]
-             for dtype in (torch.float32, torch.bfloat16)]
-    best, threads = [math.inf, math.inf], torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for a, b in pairs:
-            a @ b
-        for _ in range(repeats):
-            for i, (a, b) in enumerate(pairs):
-                start = time.perf_counter()
-                a @ b
-                best[i] = min(best[i], time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
-    return best[0] / best[1]
+    flags, vendor = fields.get("flags", "").split(), fields.get("vendor_id", "")
+    return "amx_bf16" in flags or ("avx512_bf16" in flags and vendor == "AuthenticAMD")
 
 
 def resolve_amp(choice, device):
@@ -191,12 +195,26 @@ def resolve_amp(choice, device):
     if choice == "fp16":
         return torch.float16
     if choice == "bf16":
+        # Upstream autocast would warn and run in fp32 while the run says bf16: refuse instead.
+        if device.type == "npu" and not torch.npu.is_bf16_supported():
+            raise DeviceError("--amp bf16: this NPU has no bf16 (torch.npu.is_bf16_supported() is False); "
+                              "pass --amp fp16, or --amp auto, which takes fp16 here")
         return torch.bfloat16
     # auto on a GPU or NPU: bf16 needs no loss scaling; chips without it get fp16 plus a GradScaler.
     if device.type in ("cuda", "npu"):
         return torch.bfloat16 if getattr(torch, device.type).is_bf16_supported() else torch.float16
-    # auto on a CPU: bf16 only where it multiplies faster than fp32; MPS stays in fp32.
+    # auto on a CPU: bf16 only where its flags say it multiplies faster than fp32; MPS stays in fp32.
     return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
+
+
+def grad_scaler(device, dtype):
+    """The loss scaler for training in dtype on device, active only for fp16. On an NPU it is
+    torch_npu's own, which clears the chip's overflow flag every step and has the processes of a
+    job agree on skipping one; torch.amp's does neither there."""
+    if device.type == "npu":
+        import torch_npu
+        return torch_npu.npu.amp.GradScaler(enabled=dtype == torch.float16)
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 def autocast(device, dtype):

@@ -87,7 +87,8 @@ def add_run_args(p):
     d.add_argument("--device", default="auto", choices=device.DEVICES,
                    help="auto: npu if torch_npu finds one, else cuda, else mps, else cpu")
     d.add_argument("--amp", default="auto", choices=device.AMP_CHOICES,
-                   help="mixed precision; auto: bf16 where the chip has it (fp16 on older GPUs/NPUs), else fp32")
+                   help="mixed precision; auto: bf16 where the chip has it (fp16 on older GPUs/NPUs; on a CPU, "
+                        "AMX-BF16, or AVX512_BF16 on AMD, in /proc/cpuinfo), else fp32")
     d.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                    help="NHWC memory layout; auto: on for CUDA and CPU (faster convolutions), off for NPU and MPS")
     d.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
@@ -199,7 +200,7 @@ def make_training(model, args, dev, amp, total_steps):
         net = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.index is not None else None)
     optimizer = make_optimizer(model, args)
     return Training(model, net, optimizer, make_schedule(optimizer, total_steps, args.warmup),
-                    torch.amp.GradScaler(dev.type, enabled=amp == torch.float16), amp, args.label_smoothing,
+                    device.grad_scaler(dev, amp), amp, args.label_smoothing,
                     EMA(model, args.ema) if args.ema else None)
 
 
