@@ -23,6 +23,9 @@ NPROC    ?=
 RUNS     ?=
 ARGS     ?=
 CIFAR_URL ?=
+CHECKPOINT ?=
+HOST     ?= 127.0.0.1
+PORT     ?= 8000
 
 # Python environment: the active virtualenv or conda env if there is one,
 # otherwise .venv here (created on first use, so a system Python that refuses
@@ -50,7 +53,7 @@ LAUNCH := $(if $(NPROC),$(PYTHON) -m torch.distributed.run --standalone --nproc_
 # A mistyped DEVICE, NPROC, EPOCHS, BATCH or RUNS stops make in one line before any target runs: not after
 # the data step has fetched the dataset, and not with torchrun's traceback (its answer to NPROC=0).
 DEVICES := auto npu cuda mps cpu
-ifneq ($(filter train eval bench speedrun predict,$(MAKECMDGOALS)),)
+ifneq ($(filter train eval bench speedrun predict web bench-web,$(MAKECMDGOALS)),)
 ifneq ($(words $(DEVICE)) $(words $(filter $(DEVICES),$(DEVICE))),1 1)  # one word, and one of them
 $(error DEVICE=$(DEVICE): the device to use, one of $(DEVICES))
 endif
@@ -72,7 +75,7 @@ endif
 lparen := (
 rparen := )
 SHELL_SYNTAX := ' " ` ; & | < > $(lparen) $(rparen)
-$(foreach v,MODEL DATASET DATA_DIR RUN_DIR IMG ARCHIVE,$(if $(word 2,$($(v))),$(error $(v)=$($(v)): make passes a name with \
+$(foreach v,MODEL DATASET DATA_DIR RUN_DIR IMG ARCHIVE CHECKPOINT,$(if $(word 2,$($(v))),$(error $(v)=$($(v)): make passes a name with \
 	spaces as two; choose one without, or run the script with the name in quotes))$(if $(strip $(foreach \
 	c,$(SHELL_SYNTAX),$(findstring $(c),$($(v))))),$(error $(v)=$($(v)): the shell would read $(strip $(foreach \
 	c,$(SHELL_SYNTAX),$(findstring $(c),$($(v))))) in the name as its own syntax; choose a name without, or run \
@@ -89,8 +92,8 @@ GUI_FLAGS := $(PREDICT_FLAGS) $(if $(filter command line,$(origin IMG)),$(IMG))
 PREDICT_DEVICE := $(call given,DEVICE,--device)
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev install-gui install-extra data train eval bench speedrun plot predict gui export \
-	test test-fast clean
+.PHONY: help install install-dev install-gui install-extra install-web data train eval bench speedrun plot predict gui \
+	export web bench-web test test-fast clean
 
 help: ## list the targets and the variables they take
 	@echo "usage: make TARGET [VAR=value ...]"
@@ -100,6 +103,7 @@ help: ## list the targets and the variables they take
 	@echo "variables: DEVICE=$(DEVICE) (auto|npu|cuda|mps|cpu)  MODEL=$(MODEL)  EPOCHS=$(EPOCHS)  BATCH=$(BATCH)"
 	@echo "           DATASET=$(DATASET) (cifar10|cifar100|folder)  DATA_DIR=$(DATA_DIR)  RUN_DIR=$(RUN_DIR)"
 	@echo "           NPROC=$(NPROC) (processes under torchrun)  IMG=$(IMG) (predict, gui)"
+	@echo "           CHECKPOINT=$(CHECKPOINT)  HOST=$(HOST)  PORT=$(PORT) (web, bench-web)"
 	@echo "           RUNS=$(RUNS) (speedrun: how many runs, 3; plot: run folders to overlay)"
 	@echo "           ARCHIVE=$(ARCHIVE)  MD5=$(MD5)  CIFAR_URL=$(CIFAR_URL) (data: a local archive or a mirror)"
 	@echo "           ARGS=\"$(ARGS)\" (extra flags for the script)"
@@ -129,6 +133,12 @@ install-dev: $(STAMP).dev ## install, plus what the tests need
 
 install-gui: $(STAMP).gui ## install Qt for Python (PySide6) for the desktop window
 
+$(STAMP).web: requirements-web.txt | $(ENV)/bin/python
+	$(PYTHON) -m pip install -r requirements-web.txt
+	@mkdir -p .make && touch $@
+
+install-web: $(STAMP).web ## install FastAPI and uvicorn for the web page (web.py)
+
 install-extra: $(STAMP).extra ## install the optional extras (matplotlib for plots)
 
 data: install ## fetch and verify DATASET into DATA_DIR (offline: ARCHIVE=path, MD5=, or CIFAR_URL=); samples in test/
@@ -156,6 +166,15 @@ plot: install install-extra ## draw RUN_DIR/curves.png (RUNS="runs/a runs/b" ove
 gui: install install-gui ## open the desktop window (IMG= opens a picture at once; newest run's best.pth)
 	$(PYTHON) gui.py $(GUI_FLAGS) $(ARGS)
 
+# web.py and bench_web.py serve RUN_DIR's best.pth, or CHECKPOINT.
+WEB_CHECKPOINT = --checkpoint $(or $(CHECKPOINT),$(RUN_DIR)/best.pth) --device $(DEVICE)
+
+web: install install-web ## serve a page and a JSON API for RUN_DIR's best.pth (CHECKPOINT=, HOST=, PORT=; ssh -L to reach it)
+	$(PYTHON) web.py $(WEB_CHECKPOINT) --host $(HOST) --port $(PORT) $(ARGS)
+
+bench-web: install install-web ## time web.py's API with 1, 8 and 32 clients, batching on and off, next to predict.py's cold start
+	$(PYTHON) bench_web.py $(WEB_CHECKPOINT) $(ARGS)
+
 export: install install-extra ## write RUN_DIR/model.onnx from RUN_DIR/best.pth, checked against PyTorch with onnxruntime
 	$(PYTHON) export.py --checkpoint $(RUN_DIR)/best.pth $(RUN_DATA) $(ARGS)
 
@@ -164,10 +183,10 @@ export: install install-extra ## write RUN_DIR/model.onnx from RUN_DIR/best.pth,
 # worksteal: a worker that runs out takes tests queued for another, so no core idles through a long last test.
 PYTEST := OMP_NUM_THREADS=1 $(PYTHON) -m pytest -n auto --dist worksteal
 
-test: install-dev install-gui install-extra ## run the whole test suite (what CI runs)
+test: install-dev install-gui install-extra install-web ## run the whole test suite (what CI runs)
 	$(PYTEST) --durations=10 tests/ $(ARGS)
 
-test-fast: install-dev install-gui install-extra ## run the tests that start no process and train no whole run: the tier for an edit loop
+test-fast: install-dev install-gui install-extra install-web ## run the tests that start no process and train no whole run: the tier for an edit loop
 	$(PYTEST) -m "not slow" tests/ $(ARGS)
 
 clean: ## remove caches and install stamps (keeps data/, runs/, test/ and .venv)
