@@ -14,9 +14,10 @@ fetching nothing from anywhere but this server. POST /predict answers with the d
 says the server is ready, with what it serves; /openapi.json describes both.
 
 The model is loaded once, before the port opens. Requests that arrive together share a forward
-pass: the pass waits up to --batch-wait-ms for more pictures, up to --max-batch of them
-(--max-batch 1: a pass per request). Past --queue-size requests in the server, the next is
-answered 503 with Retry-After. Bad input gets a 4xx and {"error": "<one line>"}.
+pass: while other requests are still being read, a pass waits up to --batch-wait-ms for their
+pictures, up to --max-batch of them (--max-batch 1: a pass per request). Past --queue-size
+requests in the server, the next is answered 503 with Retry-After. Bad input gets a 4xx and
+{"error": "<one line>"}; the server goes on answering.
 """
 import asyncio
 import concurrent.futures
@@ -42,10 +43,15 @@ import resnet  # noqa: E402
 
 PAGE = Path(__file__).with_name("web.html")
 COOKIE = "cifar_resnet_token"
-PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # What the page may load: only this server's own page, script and styles (blob: shows the chosen pictures).
 POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src blob: data:; "
           "connect-src 'self'; form-action 'none'; base-uri 'none'")
+
+# /predict in /openapi.json: it reads its form itself (read_uploads), to answer every fault in one line.
+UPLOAD = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"],
+    "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}},
+    "parameters": [{"name": "topk", "in": "query", "schema": {"type": "integer", "minimum": 1, "default": 1}}]}
 
 
 def get_args_parser():
@@ -71,6 +77,10 @@ def get_args_parser():
     return p
 
 
+def precision_of(clf):
+    return str(next(clf.model.parameters()).dtype).removeprefix("torch.")  # float32: for_inference keeps fp32
+
+
 class Refused(Exception):
     """A request answered with this status and one line saying why."""
 
@@ -87,11 +97,12 @@ class Batcher:
     """Pictures of concurrent requests, answered in shared forward passes on one thread: the
     model exists once, and one pass at a time uses it."""
 
-    def __init__(self, clf, max_batch, wait_s):
+    def __init__(self, clf, max_batch, wait_s, arriving=lambda: 0):
         self.clf, self.max_batch, self.wait_s = clf, max_batch, wait_s
+        self.arriving = arriving  # how many requests are being read or decoded, bound for the queue
         self.queue = asyncio.Queue()  # bounded by the requests let in (App.predict), not here
         self.model_thread = concurrent.futures.ThreadPoolExecutor(1, "model")
-        self.passes = []  # the batch size of each pass, for tests and the benchmark's curiosity
+        self.passes = self.pictures = 0  # in /health: how full the passes run (bench_web.py prints it)
 
     async def probabilities(self, pictures):
         """Softmax rows for these pictures, computed in a pass shared with other requests."""
@@ -100,7 +111,8 @@ class Batcher:
         return await answer
 
     async def gather(self):
-        """The requests of the next pass: the first to come, then any more for up to wait_s."""
+        """The requests of the next pass: the first to come, then those on their way, for up to wait_s.
+        With none on its way the pass starts at once: a lone client never waits."""
         loop = asyncio.get_running_loop()
         jobs = [await self.queue.get()]
         size, deadline = len(jobs[0][0]), loop.time() + self.wait_s
@@ -108,7 +120,7 @@ class Batcher:
             try:
                 job = self.queue.get_nowait()
             except asyncio.QueueEmpty:
-                if deadline <= loop.time():
+                if deadline <= loop.time() or not self.arriving():
                     break
                 try:
                     job = await asyncio.wait_for(self.queue.get(), deadline - loop.time())
@@ -123,7 +135,7 @@ class Batcher:
         while True:
             jobs = await self.gather()
             batch = torch.stack([p for pictures, _ in jobs for p in pictures])
-            self.passes.append(len(batch))
+            self.passes, self.pictures = self.passes + 1, self.pictures + len(batch)
             try:
                 probs = await loop.run_in_executor(self.model_thread, self.clf.probabilities, batch)
             except Exception as e:  # out of memory on the device, say: these requests fail, the server goes on
@@ -206,15 +218,24 @@ class App:
         self.clf, self.checkpoint, self.args, self.token = clf, str(checkpoint), args, token
         self.decoder = concurrent.futures.ThreadPoolExecutor(1, "decode")  # data.open_picture sets a global
         self.batcher = None  # made inside the server's event loop
-        self.in_server = 0
+        self.in_server = self.arriving = 0  # requests in the server; of them, those not yet queued for a pass
         self.page = PAGE.read_text(encoding="utf-8")
+
+    def allowed(self, request):
+        """Whether the request carries the token: in its address, the page's cookie, or an Authorization header."""
+        if self.token is None:
+            return True
+        given = (request.query_params.get("token") or request.cookies.get(COOKIE)
+                 or request.headers.get("authorization", "").partition(" ")[2])
+        return secrets.compare_digest(given.encode(), self.token.encode())
 
     def health(self):
         ckpt = self.clf.ckpt
         return {"ready": True, "device": str(self.clf.device), "checkpoint": self.checkpoint, "network": ckpt["arch"],
                 "dataset": ckpt.get("dataset"), "classes": self.clf.classes, "accuracy": ckpt.get("accuracy"),
-                "epoch": ckpt.get("epoch"), "precision": PRECISION.get(next(self.clf.model.parameters()).dtype),
-                "max_files": self.args.max_files, "max_body_mb": self.args.max_body_mb}
+                "epoch": ckpt.get("epoch"), "precision": precision_of(self.clf),
+                "max_files": self.args.max_files, "max_body_mb": self.args.max_body_mb,
+                "forward_passes": self.batcher.passes, "pictures_answered": self.batcher.pictures}
 
     async def predict(self, request):
         """POST /predict: predict.py's --json document for the uploaded pictures."""
@@ -223,10 +244,7 @@ class App:
                           {"Retry-After": "1"})
         self.in_server += 1
         try:
-            topk = topk_of(request)
-            uploads = await read_uploads(request, int(self.args.max_body_mb * 1e6), self.args.max_files)
-            named = await asyncio.get_running_loop().run_in_executor(self.decoder, decode, uploads,
-                                                                     self.clf.image_size)
+            topk, named = await self.read(request)
             pictures = [p for _, p in named if isinstance(p, torch.Tensor)]
             probs = await self.probabilities(pictures) if pictures else None
         finally:
@@ -238,6 +256,18 @@ class App:
             more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
             raise Refused(422, failed[0] + more, document=document)
         return document
+
+    async def read(self, request):
+        """topk and the (name, picture or PictureError) pairs of a request; meanwhile it counts as arriving."""
+        self.arriving += 1
+        try:
+            topk = topk_of(request)
+            uploads = await read_uploads(request, int(self.args.max_body_mb * 1e6), self.args.max_files)
+            named = await asyncio.get_running_loop().run_in_executor(self.decoder, decode, uploads,
+                                                                     self.clf.image_size)
+            return topk, named
+        finally:
+            self.arriving -= 1
 
     async def probabilities(self, pictures):
         try:
@@ -266,7 +296,8 @@ def build_app(state):
 
     @asynccontextmanager
     async def lifespan(app):
-        state.batcher = Batcher(state.clf, state.args.max_batch, state.args.batch_wait_ms / 1000)
+        state.batcher = Batcher(state.clf, state.args.max_batch, state.args.batch_wait_ms / 1000,
+                                lambda: state.arriving)
         task = asyncio.create_task(state.batcher.run())
         yield
         task.cancel()
@@ -282,15 +313,11 @@ def build_app(state):
 
     @app.middleware("http")
     async def token_required(request: Request, call_next):
-        if state.token is None:
-            return await call_next(request)
-        given = (request.query_params.get("token") or request.cookies.get(COOKIE)
-                 or request.headers.get("authorization", "").partition(" ")[2])
-        if not secrets.compare_digest(given.encode(), state.token.encode()):
+        if not state.allowed(request):
             return error(401, "a token is needed: open the address web.py printed (…/?token=…), or send "
                               "the header `Authorization: token <token>`")
         response = await call_next(request)
-        if request.query_params.get("token"):  # the page keeps it: later requests need not carry it
+        if state.token and request.query_params.get("token"):  # the page keeps it: its requests need not carry it
             response.set_cookie(COOKIE, state.token, httponly=True, samesite="strict")
         return response
 
@@ -302,12 +329,7 @@ def build_app(state):
     async def health():
         return state.health()
 
-    upload = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": ["file"],
-        "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}},
-        "parameters": [{"name": "topk", "in": "query", "schema": {"type": "integer", "minimum": 1, "default": 1}}]}
-
-    @app.post("/predict", summary="Classify pictures: predict.py --json's document", openapi_extra=upload)
+    @app.post("/predict", summary="Classify pictures: predict.py --json's document", openapi_extra=UPLOAD)
     async def predict_pictures(request: Request):
         return await state.predict(request)
 
@@ -367,7 +389,7 @@ def main(args):
     ckpt = clf.ckpt
     accuracy = f", {ckpt['accuracy']:.2f}% test accuracy" if ckpt.get("accuracy") is not None else ""
     print(f"web: {checkpoint} ({ckpt['arch']}, {len(clf.classes)} classes{accuracy}) on {clf.device}, "
-          f"{state.health()['precision']}")
+          f"{precision_of(clf)}")
     for line in addresses(sock, args.host, token):
         print(f"web: {line}", flush=True)
     config = uvicorn.Config(build_app(state), log_level="warning", access_log=False, timeout_graceful_shutdown=5)

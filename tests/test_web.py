@@ -3,6 +3,7 @@ answered in one line, the token, batching and the queue's bound, and the start-u
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import ROOT, injected, one_line_error, run_here
+from conftest import ROOT, injected, one_line_error, run, run_here
 from web_server import Server, call, multipart, post, write_checkpoint, write_pictures
 
 pytestmark = pytest.mark.slow  # each test starts web.py
@@ -85,7 +86,7 @@ def test_health_says_ready_with_the_device_the_checkpoint_and_what_it_holds(serv
     assert status == 200 and health["ready"] is True
     assert health["device"] == "cpu" and health["checkpoint"] == str(checkpoint)
     assert (health["network"], health["dataset"], len(health["classes"]), health["accuracy"], health["precision"]) \
-        == ("resnet18", "cifar10", 10, 42.5, "fp32")
+        == ("resnet18", "cifar10", 10, 42.5, "float32")
 
 
 def test_the_swagger_and_redoc_pages_are_off_and_the_schema_stays(server):
@@ -304,3 +305,14 @@ def test_make_web_serves_run_dir_s_best_pth_unless_checkpoint_port_and_host_are_
     assert command("RUN_DIR=runs/r50")[:2] == ["--checkpoint", "runs/r50/best.pth"]
     assert command("CHECKPOINT=model/net.pth", "PORT=9000", "HOST=0.0.0.0") == [
         "--checkpoint", "model/net.pth", "--device", "auto", "--host", "0.0.0.0", "--port", "9000"]
+
+
+def test_the_benchmark_times_each_number_of_clients_with_batching_on_and_off_next_to_a_cold_start(work):
+    d, checkpoint, folder = work
+    proc = run("bench_web.py", "--checkpoint", checkpoint, "--device", "cpu", "--picture", folder / "0_3.jpg",
+               "--requests", "4", "--clients", "1", "2", "--repeats", "1", cwd=d)
+    runs = re.findall(r"^bench web batching=(on|off) clients=(\d+) requests=4 req_s=[\d.]+ p50_ms=[\d.]+ "
+                      r"p99_ms=[\d.]+ pictures_per_pass=[\d.]+$", proc.stdout, re.M)
+    assert runs == [("on", "1"), ("on", "2"), ("off", "1"), ("off", "2")]
+    assert re.search(r"^bench web summary on_over_off_1=[\d.]+ on_over_off_2=[\d.]+ predict_cold_start_s=[\d.]+ ",
+                     proc.stdout, re.M)
