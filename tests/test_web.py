@@ -186,6 +186,12 @@ def test_on_loopback_no_token_is_asked(server):
     assert server.token is None and call(server.url + "/health")[0] == 200
 
 
+def test_it_prints_its_address_and_the_ssh_tunnel_to_reach_it_from_a_laptop(server):
+    port = server.url.rsplit(":", 1)[1]
+    printed = server.out.read_text()
+    assert f"http://127.0.0.1:{port}/" in printed and f"ssh -L {port}:127.0.0.1:{port} " in printed
+
+
 def concurrently(url, files, n):
     """n requests at once, each with one of files; (statuses, documents, seconds) once all are answered."""
     answers = [None] * n

@@ -14,8 +14,8 @@ from playwright.sync_api import Error, sync_playwright
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: conftest and web_server beside it
 
+from conftest import ROOT  # noqa: E402  (it puts the project's scripts on the path)
 import predict  # noqa: E402
-from conftest import ROOT  # noqa: E402
 from gui import CHINESE  # noqa: E402
 from web_server import Server, write_checkpoint, write_pictures  # noqa: E402
 
