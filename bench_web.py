@@ -4,11 +4,12 @@
     python bench_web.py --checkpoint runs/resnet18/best.pth --requests 512 --clients 1 8 32 64
     make bench-web CHECKPOINT=runs/resnet18/best.pth DEVICE=cpu
 
-For each setting (batching on: web.py's defaults; off: --max-batch 1, a forward pass per request),
-web.py is started on a free loopback port, and for each number of clients that many threads, each
-with its own keep-alive connection, send --requests requests in all (one picture each, as `curl -F
-file=@PICTURE` sends it), after a few untimed ones. A line per run: requests per second, the median
-and 99th-percentile latency, and the pictures per forward pass as the server counted them. The
+Two web.py servers run on free loopback ports, batching on (web.py's defaults) and off (--max-batch 1,
+a forward pass per request). For each number of clients, that many threads, each with its own
+keep-alive connection, send --requests requests in all (one picture each, as `curl -F file=@PICTURE`
+sends it), to one server then the other, --rounds times, after untimed ones. A line per setting and
+number of clients: requests per second (the median round), the median and 99th-percentile latency
+(all rounds), and the pictures per forward pass as the server counted them. The
 clients run on the same machine as the server and take their share of its cores. Then bench.py's
 --cold-start: `python predict.py PICTURE` from a fresh process, the time a script pays per picture
 without a server. The last line is one machine-readable summary.
@@ -41,6 +42,8 @@ def get_args_parser():
     p.add_argument("--requests", type=cli.integer(min=1), default=256, help="timed requests per run")
     p.add_argument("--clients", type=cli.integer(min=1), nargs="+", default=[1, 8, 32],
                    help="concurrent clients, a run each")
+    p.add_argument("--rounds", type=cli.integer(min=1), default=3,
+                   help="timed loads per setting and number of clients, the settings taking turns (median)")
     p.add_argument("--repeats", type=cli.integer(min=1), default=3,
                    help="predict.py cold starts (times 2, alternating with the tutorials' flow, as bench.py does)")
     return p
@@ -108,26 +111,40 @@ def counts(port):
     return health["forward_passes"], health["pictures_answered"]
 
 
-def run(checkpoint, dev, picture, clients, requests):
-    """A line per setting and number of clients; {(setting, clients): requests per second}."""
+def measure(port, body, headers, clients, requests):
+    """(requests per second, latencies in ms, pictures per forward pass) of one timed load."""
+    before = counts(port)
+    seconds, latencies = load(port, body, headers, clients, requests)
+    passes, pictures = (a - b for a, b in zip(counts(port), before))
+    return requests / seconds, [1000 * t for t in latencies], pictures / max(passes, 1)
+
+
+def run(checkpoint, dev, picture, clients, requests, rounds):
+    """A line per setting and number of clients; {(setting, clients): requests per second}. Both servers
+    run throughout and take turns, round after round, so that the machine's drift falls on both."""
     body, headers = multipart(Path(picture).name, Path(picture).read_bytes())
     rates = {}
     with tempfile.TemporaryDirectory() as folder:
-        for setting, flags in SETTINGS.items():
-            proc, port = start_server(checkpoint, dev, flags, folder)
-            try:
-                load(port, body, headers, max(clients), 2 * max(clients))  # warm-up: first passes of each size
-                for n in clients:
-                    passes, pictures = counts(port)
-                    seconds, latencies = load(port, body, headers, n, requests)
-                    passes, pictures = (a - b for a, b in zip(counts(port), (passes, pictures)))
-                    ms = sorted(1000 * t for t in latencies)
-                    rates[setting, n] = requests / seconds
-                    print(f"bench web batching={setting} clients={n} requests={requests} "
+        servers = {}
+        try:
+            for setting, flags in SETTINGS.items():
+                (Path(folder) / setting).mkdir()
+                servers[setting] = start_server(checkpoint, dev, flags, Path(folder) / setting)
+                load(servers[setting][1], body, headers, max(clients), 2 * max(clients))  # warm-up: each size once
+            for n in clients:
+                got = {setting: [] for setting in servers}
+                for _ in range(rounds):
+                    for setting, (_, port) in servers.items():
+                        got[setting].append(measure(port, body, headers, n, requests))
+                for setting, results in got.items():
+                    rates[setting, n] = statistics.median(r[0] for r in results)
+                    ms = sorted(t for r in results for t in r[1])
+                    print(f"bench web batching={setting} clients={n} requests={requests}x{rounds} "
                           f"req_s={rates[setting, n]:.1f} p50_ms={statistics.median(ms):.1f} "
                           f"p99_ms={ms[min(len(ms) - 1, int(0.99 * len(ms)))]:.1f} "
-                          f"pictures_per_pass={pictures / max(passes, 1):.2f}", flush=True)
-            finally:
+                          f"pictures_per_pass={statistics.median(r[2] for r in results):.2f}", flush=True)
+        finally:
+            for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(30)
     return rates
@@ -140,7 +157,7 @@ def main(args):
         raise resnet.CheckpointError("no trained model yet: run `make train`, or pass --checkpoint")
     if not Path(args.picture).is_file():
         raise data.DataError(f"{args.picture}: no such picture (`make data` writes test/0_3.jpg)")
-    rates = run(checkpoint, args.device, args.picture, args.clients, args.requests)
+    rates = run(checkpoint, args.device, args.picture, args.clients, args.requests, args.rounds)
     cold = bench.cold_start(args.picture, args.repeats)
     predict_s = float(cold.split("predict_s=")[1].split()[0])
     gains = " ".join(f"on_over_off_{n}={rates['on', n] / rates['off', n]:.2f}" for n in args.clients)

@@ -316,9 +316,9 @@ def test_make_web_serves_run_dir_s_best_pth_unless_checkpoint_port_and_host_are_
 def test_the_benchmark_times_each_number_of_clients_with_batching_on_and_off_next_to_a_cold_start(work):
     d, checkpoint, folder = work
     proc = run("bench_web.py", "--checkpoint", checkpoint, "--device", "cpu", "--picture", folder / "0_3.jpg",
-               "--requests", "4", "--clients", "1", "2", "--repeats", "1", cwd=d)
-    runs = re.findall(r"^bench web batching=(on|off) clients=(\d+) requests=4 req_s=[\d.]+ p50_ms=[\d.]+ "
+               "--requests", "4", "--clients", "1", "2", "--rounds", "1", "--repeats", "1", cwd=d)
+    runs = re.findall(r"^bench web batching=(on|off) clients=(\d+) requests=4x1 req_s=[\d.]+ p50_ms=[\d.]+ "
                       r"p99_ms=[\d.]+ pictures_per_pass=[\d.]+$", proc.stdout, re.M)
-    assert runs == [("on", "1"), ("on", "2"), ("off", "1"), ("off", "2")]
+    assert runs == [("on", "1"), ("off", "1"), ("on", "2"), ("off", "2")]
     assert re.search(r"^bench web summary on_over_off_1=[\d.]+ on_over_off_2=[\d.]+ predict_cold_start_s=[\d.]+ ",
                      proc.stdout, re.M)
