@@ -369,12 +369,13 @@ def addresses(sock, host, token):
 
 
 def main(args):
-    try:
+    try:  # the web stack is optional: requirements-web.txt
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401
+        import python_multipart  # noqa: F401  (what FastAPI reads forms with)
         import uvicorn
     except ImportError as e:
-        raise StartError(f"{e.name} is not installed: pip install -r requirements-web.txt (`make web` does it)")
+        raise StartError(f"{e.name.replace('_', '-')} is not installed: pip install -r requirements-web.txt "
+                         "(`make web` does it)") from None
     if not PAGE.is_file():
         raise StartError(f"{PAGE}: the page is missing; it comes with web.py")
     checkpoint = args.checkpoint or predict.latest_checkpoint()

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -209,11 +208,12 @@ def concurrently(url, files, n):
 
 def test_concurrent_requests_share_forward_passes_and_get_the_answers_they_get_alone(work, tmp_path):
     _, checkpoint, _ = work
-    pictures, timings = pictures_of(work), {}
+    pictures, timings, alone = pictures_of(work), {}, {}
     for batch in ("32", "1"):
         s = Server(checkpoint, "--max-batch", batch, env=slowed(tmp_path, 0.3), folder=tmp_path)
         try:
-            alone = alone if batch == "1" else {p.name: post(s.url + "/predict", p)[2]["results"][0] for p in pictures}
+            if not alone:  # each picture in a request of its own, one after another
+                alone = {p.name: post(s.url + "/predict", p)[2]["results"][0] for p in pictures}
             statuses, documents, timings[batch] = concurrently(s.url, pictures, 8)
         finally:
             s.stop()
@@ -297,8 +297,16 @@ def test_a_bad_flag_is_one_line_and_a_non_zero_exit(work, tmp_path, flags):
     assert flags[0] in one_line_error(proc) and "serving" not in proc.stdout
 
 
+def test_without_the_web_stack_installed_it_says_what_to_install_in_one_line(work, tmp_path):
+    _, checkpoint, _ = work
+    env = injected(tmp_path, "import sys\nsys.modules['fastapi'] = None  # as if not installed\n")
+    proc = run("web.py", "--checkpoint", checkpoint, "--port", "0", cwd=tmp_path, env=env, check=False)
+    assert "requirements-web.txt" in one_line_error(proc)
+
+
 def test_make_web_serves_run_dir_s_best_pth_unless_checkpoint_port_and_host_are_given():
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "RUN_DIR", "CHECKPOINT")}
+    unset = ("MAKEFLAGS", "MAKELEVEL", "RUN_DIR", "MODEL", "DEVICE", "CHECKPOINT", "HOST", "PORT", "ARGS")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     env["VIRTUAL_ENV"] = sys.prefix
 
     def command(*variables):

@@ -182,7 +182,8 @@ def test_a_dropped_or_pasted_picture_is_classified(guarded, work, how):
 
 def test_a_line_names_the_network_dataset_classes_test_accuracy_device_and_precision(guarded):
     page = guarded()
-    assert page.inner_text("#served") == "resnet18 · cifar10 · 10 classes · 42.50% test accuracy · epoch 2 · cpu · float32"
+    assert page.inner_text("#served") == ("resnet18 · cifar10 · 10 classes · 42.50% test accuracy · epoch 2 · cpu · "
+                                          "float32")
 
 
 def test_at_a_phone_s_width_nothing_is_wider_than_the_screen(guarded, work):
