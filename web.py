@@ -134,9 +134,9 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             jobs = await self.gather()
-            batch = torch.stack([p for pictures, _ in jobs for p in pictures])
-            self.passes, self.pictures = self.passes + 1, self.pictures + len(batch)
             try:
+                batch = torch.stack([p for pictures, _ in jobs for p in pictures])
+                self.passes, self.pictures = self.passes + 1, self.pictures + len(batch)
                 probs = await loop.run_in_executor(self.model_thread, self.clf.probabilities, batch)
             except Exception as e:  # out of memory on the device, say: these requests fail, the server goes on
                 for _, answer in jobs:
