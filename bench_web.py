@@ -16,6 +16,7 @@ without a server. The last line is one machine-readable summary.
 """
 import http.client
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -24,11 +25,13 @@ import threading
 import time
 from pathlib import Path
 
-import cli
-import data
-import device
-import predict
-import resnet
+os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # torch_npu loads in device.py, which explains failures
+
+import cli  # noqa: E402
+import data  # noqa: E402
+import device  # noqa: E402
+import predict  # noqa: E402
+import resnet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 SETTINGS = {"on": [], "off": ["--max-batch", "1"]}
