@@ -127,6 +127,10 @@ def test_switching_to_chinese_shows_the_chinese_class_name(guarded, work):
     assert card.locator(".answer").inner_text().startswith(want["class"])
 
 
+def test_the_page_names_the_classes_in_chinese_as_the_window_does(guarded):
+    assert guarded().evaluate("CHINESE") == CHINESE
+
+
 def test_a_browser_set_to_chinese_opens_the_page_in_chinese(guarded):
     page = guarded(locale="zh-CN")
     assert page.title() == "CIFAR-10 十分类" and "选择图片" in page.inner_text("#drop")
