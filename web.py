@@ -61,7 +61,7 @@ def get_args_parser():
                         "recent run under runs/)")
     p.add_argument("--model", default=None, choices=resnet.MODELS,
                    help="the network the checkpoint must hold (default: the one it holds)")
-    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (another than loopback needs a token)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (any but loopback asks for a token)")
     p.add_argument("--port", type=cli.integer(min=0, max=65535), default=8000, help="the port (0: any free one)")
     p.add_argument("--token", default=None,
                    help="the token a request must carry off loopback (default: a new one, printed in the address)")
@@ -69,7 +69,7 @@ def get_args_parser():
     p.add_argument("--max-batch", type=cli.integer(min=1), default=32,
                    help="pictures per forward pass, gathered from requests that arrive together (1: no batching)")
     p.add_argument("--batch-wait-ms", type=cli.real(min=0, max=1000), default=5,
-                   help="how long a pass waits for more pictures once one is there")
+                   help="how long a pass waits for the pictures of requests still being read")
     p.add_argument("--queue-size", type=cli.integer(min=1), default=64,
                    help="requests in the server at once; past it: 503 with Retry-After")
     p.add_argument("--max-files", type=cli.integer(min=1), default=16, help="pictures in one request")
