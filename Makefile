@@ -15,29 +15,21 @@ NPROC    ?=
 RUNS     ?=
 ARGS     ?=
 CIFAR_URL ?=
+CHECKPOINT ?=
+HOST     ?= 127.0.0.1
+PORT     ?= 8000
 
-# Python environment: the active virtualenv or conda env if there is one,
-# otherwise .venv here (created on first use, so a system Python that refuses
-# pip installs is never touched).
-ifdef VIRTUAL_ENV
-ENV := $(VIRTUAL_ENV)
-else ifdef CONDA_PREFIX
-ENV := $(CONDA_PREFIX)
-else
-ENV := .venv
-endif
+# Python environment: the active virtualenv or conda env, else .venv here (made on first use, so a system
+# Python that refuses pip installs is never touched). Install stamps, redone when a requirements file changes:
+ENV := $(or $(VIRTUAL_ENV),$(CONDA_PREFIX),.venv)
 PYTHON := $(ENV)/bin/python
-# Install stamps live here, one per environment, and are redone when a
-# requirements file changes.
 STAMP := .make/$(subst /,_,$(abspath $(ENV)))
-# Every install asks for the torch already there by its exact version, so pip keeps it and picks the
-# torchvision that goes with it: torch_npu, or a CUDA or CPU build, is paired with exactly that torch.
-# Where no torch is installed yet (a fresh env) this is empty and pip chooses freely.
+# Every install asks for the torch already there (none in a fresh env) by its exact version, so pip keeps the torch
+# that torch_npu, or a CUDA or CPU build, is paired with, and picks the torchvision that goes with it.
 KEEP_TORCH = $(shell $(PYTHON) -c "import importlib.metadata as m; \
 	print(*[f'torch=={d.version}' for d in m.distributions(name='torch')][:1])")
-# Where pip cannot keep that torch (a mirror with no torchvision built for it), its many lines end with one naming
-# the torchvision that goes with it: 0.(minor+15).patch for torch 2.minor.patch, a local label (+cpu) kept.
-# The code reaches the shell in an environment variable, so the pip line make prints stays short.
+# Where pip cannot (a mirror with no torchvision built for it), its last line names that torchvision: 0.(minor+15).patch
+# for torch 2.minor.patch, a local label (+cpu) kept; the code reaches the shell in the environment, a short pip line.
 OR_NAME_TORCHVISION = $(if $(KEEP_TORCH),|| $(PYTHON) -c "$$NAME_TORCHVISION")
 export NAME_TORCHVISION = import importlib.metadata as m; t = m.version('torch'); v, plus, label = t.partition('+'); \
 	_, minor, patch = v.split('.')[:3]; tv = f'0.{int(minor) + 15}.{patch}{plus}{label}'; \
@@ -58,15 +50,19 @@ LAUNCH := $(if $(NPROC),$(PYTHON) -m torch.distributed.run --standalone --nproc_
 # test.py and export.py use the data the run trained on unless DATA_DIR (or, for test.py, DATASET) is given;
 # predict.py and gui.py the newest run's best.pth unless MODEL or RUN_DIR is, and predict.py the CPU unless DEVICE is.
 PREDICT_FLAGS := $(if $(filter command line environment,$(origin RUN_DIR) $(origin MODEL)),--checkpoint '$(RUN_DIR)/best.pth')
+# web.py and bench_web.py serve RUN_DIR's best.pth, or CHECKPOINT.
+WEB_FLAGS = --checkpoint '$(or $(CHECKPOINT),$(RUN_DIR)/best.pth)' --device $(DEVICE)
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev install-gui install-extra data train eval bench speedrun plot predict gui export gpu-check test test-fast clean
+.PHONY: help install install-dev install-gui install-web install-extra data train eval bench speedrun plot predict gui \
+	export web bench-web gpu-check test test-fast clean
 help: ## list the targets and the variables they take
 	@echo "usage: make TARGET [VAR=value ...]"; echo
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
 	@echo; echo "variables: DEVICE=$(DEVICE) (auto|npu|cuda|mps|cpu)  MODEL=$(MODEL)  EPOCHS=$(EPOCHS)  BATCH=$(BATCH)"
 	@echo "           DATASET=$(DATASET) (cifar10|cifar100|folder)  DATA_DIR=$(DATA_DIR)  RUN_DIR=$(RUN_DIR)"
-	@echo "           NPROC=$(NPROC) (processes under torchrun)  IMG=$(IMG) (predict, gui)"
+	@echo "           NPROC=$(NPROC) (processes under torchrun)  IMG=$(IMG) (predict, gui)  OUT=$(OUT) (gpu-check)"
+	@echo "           CHECKPOINT=$(CHECKPOINT)  HOST=$(HOST)  PORT=$(PORT) (web, bench-web)"
 	@echo "           RUNS=$(RUNS) (speedrun: how many runs, 3; plot: run folders to overlay)"
 	@echo "           ARCHIVE=$(ARCHIVE)  MD5=$(MD5)  CIFAR_URL=$(CIFAR_URL) (data: a local archive or a mirror)"
 	@echo "           ARGS=\"$(ARGS)\" (extra flags for the script)"
@@ -74,20 +70,15 @@ help: ## list the targets and the variables they take
 $(ENV)/bin/python:
 	python3 -m venv $(ENV)
 $(STAMP).run: requirements.txt | $(ENV)/bin/python
-	$(PYTHON) -m pip install -r requirements.txt $(KEEP_TORCH) $(OR_NAME_TORCHVISION)
+	$(PYTHON) -m pip install -r $< $(KEEP_TORCH) $(OR_NAME_TORCHVISION)
 	@mkdir -p .make && touch $@
-$(STAMP).dev: requirements.txt requirements-dev.txt | $(ENV)/bin/python
-	$(PYTHON) -m pip install -r requirements-dev.txt $(KEEP_TORCH) $(OR_NAME_TORCHVISION)
-	@mkdir -p .make && touch $@ $(STAMP).run
-$(STAMP).extra: requirements-extra.txt | $(ENV)/bin/python
-	$(PYTHON) -m pip install -r requirements-extra.txt $(KEEP_TORCH) $(OR_NAME_TORCHVISION)
-	@mkdir -p .make && touch $@
-$(STAMP).gui: requirements-gui.txt | $(ENV)/bin/python
-	$(PYTHON) -m pip install -r requirements-gui.txt $(KEEP_TORCH) $(OR_NAME_TORCHVISION)
+$(STAMP).%: requirements-%.txt requirements.txt | $(ENV)/bin/python
+	$(PYTHON) -m pip install -r $< $(KEEP_TORCH) $(OR_NAME_TORCHVISION)
 	@mkdir -p .make && touch $@
 install: $(STAMP).run ## set up the Python environment (active venv/conda env, else .venv)
 install-dev: $(STAMP).dev ## install, plus what the tests need
 install-gui: $(STAMP).gui ## install Qt for Python (PySide6) for the desktop window
+install-web: $(STAMP).web ## install FastAPI and uvicorn for the web page (web.py)
 install-extra: $(STAMP).extra ## install the optional extras (matplotlib for plots)
 data: install ## fetch and verify DATASET into DATA_DIR (offline: ARCHIVE=path, MD5=, or CIFAR_URL=); samples in test/
 	$(PYTHON) data.py --dataset $(DATASET) --data-dir '$(DATA_DIR)' $(if $(ARCHIVE),--archive '$(ARCHIVE)') \
@@ -107,6 +98,10 @@ plot: install install-extra ## draw RUN_DIR/curves.png (RUNS="runs/a runs/b" ove
 	$(PYTHON) plot.py $(or $(RUNS),'$(RUN_DIR)') $(ARGS)
 gui: install install-gui ## open the desktop window (IMG= opens a picture at once; newest run's best.pth)
 	$(PYTHON) gui.py $(PREDICT_FLAGS) $(if $(filter command line,$(origin IMG)),'$(IMG)') $(ARGS)
+web: install install-web ## serve a page and a JSON API for RUN_DIR's best.pth (CHECKPOINT=, HOST=, PORT=; ssh -L to reach it)
+	$(PYTHON) web.py $(WEB_FLAGS) --host '$(HOST)' --port '$(PORT)' $(ARGS)
+bench-web: install install-web ## time web.py's API with 1, 8 and 32 clients, batching on and off, next to predict.py's cold start
+	$(PYTHON) bench_web.py $(WEB_FLAGS) $(ARGS)
 export: install install-extra ## write RUN_DIR/model.onnx from RUN_DIR/best.pth, checked against PyTorch with onnxruntime
 	$(PYTHON) export.py --checkpoint '$(RUN_DIR)/best.pth' $(call given,DATA_DIR,--data-dir) $(ARGS)
 gpu-check: ## on a CUDA GPU: bench, speedrun, train, airbench94, each step timed out alone, into OUT (gpu_check.py)
@@ -114,9 +109,9 @@ gpu-check: ## on a CUDA GPU: bench, speedrun, train, airbench94, each step timed
 
 # A worker per core, one thread each (tiny batches keep threads waiting); worksteal: no core idles at the end.
 PYTEST := OMP_NUM_THREADS=1 $(PYTHON) -m pytest -n auto --dist worksteal
-test: install-dev install-gui install-extra ## run the whole test suite (what CI runs)
+test: install-dev install-gui install-extra install-web ## run the whole test suite (what CI runs)
 	$(PYTEST) --durations=10 tests/ $(ARGS)
-test-fast: install-dev install-gui install-extra ## run the tests that start no process and train no whole run: the tier for an edit loop
+test-fast: install-dev install-gui install-extra install-web ## run the tests that start no process and train no whole run: the tier for an edit loop
 	$(PYTEST) -m "not slow" tests/ $(ARGS)
 clean: ## remove caches and install stamps (keeps data/, runs/, test/ and .venv)
 	rm -rf .make .pytest_cache

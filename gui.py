@@ -10,7 +10,8 @@ Choose a picture with the button, drop one on the window, or name it on the
 command line. The window shows the most likely class with its confidence (the
 model's softmax probability, not an accuracy) and the five most likely as
 bars, in English or Chinese. The model is loaded once per checkpoint, by
-predict.py's Classifier; pictures are read and prepared by data.py, as predict.py does.
+predict.py's Classifier, and a picture is answered by predict.answers, as
+predict.py and web.py answer it.
 
 Scriptable without a user: MainWindow(checkpoint=None), .open_image(path), .run().
 Needs Qt for Python: pip install -r requirements-gui.txt (`make gui` does it). Before
@@ -147,11 +148,11 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
         classifier = self.classifier()
         if classifier is None:
             return None
-        try:
-            picture = data.load_picture(self.image_path, classifier.image_size)
-        except data.PictureError as e:
-            return self.show_message(self.words["bad_picture"].format(e))
-        self.last_result = classifier.top(classifier.probabilities(picture[None])[0], TOP)
+        picture = predict.read_picture(self.image_path, classifier.image_size)
+        answer = predict.answers(classifier, [(str(self.image_path), picture)], TOP)[0]  # as predict.py's
+        if "error" in answer:
+            return self.show_message(self.words["bad_picture"].format(answer["error"]))
+        self.last_result = [(t["class"], t["confidence"]) for t in answer["top"]]
         self.show_result()
         return self.last_result
 

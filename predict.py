@@ -112,6 +112,35 @@ class Classifier:
         return [(self.classes[i], c) for i, c in zip(idx.tolist(), conf.tolist())]
 
 
+def read_picture(path, size):
+    """A picture as the model sees it (data.load_picture), or the PictureError that reading it raised.
+    path: a file, "-" (standard input), or a binary stream (web.py's uploads)."""
+    try:
+        return data.load_picture(picture_source(path), size)
+    except data.PictureError as e:
+        return e
+
+
+def answers(clf, named, k, probabilities=None):
+    """The result dicts --json prints, in the order given, for (name, picture) pairs: a picture is a
+    uint8 tensor (3, size, size) or the PictureError its reading raised. The pictures go through the
+    model in one forward pass, unless their probabilities (rows in the same order) are given: web.py
+    passes the rows of a pass shared with other requests. predict.py, web.py and gui.py answer here."""
+    pictures = [p for _, p in named if isinstance(p, torch.Tensor)]
+    if probabilities is None and pictures:
+        probabilities = clf.probabilities(torch.stack(pictures))
+    rows = iter(probabilities if pictures else [])
+    results = []
+    for name, picture in named:
+        if not isinstance(picture, torch.Tensor):
+            results.append({"path": name, "error": str(picture)})
+            continue
+        top = clf.top(next(rows), k)
+        results.append({"path": name, "class": top[0][0], "confidence": top[0][1],
+                        "top": [{"class": c, "confidence": p} for c, p in top]})
+    return results
+
+
 def main(args):
     runs = [] if args.checkpoint else trained_runs()
     checkpoint = args.checkpoint or (runs[-1] if runs else None)
@@ -125,20 +154,9 @@ def main(args):
     files, errors = expand_paths(args.paths)
     results = [{"path": e.split(": ")[0], "error": e} for e in errors]
     for start in range(0, len(files), args.batch_size):
-        batch, pictures = [], []  # results in the order given; pictures for those that loaded
-        for f in files[start:start + args.batch_size]:
-            try:
-                pictures.append(data.load_picture(picture_source(f), clf.image_size))
-                batch.append({"path": str(f)})
-            except data.PictureError as e:
-                batch.append({"path": str(f), "error": str(e)})
-        loaded = [r for r in batch if "error" not in r]
-        if pictures:
-            for r, probs in zip(loaded, clf.probabilities(torch.stack(pictures))):
-                top = clf.top(probs, args.topk)
-                r.update({"class": top[0][0], "confidence": top[0][1],
-                          "top": [{"class": c, "confidence": p} for c, p in top]})
-        results.extend(batch)
+        chunk = files[start:start + args.batch_size]
+        results.extend(answers(clf, [(str(f), read_picture(f, clf.image_size)) for f in chunk],
+                               args.topk))
     failed = [r for r in results if "error" in r]
     for r in failed:
         print(f"error: {r['error']}", file=sys.stderr)

@@ -15,6 +15,7 @@ import plot
 import predict
 import resnet
 import train
+import web
 from conftest import ROOT, one_line_error, run
 
 
@@ -28,7 +29,7 @@ def parser_of_test_py():
 PARSERS = {"train.py": train.get_args_parser, "test.py": parser_of_test_py,
            "predict.py": predict.get_args_parser, "bench.py": bench.get_args_parser,
            "export.py": export.get_args_parser, "data.py": data.get_args_parser, "gui.py": gui.get_args_parser,
-           "plot.py": plot.get_args_parser}
+           "plot.py": plot.get_args_parser, "web.py": web.get_args_parser}
 POSITIONAL = {"predict.py": ["x.jpg"], "plot.py": ["runs/x"]}  # what each needs besides the flag
 
 

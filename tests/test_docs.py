@@ -5,22 +5,26 @@ import re
 import pytest
 
 import bench
+import bench_web
 import data
 import export
 import gui
 import plot
 import predict
 import train
+import web
 from conftest import ROOT
 from test_cli import parser_of_test_py
 
 DOCS = [ROOT / "README.md", ROOT / "README.zh-CN.md", *sorted((ROOT / "docs").glob("*.md"))]
 PARSERS = {"train.py": train.get_args_parser, "test.py": parser_of_test_py, "predict.py": predict.get_args_parser,
            "bench.py": bench.get_args_parser, "export.py": export.get_args_parser, "data.py": data.get_args_parser,
-           "gui.py": gui.get_args_parser, "plot.py": plot.get_args_parser}
+           "gui.py": gui.get_args_parser, "plot.py": plot.get_args_parser, "web.py": web.get_args_parser,
+           "bench_web.py": bench_web.get_args_parser}
 # The script whose flags a make target's ARGS= passes on (speedrun: train.py's, after --).
 TARGET_SCRIPT = {"train": "train.py", "eval": "test.py", "predict": "predict.py", "bench": "bench.py",
-                 "speedrun": "train.py", "export": "export.py", "gui": "gui.py", "plot": "plot.py", "data": "data.py"}
+                 "speedrun": "train.py", "export": "export.py", "gui": "gui.py", "plot": "plot.py", "data": "data.py",
+                 "web": "web.py", "bench-web": "bench_web.py"}
 # Scripts that pass what follows ` -- ` on to another script's flags.
 PASSES_ON = {"bench.py": "train.py"}
 

@@ -12,11 +12,11 @@ from conftest import ROOT, make_archive, write_cifar
 
 pytestmark = pytest.mark.slow  # each test runs the scripts
 
-TARGETS = ["help", "install", "data", "train", "eval", "predict", "export", "bench", "speedrun", "gpu-check", "test",
-           "test-fast", "clean"]
+TARGETS = ["help", "install", "data", "train", "eval", "predict", "export", "bench", "speedrun", "web", "bench-web",
+           "gpu-check", "test", "test-fast", "clean"]
 # The Makefile's variables: a `make test ARGS=...` around this suite must not leak into the makes it runs.
 VARIABLES = ["DEVICE", "MODEL", "DATASET", "EPOCHS", "BATCH", "DATA_DIR", "RUN_DIR", "IMG", "ARCHIVE", "MD5", "NPROC",
-             "RUNS", "ARGS", "CIFAR_URL", "OUT"]
+             "RUNS", "ARGS", "CIFAR_URL", "OUT", "CHECKPOINT", "HOST", "PORT"]
 
 
 @pytest.fixture(scope="module")
