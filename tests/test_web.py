@@ -3,6 +3,7 @@ answered in one line, the token, batching and the queue's bound, and the start-u
 import io
 import json
 import os
+import shlex
 import re
 import socket
 import subprocess
@@ -324,7 +325,7 @@ def test_make_web_serves_run_dir_s_best_pth_unless_checkpoint_port_and_host_are_
     def command(*variables):
         out = subprocess.run(["make", "-n", "web", *variables], cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=60).stdout
-        return next(ln for ln in out.splitlines() if "web.py" in ln).split("web.py ")[1].split()
+        return shlex.split(next(ln for ln in out.splitlines() if "web.py" in ln).split("web.py ")[1])
 
     assert command() == ["--checkpoint", "runs/resnet18/best.pth", "--device", "auto", "--host", "127.0.0.1",
                          "--port", "8000"]
