@@ -3,8 +3,8 @@ answered in one line, the token, batching and the queue's bound, and the start-u
 import io
 import json
 import os
-import shlex
 import re
+import shlex
 import socket
 import subprocess
 import sys
