@@ -75,7 +75,7 @@ CIFAR = {
 DATASETS = [*CIFAR, "folder"]
 
 
-class DataError(Exception):
+class DataError(cli.UserError):
     """Data that cannot be used; the message is one line for the user."""
 
 
@@ -243,10 +243,10 @@ def _unpickle(path):
         with open(path, "rb") as f:
             obj = _ArrayUnpickler(f, encoding="latin1").load()
     except FileNotFoundError:
-        raise BadBatchFile(path, "missing", "run `make data` again") from None
+        raise BadBatchFile(path, "missing", "run python data.py again") from None
     except Exception as e:  # truncated or corrupt file
         raise BadBatchFile(path, f"unreadable ({type(e).__name__}: {e})",
-                           f"delete {Path(path).parent} and run `make data` again") from None
+                           f"delete {Path(path).parent} and run python data.py again") from None
     if not isinstance(obj, dict):
         raise BadBatchFile(path, f"not a CIFAR batch (holds a {type(obj).__name__})")
     return obj
@@ -288,8 +288,8 @@ def load_split(data_dir, train, subset=None, dataset="cifar10", image_size=32):
     spec = CIFAR[dataset]
     batches_dir = Path(data_dir) / spec.folder
     if not batches_dir.is_dir():
-        flag = "" if dataset == "cifar10" else f" DATASET={dataset}"
-        raise DataError(f"no {spec.title} in {data_dir}: run `make data{flag}`, or pass --data-dir")
+        flag = "" if dataset == "cifar10" else f" --dataset {dataset}"
+        raise DataError(f"no {spec.title} in {data_dir}: run python data.py{flag}, or pass --data-dir")
     classes = read_classes(batches_dir, spec)
     images, labels, n = [], [], 0
     for name in spec.train_files if train else spec.test_files:
@@ -302,7 +302,7 @@ def load_split(data_dir, train, subset=None, dataset="cifar10", image_size=32):
     images, labels = torch.cat(images), torch.cat(labels)
     if not len(labels):  # nothing to train on, or an accuracy of 0 of 0 pictures
         raise DataError(f"{batches_dir}: its {'training' if train else 'test'} batches hold no images; "
-                        "delete the folder and run `make data` again")
+                        "delete the folder and run python data.py again")
     if subset is not None:
         images, labels = images[:subset], labels[:subset]
     return images, labels, classes
@@ -322,7 +322,7 @@ def run_test_split(ckpt, data_dir=None, dataset=None, subset=None, remembered=No
     there = is_prepared(data_dir, dataset) or dataset in CIFAR and (Path(data_dir) / CIFAR[dataset].folder).is_dir()
     if not given and not there:
         raise DataError(f"no {dataset} data in {data_dir!r}, the run's data folder as far as it is known: "
-                        "pass --data-dir (DATA_DIR= with make)")
+                        "pass --data-dir")
     images, labels, classes = load_split(data_dir, train=False, subset=subset, dataset=dataset,
                                          image_size=ckpt.get("image_size", 32))
     return images, labels, classes, data_dir, dataset
@@ -347,7 +347,7 @@ def normalization(dataset, train_images):
 # ---------------------------------------------------------------------------
 # Pictures: any file Pillow reads, as the network sees it (train, test, predict)
 
-class PictureError(Exception):
+class PictureError(cli.UserError):
     """A picture that cannot be used; the message is one line for the user."""
 
 
@@ -766,11 +766,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except BrokenPipeError:  # `data.py | head`
-        sys.exit(cli.reader_gone())
-    except (DataError, OSError) as e:  # OSError: a --data-dir or --samples folder that cannot be made, a full disk
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(130)
+    args = get_args_parser().parse_args()
+    cli.main(lambda: main(args))

@@ -54,7 +54,7 @@ def get_args_parser():
     return p
 
 
-class ExportError(Exception):
+class ExportError(cli.UserError):
     """An export that cannot be made or does not match; the message is one line for the user."""
 
 
@@ -64,7 +64,7 @@ def import_onnx():
         import onnxruntime
     except ImportError as e:
         raise ExportError(f"export needs onnx and onnxruntime ({e.name} is missing): "
-                          "pip install -r requirements-extra.txt, or `make export`") from None
+                          "pip install -r requirements-extra.txt") from None
     return onnx, onnxruntime
 
 
@@ -140,11 +140,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except BrokenPipeError:  # `export.py | head`
-        sys.exit(cli.reader_gone())
-    except (ExportError, data.DataError, resnet.CheckpointError, OSError) as e:  # OSError: --output not writable
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(130)
+    args = get_args_parser().parse_args()
+    cli.main(lambda: main(args))

@@ -43,7 +43,7 @@ CHINESE = {"airplane": "飞机", "automobile": "汽车", "bird": "鸟", "cat": "
 TEXT = {  # the words of the window, in both languages; {} is filled in
     "en": {"title": "CIFAR-10 classifier", "choose": "Choose picture…", "run": "Run", "model": "Checkpoint…",
            "confidence": "confidence", "drop": "Drop a picture here or choose one",
-           "no_picture": "Choose a picture first.", "train_first": "No trained model yet: train first (make train).",
+           "no_picture": "Choose a picture first.", "train_first": "No trained model yet: train one first.",
            "not_found": "{} not found.", "bad_picture": "Cannot read this picture: {}",
            "choose_checkpoint": "Choose one with “Checkpoint…”.",
            "bad_checkpoint": "Cannot use this checkpoint: {}", "no_checkpoint": "no checkpoint",
@@ -51,7 +51,7 @@ TEXT = {  # the words of the window, in both languages; {} is filled in
            "assumed": "normalization assumed: the tutorials' (mean {}, std {})"},
     "zh": {"title": "CIFAR-10 十分类", "choose": "选择图片…", "run": "运行", "model": "选择模型…",
            "confidence": "置信度", "drop": "把图片拖到这里，或点“选择图片”",
-           "no_picture": "请先选择图片。", "train_first": "还没有训练好的模型：请先训练（make train）。",
+           "no_picture": "请先选择图片。", "train_first": "还没有训练好的模型：请先训练。",
            "not_found": "找不到 {}。", "bad_picture": "无法读取这张图片：{}",
            "choose_checkpoint": "请点“选择模型…”另选一个。",
            "bad_checkpoint": "无法使用这个模型文件：{}", "no_checkpoint": "没有模型",
@@ -322,10 +322,10 @@ def platform_problem(environ=os.environ):
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if QtWidgets is None:
-        sys.exit("gui.py needs Qt for Python: pip install -r requirements-gui.txt (or run `make gui`)")
+        raise cli.UserError("gui.py needs Qt for Python: pip install -r requirements-gui.txt")
     problem = None if QtWidgets.QApplication.instance() else platform_problem()
     if problem:
-        sys.exit(f"error: {problem}")
+        raise cli.UserError(problem)
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(sys.argv[:1])
     window = MainWindow(args.checkpoint, args.language, args.model)
     if args.picture and window.open_image(args.picture):
@@ -341,4 +341,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.main(main)

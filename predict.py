@@ -116,7 +116,7 @@ def main(args):
     runs = [] if args.checkpoint else trained_runs()
     checkpoint = args.checkpoint or (runs[-1] if runs else None)
     if checkpoint is None:
-        raise resnet.CheckpointError("no trained model yet: run `make train`, or pass --checkpoint")
+        raise resnet.CheckpointError("no trained model yet: run python train.py, or pass --checkpoint")
     if len(runs) > 1:  # which of them answers is not plain to see
         print(f"note: {checkpoint}, the newest of {len(runs)} runs (--checkpoint picks another)", file=sys.stderr)
     clf = Classifier(checkpoint, args.model, device.pick_device(args.device))
@@ -157,22 +157,12 @@ def main(args):
     return 1 if failed else 0
 
 
+def out_of_memory(error):
+    """One line for the device running out of memory; None for any other error (a bug: its traceback)."""
+    oom = device.out_of_memory(error)
+    return oom and f"out of memory: {oom}; run again with a smaller --batch-size"
+
+
 if __name__ == "__main__":
-    cli.names_as_they_are()
-    try:
-        code = main(get_args_parser().parse_args())
-        cli.flush_output()
-        sys.exit(code)
-    except (device.DeviceError, resnet.CheckpointError) as e:
-        sys.exit(f"error: {e}")
-    except RuntimeError as e:  # the device ran out of memory: one line; anything else: its traceback
-        oom = device.out_of_memory(e)
-        if oom is None:
-            raise
-        sys.exit(f"error: out of memory: {oom}; run again with a smaller --batch-size")
-    except BrokenPipeError:  # `predict.py photos/ | head`
-        sys.exit(cli.reader_gone())
-    except OSError as e:  # `> /dev/full`, a disk that filled up
-        sys.exit(cli.output_failed(e))
-    except KeyboardInterrupt:
-        sys.exit(130)
+    args = get_args_parser().parse_args()
+    cli.main(lambda: main(args), explain=out_of_memory)

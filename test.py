@@ -124,21 +124,12 @@ def main(args):
     return {"accuracy": accuracy, "loss": loss, "confusion": confusion}  # per class: per_class_accuracy(confusion)
 
 
+def out_of_memory(error):
+    """One line for the device running out of memory; None for any other error (a bug: its traceback)."""
+    oom = device.out_of_memory(error)
+    return oom and f"out of memory: {oom}; run again with a smaller --batch-size"
+
+
 if __name__ == "__main__":
-    cli.names_as_they_are()
-    try:
-        main(get_args_parser().parse_args())
-        cli.flush_output()
-    except (data.DataError, device.DeviceError, resnet.CheckpointError) as e:
-        sys.exit(f"error: {e}")
-    except RuntimeError as e:  # the device ran out of memory: one line; anything else: its traceback
-        oom = device.out_of_memory(e)
-        if oom is None:
-            raise
-        sys.exit(f"error: out of memory: {oom}; run again with a smaller --batch-size")
-    except BrokenPipeError:  # `test.py | head`
-        sys.exit(cli.reader_gone())
-    except OSError as e:  # `> /dev/full`, a disk that filled up
-        sys.exit(cli.output_failed(e))
-    except KeyboardInterrupt:
-        sys.exit(130)
+    args = get_args_parser().parse_args()
+    cli.main(lambda: main(args), explain=out_of_memory)

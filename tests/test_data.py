@@ -155,8 +155,8 @@ def test_batches_that_hold_no_images_are_one_error_not_a_division_by_zero_later(
     path.write_bytes(pickle.dumps({**batch, "data": batch["data"][:0], "labels": []}))
     with pytest.raises(data.DataError) as e:
         data.load_split(root, train=False)
-    assert str(e.value) == (f"{root / 'cifar-10-batches-py'}: its test batches hold no images; delete the folder "
-                            "and run `make data` again")
+    said = str(e.value)
+    assert said.startswith(f"{root / 'cifar-10-batches-py'}: ") and "no images" in said and "python data.py" in said
     assert len(data.load_split(root, train=True)[1]) == 20
 
 
@@ -251,7 +251,8 @@ def test_the_run_s_data_folder_with_files_gone_is_named_with_what_is_missing_and
     (tmp_path / "data" / "cifar-10-batches-py" / "test_batch").unlink()
     with pytest.raises(data.DataError) as e:
         data.run_test_split(ckpt, remembered=tmp_path / "data")
-    assert str(e.value) == f"{tmp_path / 'data' / 'cifar-10-batches-py' / 'test_batch'}: missing; run `make data` again"
+    said = str(e.value)
+    assert said.startswith(f"{tmp_path / 'data' / 'cifar-10-batches-py' / 'test_batch'}: missing") and "data.py" in said
 
 
 def test_the_official_md5_is_checked_and_a_mismatch_leaves_no_dataset_and_says_how_to_pass_a_trusted_copy(

@@ -142,7 +142,7 @@ def test_kill_9_in_the_middle_of_writing_a_checkpoint(tmp_path, cifar_dir, refer
     assert_every_checkpoint_loads(tmp_path / "run")  # the half-written one is a .tmp, never read
     assert not (tmp_path / "run" / "last.pth").exists()  # it died writing epoch 1's last.pth, the first one
     proc = run_here("train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", "run", "--resume", cwd=tmp_path)
-    assert "the run stopped while it saved epoch 1; starting the run from the beginning" in proc.stdout
+    assert "the run stopped while it saved epoch 1; starting the run afresh" in proc.stdout
     assert_each_epoch_logged_once(tmp_path / "run")
     assert_same_weights(tmp_path / "run" / "last.pth", reference / "last.pth")
 
@@ -214,7 +214,7 @@ def test_train_py_whose_reader_goes_away_stops_in_one_line(tmp_path, cifar_dir):
     args = [sys.executable, ROOT / "train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", "run"]
     code, first, err = read_one_line_then_close(args, tmp_path)
     assert first.startswith("resnet18 on cpu") and code == 141  # what a Unix tool stopped by SIGPIPE gives
-    assert err == "stopped: the reader of its output has gone; continue with --resume\n"
+    assert err.startswith("stopped: the reader of its output has gone") and err.count("\n") == 1
 
 
 @pytest.mark.slow
@@ -345,7 +345,7 @@ def fail_at_call(monkeypatch, owner, name, call, error):
 @pytest.mark.slow
 @pytest.mark.parametrize("where, error, line", [
     ((torch.optim.SGD, "step", 3), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 ..."),
-     "error: out of memory: CUDA out of memory; run again with a smaller --batch-size (make: BATCH=)"),
+     "error: out of memory: CUDA out of memory; run again with a smaller --batch-size"),
     ((resnet, "evaluate", 2), RuntimeError("NPU out of memory. Tried to allocate 1.50 GiB (NPU 0; 60 GiB total)"),
      "error: out of memory in evaluation: NPU out of memory; run again --resume with a smaller --eval-batch-size"),
 ])

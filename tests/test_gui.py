@@ -137,8 +137,8 @@ def test_a_missing_checkpoint_says_train_first_or_where_runs_are_there_to_choose
     window = gui.MainWindow(tmp_path / "runs" / "none" / "best.pth", language="en")
     window.open_image(picture)
     assert window.run() is None
-    assert window.message.text() == (f"{tmp_path / 'runs' / 'none' / 'best.pth'} not found. No trained model yet: "
-                                     "train first (make train).")
+    said = window.message.text()
+    assert said.startswith(f"{tmp_path / 'runs' / 'none' / 'best.pth'} not found") and "train" in said
     (tmp_path / "runs" / "mine").mkdir(parents=True)
     (tmp_path / "runs" / "mine" / "best.pth").write_bytes(checkpoint.read_bytes())
     window = gui.MainWindow(tmp_path / "runs" / "nope.pth", language="en")
