@@ -209,7 +209,8 @@ PROCESS_FIXTURES = {"trained_run", "reference", "reference_of_four_steps", "proj
 
 
 # Small and fast on a 2-core CPU: a few steps of ResNet18 per epoch.
-QUICK = ["--device", "cpu", "--batch-size", "8", "--subset", "16", "--eval-batch-size", "100"]
+# --amp pinned too: two runs compared must not rest on a choice the machine makes.
+QUICK = ["--device", "cpu", "--batch-size", "8", "--subset", "16", "--eval-batch-size", "100", "--amp", "off"]
 
 
 @pytest.fixture

@@ -227,6 +227,18 @@ def test_resuming_from_an_earlier_epoch_says_which_epochs_are_trained_again(trai
 
 
 @pytest.mark.slow
+def test_a_resumed_run_keeps_the_precision_it_started_in_and_says_so(tmp_path, cifar_dir):
+    common = ["--data-dir", cifar_dir, "--epochs", "2", *QUICK]
+    first = run_here("train.py", *common, "--amp", "bf16", "--stop-after", "1", cwd=tmp_path)
+    assert ", bf16" in first.stdout.splitlines()[0]
+    again = run_here("train.py", *common, "--resume", "--amp", "off", cwd=tmp_path)  # off: QUICK's, given again
+    assert "note: ignoring --amp off; the run keeps its own (bf16)" in again.stdout
+    assert [ln for ln in again.stdout.splitlines() if ln.startswith("resnet18 on cpu")][0].startswith(
+        "resnet18 on cpu, bf16")
+    assert torch.load(tmp_path / "runs" / "resnet18" / "last.pth", weights_only=True)["args"]["amp"] == "bf16"
+
+
+@pytest.mark.slow
 def test_resuming_a_finished_run_has_nothing_to_do(trained_run, cifar_dir):
     run_dir, _ = trained_run
     for stop_after in ([], ["--stop-after", "1"]):  # finished is finished, whatever stop is asked for
