@@ -52,6 +52,7 @@ import cli  # noqa: E402
 import data  # noqa: E402
 import device  # noqa: E402
 import failures  # noqa: E402
+import optim  # noqa: E402
 import resnet  # noqa: E402
 import rundir  # noqa: E402
 import train  # noqa: E402
@@ -232,7 +233,7 @@ def serve(side, args, device_name, conn):
         loaders = [data.CifarLoader(images, labels, args.batch_size, data.CIFAR10_MEAN, data.CIFAR10_STD,
                                     train=split, device=dev, memory_format=layout, flip=recipe.flip)
                    for split in (True, False)]
-        t = train.make_training(model, recipe, dev, amp, 10 ** 6)  # a schedule longer than any benchmark
+        t = optim.make_training(model, recipe, dev, amp, 10 ** 6)  # a schedule longer than any benchmark
         totals = torch.zeros(3, device=dev)
 
         def step(x, y):

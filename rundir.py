@@ -272,7 +272,8 @@ class RunFolder:
             self.roll_back_best(start.epoch, start.best)
 
     def say(self, line):
-        if self.is_main:
+        """Print line (None: nothing) in the main process."""
+        if self.is_main and line is not None:
             print(line, flush=True)
 
     def repair(self, epoch, iteration, best):

@@ -7,12 +7,12 @@
     python train.py --dataset folder --data-dir photos --image-size 64   # photos/{train,test}/<class>/*
     torchrun --standalone --nproc_per_node=8 train.py --device npu   # 8 NPUs/GPUs, one process each
 
-What it writes into --out-dir (default runs/<model>), and how --resume continues after
-a stop or a kill: rundir.py. Under torchrun every process trains on its share of each
-global batch (DistributedDataParallel); process 0 alone prints and writes files.
+What it writes into --out-dir (default runs/<model>): rundir.py; what --resume continues from,
+after a stop or a kill: resume.py; the optimizer, schedule and EMA: optim.py. Under torchrun
+every process trains on its share of each global batch (DistributedDataParallel); process 0
+alone prints and writes files.
 """
 import argparse
-import copy
 import math
 import os
 import signal
@@ -24,13 +24,13 @@ from typing import NamedTuple, Optional
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # torch_npu loads in device.py, which explains failures
 
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import cli  # noqa: E402
 import data  # noqa: E402
 import device  # noqa: E402
 import failures  # noqa: E402
+import optim  # noqa: E402
 import resnet  # noqa: E402
 import resume  # noqa: E402
 import rundir  # noqa: E402
@@ -106,47 +106,6 @@ def get_args_parser():
 # ---------------------------------------------------------------------------
 # The training step
 
-class EMA:
-    """A moving average of a model's weights and BatchNorm statistics, updated every step and evaluated
-    and saved in the model's place: it smooths away the noise of the last steps' updates."""
-
-    def __init__(self, model, decay):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.updates = decay, 0
-        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
-        self.averages, self.sources = zip(*[(a, m) for a, m in pairs if a.is_floating_point()])
-        self.counts = [a for a, _ in pairs if not a.is_floating_point()]  # BatchNorm's batch counts: copied
-        self.count_sources = [m for a, m in pairs if not a.is_floating_point()]
-
-    def decay_now(self):
-        # A short memory at first, while the weights still move fast (as TensorFlow's EMA does).
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
-
-    @torch.no_grad()
-    def update(self):
-        self.updates += 1
-        torch._foreach_lerp_(self.averages, self.sources, 1 - self.decay_now())
-        if self.counts:
-            torch._foreach_copy_(self.counts, self.count_sources)
-
-
-class Training(NamedTuple):
-    """What a training step works with."""
-    model: nn.Module  # the plain network: averaged, evaluated and saved as it is
-    net: nn.Module  # what trains: the model, compiled and/or wrapped in DDP
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    amp: Optional[torch.dtype]  # autocast dtype; None: fp32
-    label_smoothing: float
-    ema: Optional[EMA]
-
-
-def peak_lr(args):
-    """--lr, or by default the linear scaling rule: 0.1 per 128 images (0.4 at batch 512)."""
-    return args.lr if args.lr is not None else 0.1 * args.batch_size / 128
-
-
 def precision(choice, dev, job):
     """--amp as the run trains in it: bf16, fp16 or off. auto is decided once, by process 0, for
     every process (on a CPU the answer may rest on a measurement, which could differ between
@@ -159,45 +118,8 @@ def precision(choice, dev, job):
     return list(PRECISIONS)[answer]
 
 
-def make_optimizer(model, args):
-    """SGD with Nesterov momentum; --norm-weight-decay, where given, on the one-dimensional
-    parameters (BatchNorm's weights and biases, the final bias) and --weight-decay on the rest."""
-    params = list(model.parameters())
-    if args.norm_weight_decay is not None and args.norm_weight_decay != args.weight_decay:
-        params = [{"params": [p for p in params if p.ndim > 1]},
-                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": args.norm_weight_decay}]
-    return torch.optim.SGD(params, lr=peak_lr(args), momentum=args.momentum, nesterov=args.momentum > 0,
-                           weight_decay=args.weight_decay, fused=args.fused or None)
-
-
-def make_schedule(optimizer, total_steps, warmup):
-    """Linear warm-up from 0 to the peak lr, then linear decay to 0, spanning exactly
-    total_steps (a OneCycle-style triangle, as in the fast-CIFAR recipes)."""
-    warm = max(1, round(total_steps * warmup))
-
-    def factor(step):
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def make_training(model, args, dev, amp, total_steps):
-    """The optimizer, schedule, scaler and EMA of the recipe, for a model already on dev."""
-    if args.sync_bn and torch.distributed.is_initialized():
-        model = device.convert_sync_bn(model, dev)
-    net = torch.compile(model, mode=args.compile) if args.compile else model
-    if torch.distributed.is_initialized():
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.index is not None else None)
-    optimizer = make_optimizer(model, args)
-    return Training(model, net, optimizer, make_schedule(optimizer, total_steps, args.warmup),
-                    torch.amp.GradScaler(dev.type, enabled=amp == torch.float16), amp, args.label_smoothing,
-                    EMA(model, args.ema) if args.ema else None)
-
-
 def train_step(t, images, labels, loss_scale, totals):
-    """One optimizer step; adds its summed loss, correct answers and image count to `totals` (on
+    """One optimizer step of optim.Training t; adds its summed loss, correct answers and image count to `totals` (on
     the device) and returns the summed loss. Nothing here waits for the device: a value read back
     (.item()) or a tensor built from Python numbers (torch.tensor) would make the host wait until a
     GPU or NPU has run everything queued, and the device would idle while the next step is queued."""
@@ -318,8 +240,7 @@ class Result(NamedTuple):
 
 
 def main(args, given=None):
-    """given: the recipe's settings the command line gave, for --resume to note those the run does not take
-    (None, for a caller that parsed no command line: those not at their default)."""
+    """given: the recipe's flags the command line gave (None: those not at their default), for --resume's notes."""
     job = device.job()
     dev = device.pick_device(args.device, job.local_rank)
     device.keep_freed_memory(dev)
@@ -329,33 +250,35 @@ def main(args, given=None):
         for line in plan.notes:  # what --resume does, and the given flags it does not take
             folder.say(line)
         args = argparse.Namespace(**{**vars(args), **plan.recipe})  # the run's own recipe
-        args.lr, args.amp = peak_lr(args), precision(args.amp, dev, job)
+        args.lr, args.amp = optim.peak_lr(args), precision(args.amp, dev, job)
         torch.manual_seed(args.seed)
         t0 = time.perf_counter()
         loaders, classes, norm = load_data(args, plan, dev, job)
         load_seconds, steps = time.perf_counter() - t0, len(loaders[0])
         model = resnet.build_model(args.model, len(classes), args.zero_init_residual)
-        model = model.to(dev, memory_format=loaders[0].memory_format)
-        t = make_training(model, args, dev, PRECISIONS[args.amp], args.epochs * steps)
+        t = optim.make_training(model.to(dev, memory_format=loaders[0].memory_format), args, dev,
+                                PRECISIONS[args.amp], args.epochs * steps)
         start = resume.restore(t, plan, steps, classes, folder.path) if plan.state else rundir.Start()
         if args.stop_after and args.epochs > start.epoch >= args.stop_after:  # before begin(), which cuts the logs
-            again = resume.command(plan.checkpoint, args, get_args_parser())
-            folder.say(f"nothing to do: the run already trained epoch {start.epoch} of {args.epochs} (--stop-after "
-                       f"{args.stop_after}); continue it with: {again}")
-            return Result(0, *start.best)
+            return nothing_to_do(folder, start, f"the run already trained epoch {start.epoch} of {args.epochs} "
+                                 f"(--stop-after {args.stop_after}); continue it with: "
+                                 f"{resume.command(plan.checkpoint, args, get_args_parser())}")
         folder.begin(args.data_dir, start, steps)
         if start.epoch >= args.epochs:
-            folder.say(f"nothing to do: the run already finished, at epoch {start.epoch} of {args.epochs} (best "
-                       f"{start.best[0]:.2f}% at epoch {start.best[1]}); a longer schedule is a new run")
-            return Result(0, *start.best)
+            return nothing_to_do(folder, start, f"the run already finished, at epoch {start.epoch} of {args.epochs} "
+                                 f"(best {start.best[0]:.2f}% at epoch {start.best[1]}); a longer schedule is a new run")
         folder.say(rundir.first_line(args, dev, job.world_size, device.PRECISION_NAMES[t.amp], loaders, load_seconds,
                                      folder.path))
-        note = None if plan.state else rundir.few_steps_note(len(loaders[0].labels), steps, args.epochs)
-        if note:  # a resumed run keeps its batch
-            folder.say(note)
+        if not plan.state:  # a resumed run keeps its batch
+            folder.say(rundir.few_steps_note(len(loaders[0].labels), steps, args.epochs))
         describe = dict(arch=args.model, classes=classes, mean=norm[0], std=norm[1], image_size=args.image_size,
                         dataset=args.dataset, args=rundir.shareable_args(args))
         return run_epochs(args, t, loaders, describe, folder, stop, start, t0)
+
+
+def nothing_to_do(folder, start, why):
+    folder.say(f"nothing to do: {why}")
+    return Result(0, *start.best)
 
 
 def load_data(args, plan, dev, job):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import cli
+import optim
 import resnet
 import resume
 import rundir
@@ -20,7 +21,7 @@ import train
 
 def training(model):
     """train.py's Training of a model, with the default recipe."""
-    return train.make_training(model, train.get_args_parser().parse_args([]), torch.device("cpu"), None, 10)
+    return optim.make_training(model, train.get_args_parser().parse_args([]), torch.device("cpu"), None, 10)
 
 
 def restore(checkpoint, model=None, steps=10, classes=resnet.CIFAR10_CLASSES):

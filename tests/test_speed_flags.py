@@ -11,6 +11,7 @@ import bench
 import data
 import device
 import failures
+import optim
 import resnet
 import rundir
 import train
@@ -215,7 +216,7 @@ def device_ops_of_training_and_evaluation(batches, tmp_path, recipe=()):
     loaders = [data.CifarLoader(images, labels, 4, data.CIFAR10_MEAN, data.CIFAR10_STD, train=split,
                                 device=torch.device("cpu")) for split in (True, False)]
     args = train.get_args_parser().parse_args(["--batch-size", "4", "--epochs", "1", "--log-every", "1000", *recipe])
-    t = train.make_training(resnet.build_model("resnet18"), args, torch.device("cpu"), None, batches)
+    t = optim.make_training(resnet.build_model("resnet18"), args, torch.device("cpu"), None, batches)
     stop = types.SimpleNamespace(signum=0)
     with DeviceOps() as training:
         train.train_one_epoch(t, loaders[0], 1, args, rundir.RunFolder(tmp_path, is_main=False), stop)

@@ -4,6 +4,7 @@ import re
 import pytest
 import torch
 
+import optim
 import resnet
 import resume
 import rundir
@@ -129,7 +130,7 @@ def test_a_run_that_never_scores_above_0_percent_still_has_a_best_pth(tmp_path, 
 
 def test_the_schedule_warms_up_then_decays_to_zero_over_exactly_the_requested_steps():
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.4)
-    sched = train.make_schedule(opt, total_steps=100, warmup=0.15)
+    sched = optim.make_schedule(opt, total_steps=100, warmup=0.15)
     lrs = []
     for _ in range(100):
         lrs.append(sched.get_last_lr()[0])
