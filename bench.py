@@ -48,13 +48,13 @@ os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # torch_npu loads i
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import batching  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402
 import device  # noqa: E402
 import failures  # noqa: E402
 import optim  # noqa: E402
 import resnet  # noqa: E402
-import rundir  # noqa: E402
 import train  # noqa: E402
 
 # What `make speedrun` trains: few epochs at a large batch, a mirror image in every other
@@ -230,7 +230,7 @@ def serve(side, args, device_name, conn):
         model = model.to(memory_format=layout)
         inference = resnet.for_inference(model, memory_format=layout)
         inference = torch.compile(inference, mode=args.compile) if args.compile else inference
-        loaders = [data.CifarLoader(images, labels, args.batch_size, data.CIFAR10_MEAN, data.CIFAR10_STD,
+        loaders = [batching.CifarLoader(images, labels, args.batch_size, data.CIFAR10_MEAN, data.CIFAR10_STD,
                                     train=split, device=dev, memory_format=layout, flip=recipe.flip)
                    for split in (True, False)]
         t = optim.make_training(model, recipe, dev, amp, 10 ** 6)  # a schedule longer than any benchmark

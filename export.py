@@ -29,6 +29,7 @@ os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # torch_npu loads i
 
 import torch  # noqa: E402
 
+import batching  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402
 import resnet  # noqa: E402
@@ -91,7 +92,7 @@ def compare(model, path, images, mean, std):
     """(largest |logit difference|, largest |logit|, pictures whose top class differs) of
     the checkpoint's network in PyTorch and the exported file in onnxruntime."""
     _, ort = import_onnx()
-    x = data.normalize(images, mean, std)
+    x = batching.normalize(images, mean, std)
     with torch.no_grad():
         expected = model(x)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

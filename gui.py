@@ -10,7 +10,7 @@ Choose a picture with the button, drop one on the window, or name it on the
 command line. The window shows the most likely class with its confidence (the
 model's softmax probability, not an accuracy) and the five most likely as
 bars, in English or Chinese. The model is loaded once per checkpoint, by
-predict.py's Classifier; pictures are read and prepared by data.py, as predict.py does.
+predict.py's Classifier; pictures are read and prepared by pictures.py, as predict.py does.
 
 Scriptable without a user: MainWindow(checkpoint=None), .open_image(path), .run().
 Needs Qt for Python: pip install -r requirements-gui.txt (`make gui` does it). Before
@@ -33,7 +33,7 @@ except ImportError:
     QtWidgets = None
 
 import cli  # noqa: E402
-import data  # noqa: E402
+import pictures  # noqa: E402
 import predict  # noqa: E402
 import resnet  # noqa: E402
 
@@ -128,8 +128,8 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
             self.show_message(self.words["not_found"].format(path))
             return False
         try:  # the reader predict.py uses: what is shown is what is classified (EXIF turn included)
-            im = data.open_picture(path, draft=(1024, 1024))
-        except data.PictureError as e:
+            im = pictures.open_picture(path, draft=(1024, 1024))
+        except pictures.PictureError as e:
             self.show_message(self.words["bad_picture"].format(e))
             return False
         im.thumbnail((1024, 1024))
@@ -148,8 +148,8 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
         if classifier is None:
             return None
         try:
-            picture = data.load_picture(self.image_path, classifier.image_size)
-        except data.PictureError as e:
+            picture = pictures.load_picture(self.image_path, classifier.image_size)
+        except pictures.PictureError as e:
             return self.show_message(self.words["bad_picture"].format(e))
         self.last_result = classifier.top(classifier.probabilities(picture[None])[0], TOP)
         self.show_result()
@@ -246,8 +246,8 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
         self.show_status()
 
     def choose_image(self):
-        pictures = "Pictures (*.jpg *.jpeg *.png *.bmp *.gif *.webp *.tif *.tiff);;All files (*)"
-        path, _ = QtWidgets.QFileDialog.getOpenFileName(self, self.words["choose"], "", pictures)
+        kinds = "Pictures (*.jpg *.jpeg *.png *.bmp *.gif *.webp *.tif *.tiff);;All files (*)"
+        path, _ = QtWidgets.QFileDialog.getOpenFileName(self, self.words["choose"], "", kinds)
         if path and self.open_image(path):
             self.run()
 

@@ -22,9 +22,10 @@ os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # torch_npu loads i
 
 import torch  # noqa: E402
 
+import batching  # noqa: E402
 import cli  # noqa: E402
-import data  # noqa: E402
 import device  # noqa: E402
+import pictures  # noqa: E402
 import resnet  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def expand_paths(paths):
             errors.append("'': an empty name, no picture")
         elif os.path.isdir(p):  # False for a name the file system refuses: then an error of its own below
             try:
-                found = [f for f in data.visible_files(p) if f.suffix.lower() in extensions]
+                found = [f for f in pictures.visible_files(p) if f.suffix.lower() in extensions]
             except OSError as e:
                 errors.append(f"{p}: cannot read {e.filename or p} ({e.strerror})")
                 continue
@@ -85,7 +86,7 @@ def picture_source(path):
     if str(path) != "-":
         return path
     if sys.stdin is None or sys.stdin.isatty():  # reading would wait for a picture typed in
-        raise data.PictureError("-: standard input is a terminal, not a picture: pipe one in "
+        raise pictures.PictureError("-: standard input is a terminal, not a picture: pipe one in "
                                 "(`cat photo.jpg | python predict.py -`)")
     return sys.stdin.buffer  # a pipe cannot seek: Pillow copies it into memory before decoding
 
@@ -104,7 +105,7 @@ class Classifier:
     @torch.no_grad()
     def probabilities(self, pictures):
         """Softmax over the classes for a uint8 batch (N, 3, size, size)."""
-        x = data.normalize(pictures.to(self.device), self.mean, self.std)
+        x = batching.normalize(pictures.to(self.device), self.mean, self.std)
         return self.model(x).float().softmax(1).cpu()
 
     def top(self, probs, k):
@@ -125,16 +126,16 @@ def main(args):
     files, errors = expand_paths(args.paths)
     results = [{"path": e.split(": ")[0], "error": e} for e in errors]
     for start in range(0, len(files), args.batch_size):
-        batch, pictures = [], []  # results in the order given; pictures for those that loaded
+        batch, images = [], []  # results in the order given; images of those that loaded
         for f in files[start:start + args.batch_size]:
             try:
-                pictures.append(data.load_picture(picture_source(f), clf.image_size))
+                images.append(pictures.load_picture(picture_source(f), clf.image_size))
                 batch.append({"path": str(f)})
-            except data.PictureError as e:
+            except pictures.PictureError as e:
                 batch.append({"path": str(f), "error": str(e)})
         loaded = [r for r in batch if "error" not in r]
-        if pictures:
-            for r, probs in zip(loaded, clf.probabilities(torch.stack(pictures))):
+        if images:
+            for r, probs in zip(loaded, clf.probabilities(torch.stack(images))):
                 top = clf.top(probs, args.topk)
                 r.update({"class": top[0][0], "confidence": top[0][1],
                           "top": [{"class": c, "confidence": p} for c, p in top]})

@@ -125,8 +125,8 @@ def restore(t, plan, steps_per_epoch, classes, folder):
     `classes`, the data's; returns where to start (a rundir.Start)."""
     state, path = plan.state, plan.checkpoint
     if list(state.get("classes", classes)) != list(classes):  # a folder dataset whose class folders changed
-        raise resnet.CheckpointError(f"{path}: the run trained on {named(state['classes'])} and the data now has "
-                                     f"{named(classes)}: resume with the data it trained on, or start a new run "
+        raise resnet.CheckpointError(f"{path}: the run trained on {rundir.named(state['classes'])} and the data now has "
+                                     f"{rundir.named(classes)}: resume with the data it trained on, or start a new run "
                                      "in another --out-dir")
     if plan.step >= steps_per_epoch:  # a folder dataset that lost pictures since
         raise resnet.CheckpointError(f"{path}: the run stopped after step {plan.step} of epoch {plan.epoch + 1} and "
@@ -170,11 +170,6 @@ def checked(start):
                                          and all(map(resnet.is_number, start.totals))):
         raise TypeError(f"totals {start.totals!r} are not the epoch's three running sums")
     return start
-
-
-def named(classes):
-    """'3 classes (cat, dog, ship)', the first five named."""
-    return f"{len(classes)} classes ({cli.first_few(list(classes))})"
 
 
 def best_until(state, folder):

@@ -75,6 +75,11 @@ def _sync_folder(folder):
             os.close(fd)
 
 
+def named(classes):
+    """'3 classes (cat, dog, ship)', the first five named."""
+    return f"{len(classes)} classes ({cli.first_few(list(classes))})"
+
+
 def save_checkpoint(ckpt, path):
     try:
         with atomic_write(path) as tmp:

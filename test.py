@@ -14,6 +14,7 @@ import unicodedata
 
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # torch_npu loads in device.py, which explains failures
 
+import batching  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402
 import device  # noqa: E402
@@ -99,7 +100,7 @@ def main(args):
     dev = device.pick_device(args.device)
     device.keep_freed_memory(dev)
     layout = device.memory_format("auto", dev)
-    loader = data.CifarLoader(images, labels, args.batch_size or device.eval_batch_size(dev), ckpt["mean"],
+    loader = batching.CifarLoader(images, labels, args.batch_size or device.eval_batch_size(dev), ckpt["mean"],
                               ckpt["std"], train=False, device=dev, memory_format=layout)
     amp = device.resolve_amp(args.amp, dev)
     loss, confusion = resnet.evaluate(resnet.for_inference(model, dev, layout), loader, len(classes),

@@ -18,7 +18,6 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import NamedTuple, Optional
 
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # torch_npu loads in device.py, which explains failures
@@ -26,6 +25,7 @@ os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # torch_npu loads i
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import batching  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402
 import device  # noqa: E402
@@ -64,7 +64,7 @@ def get_args_parser():
     r.add_argument("--label-smoothing", type=share, default=0.1, help="softens the targets; regularizes short runs")
     r.add_argument("--ema", type=share, default=0, metavar="DECAY",
                    help="evaluate and save a moving average of the weights with this decay per step (0: off)")
-    r.add_argument("--flip", default="random", choices=data.FLIPS,
+    r.add_argument("--flip", default="random", choices=batching.FLIPS,
                    help="mirror each training picture at random, or alternate: in every other epoch")
     r.add_argument("--zero-init-residual", action="store_true",
                    help="start each block's last BatchNorm at zero, so each block starts as its shortcut")
@@ -286,7 +286,7 @@ def load_data(args, plan, dev, job):
     with, even if a folder has changed since."""
     state = plan.state
     try:
-        loaders, classes, norm = data.training_loaders(
+        loaders, classes, norm = batching.training_loaders(
             args.data_dir, args.dataset, args.image_size, args.subset, args.batch_size,
             args.eval_batch_size or device.eval_batch_size(dev), args.seed, args.flip,
             (state["mean"], state["std"]) if state and "mean" in state else None, device=dev, rank=job.rank,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import batching
 import data
 from conftest import make_archive, one_line_error, run, run_here, write_cifar
 
@@ -19,23 +20,23 @@ from conftest import make_archive, one_line_error, run, run_here, write_cifar
 def test_crop_flip_equals_slicing_the_zero_padded_image_then_mirroring_the_chosen_ones():
     images = torch.arange(3 * 3 * 32 * 32, dtype=torch.int64).view(3, 3, 32, 32).to(torch.uint8)
     dy, dx, mirror = torch.tensor([0, 8, 2]), torch.tensor([3, 5, 0]), torch.tensor([False, True, True])
-    out = data.crop_flip(images, dy, dx, mirror, pad=4)
+    out = batching.crop_flip(images, dy, dx, mirror, pad=4)
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
     assert torch.equal(out[0], padded[0, :, 0:32, 3:35])
     assert torch.equal(out[1], padded[1, :, 8:40, 5:37].flip(-1))
     assert torch.equal(out[2], padded[2, :, 2:34, 0:32].flip(-1))
     # offset 4 on both axes, unmirrored, is the image itself
     centre, keep = torch.tensor([4, 4, 4]), torch.tensor([False] * 3)
-    assert torch.equal(data.crop_flip(images, centre, centre, keep), images)
+    assert torch.equal(batching.crop_flip(images, centre, centre, keep), images)
 
 
 def test_normalize_uses_the_true_cifar_statistics():
     assert data.CIFAR10_STD == (0.2470, 0.2435, 0.2616)
     images = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
-    out = data.normalize(images, data.CIFAR10_MEAN, data.CIFAR10_STD)
+    out = batching.normalize(images, data.CIFAR10_MEAN, data.CIFAR10_STD)
     expected = [(1 - m) / s for m, s in zip(data.CIFAR10_MEAN, data.CIFAR10_STD)]
     torch.testing.assert_close(out[0, :, 0, 0], torch.tensor(expected))
-    nhwc = data.normalize(images, data.CIFAR10_MEAN, data.CIFAR10_STD, torch.channels_last)
+    nhwc = batching.normalize(images, data.CIFAR10_MEAN, data.CIFAR10_STD, torch.channels_last)
     assert nhwc.is_contiguous(memory_format=torch.channels_last) and torch.equal(nhwc, out)
 
 
@@ -56,7 +57,7 @@ def epoch_labels(loader, epoch):
 def make_loader(n=100, batch=10, seed=0, rank=0, world=1, train=True):
     images, labels = labelled(n)
     labels = torch.arange(n)  # label = index: shows exactly which images a batch holds
-    return data.CifarLoader(images, labels, batch, data.CIFAR10_MEAN, data.CIFAR10_STD, train=train,
+    return batching.CifarLoader(images, labels, batch, data.CIFAR10_MEAN, data.CIFAR10_STD, train=train,
                             device="cpu", seed=seed, rank=rank, world_size=world)
 
 
@@ -99,7 +100,7 @@ def test_evaluation_covers_every_image_once_in_order_and_shards_split_it():
 
 def test_evaluation_batches_are_not_augmented():
     images, labels = labelled(20)
-    loader = data.CifarLoader(images, labels, 20, (0, 0, 0), (1, 1, 1), train=False, device="cpu")
+    loader = batching.CifarLoader(images, labels, 20, (0, 0, 0), (1, 1, 1), train=False, device="cpu")
     x, _ = next(iter(loader))
     torch.testing.assert_close(x, images.float() / 255)
 

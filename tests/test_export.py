@@ -121,6 +121,6 @@ def test_an_output_that_is_not_an_onnx_file_is_refused_and_left_as_it_was(traine
 
 def test_exporting_before_any_training_says_to_train_first(tmp_path):
     proc = run_here("export.py", cwd=tmp_path, check=False)  # make export's runs/resnet18/best.pth is not there yet
-    assert one_line_error(proc) == ("error: runs/resnet18/best.pth: no such checkpoint; train first (make train), "
-                                    "or pass --checkpoint")
+    line = one_line_error(proc)
+    assert "runs/resnet18/best.pth: no such checkpoint" in line and "train.py" in line and "--checkpoint" in line
     assert list(tmp_path.iterdir()) == []

@@ -15,7 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
+import batching
 import data
+import pictures
 import resnet
 from conftest import injected, QUICK, ROOT, make_archive, one_line_error, run, run_here, write_cifar
 
@@ -379,7 +381,7 @@ def test_out_of_memory_in_the_evaluation_of_an_epoch_resumed_mid_way_says_to_res
 
 @pytest.mark.slow
 @pytest.mark.parametrize("where, line", [
-    ((data, "training_loaders", 1), "interrupted at once; nothing of the run was saved yet"),
+    ((batching, "training_loaders", 1), "interrupted at once; nothing of the run was saved yet"),
     ((resnet, "evaluate", 2), "interrupted at once; continue from its last save with: python train.py --resume "
                               "run/last.pth --data-dir {data} --device cpu --eval-batch-size 100 --log-every 1")])
 def test_a_second_ctrl_c_stops_at_once_and_says_what_was_saved(tmp_path, cifar_dir, monkeypatch, where, line):
@@ -398,7 +400,7 @@ def test_out_of_memory_in_test_py_or_predict_py_is_one_line_naming_the_batch_to_
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB. GPU 0 has a total ...")
 
     monkeypatch.setattr(resnet, "evaluate", out_of_memory)  # test.py's batches
-    monkeypatch.setattr(data, "normalize", out_of_memory)  # predict.py's
+    monkeypatch.setattr(batching, "normalize", out_of_memory)  # predict.py's
     what = ["--data-dir", cifar_dir] if script == "test.py" else [battery[0] / "good.jpg"]
     proc = run_here(script, *what, "--checkpoint", reference / "best.pth", cwd=tmp_path, check=False)
     assert one_line_error(proc) == "error: out of memory: CUDA out of memory; run again with a smaller --batch-size"
@@ -479,21 +481,21 @@ def bomb_png(path, side=30000):
 def test_a_picture_over_pillow_s_pixel_limit_is_refused_before_decoding(tmp_path, side):
     bomb_png(tmp_path / "bomb.png", side)
     limit = Image.MAX_IMAGE_PIXELS
-    with pytest.raises(data.PictureError, match="bomb.png: too many pixels to decode safely"):
-        data.open_picture(tmp_path / "bomb.png", draft=(64, 64))
+    with pytest.raises(pictures.PictureError, match="bomb.png: too many pixels to decode safely"):
+        pictures.open_picture(tmp_path / "bomb.png", draft=(64, 64))
     assert Image.MAX_IMAGE_PIXELS == limit  # lifted for Image.open alone
 
 
 def test_a_jpeg_over_the_pixel_limit_is_read_where_its_draft_decodes_within_it(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # a 1.2-megapixel photo as a 120-megapixel one
     Image.new("RGB", (1200, 1000), (200, 30, 30)).save(tmp_path / "photo.jpg")
-    assert data.open_picture(tmp_path / "photo.jpg", draft=(64, 64)).size == (150, 125)  # an eighth of each side
-    assert data.load_picture(tmp_path / "photo.jpg", 32).shape == (3, 32, 32)
-    with pytest.raises(data.PictureError, match="photo.jpg: too many pixels to decode safely"):
-        data.open_picture(tmp_path / "photo.jpg")  # at full size
+    assert pictures.open_picture(tmp_path / "photo.jpg", draft=(64, 64)).size == (150, 125)  # an eighth of each side
+    assert pictures.load_picture(tmp_path / "photo.jpg", 32).shape == (3, 32, 32)
+    with pytest.raises(pictures.PictureError, match="photo.jpg: too many pixels to decode safely"):
+        pictures.open_picture(tmp_path / "photo.jpg")  # at full size
     Image.new("RGB", (1200, 1000)).save(tmp_path / "photo.png")
-    with pytest.raises(data.PictureError, match="photo.png: too many pixels to decode safely"):
-        data.open_picture(tmp_path / "photo.png", draft=(64, 64))  # no draft decoding for a PNG
+    with pytest.raises(pictures.PictureError, match="photo.png: too many pixels to decode safely"):
+        pictures.open_picture(tmp_path / "photo.png", draft=(64, 64))  # no draft decoding for a PNG
     assert Image.MAX_IMAGE_PIXELS == 1_000_000
 
 
@@ -545,7 +547,7 @@ def test_exif_rotation_is_applied():
         exif = Image.Exif()
         exif[0x0112] = 6  # viewer rotates 90 degrees clockwise: blue ends up on top
         im.save(Path(t) / "r.jpg", exif=exif, quality=95)
-        x = data.load_picture(Path(t) / "r.jpg", 32)
+        x = pictures.load_picture(Path(t) / "r.jpg", 32)
     top, bottom = x[:, :8].float().mean((1, 2)), x[:, -8:].float().mean((1, 2))
     assert top[2] > 200 and top[0] < 60 and bottom[0] > 200 and bottom[2] < 60
 

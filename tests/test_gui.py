@@ -12,6 +12,7 @@ from PySide6 import QtCore, QtGui, QtWidgets  # noqa: E402
 
 import data  # noqa: E402
 import gui  # noqa: E402
+import pictures  # noqa: E402
 import predict  # noqa: E402
 import resnet  # noqa: E402
 from conftest import injected, ROOT, write_cifar  # noqa: E402
@@ -47,7 +48,7 @@ def test_open_and_run_show_the_class_and_confidence_predict_py_computes(app, che
     assert window.open_image(picture)
     result = window.run()
     clf = predict.Classifier(checkpoint)
-    expected = clf.top(clf.probabilities(data.load_picture(picture, 32)[None])[0], 5)
+    expected = clf.top(clf.probabilities(pictures.load_picture(picture, 32)[None])[0], 5)
     assert [c for c, _ in result] == [c for c, _ in expected]
     best, confidence = expected[0]
     assert window.result.text() == f"{best}  ·  confidence {100 * confidence:.1f}%"

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data
+import batching
 import optim
 import resnet
 import train
@@ -56,7 +56,7 @@ def mirror_pictures(flip):
     shows its number on the right; normalized to the pixel values themselves."""
     images = torch.zeros(64, 3, 1, 2, dtype=torch.uint8)
     images[:, :, 0, 0] = torch.arange(1, 65, dtype=torch.uint8).view(64, 1)
-    return data.CifarLoader(images, torch.zeros(64, dtype=torch.long), 64, (0.0,) * 3, (1 / 255,) * 3, train=True,
+    return batching.CifarLoader(images, torch.zeros(64, dtype=torch.long), 64, (0.0,) * 3, (1 / 255,) * 3, train=True,
                             device=torch.device("cpu"), pad=0, flip=flip, seed=7)
 
 

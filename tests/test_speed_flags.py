@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import batching
 import bench
 import data
 import device
@@ -213,7 +214,7 @@ def device_ops_of_training_and_evaluation(batches, tmp_path, recipe=()):
     batches, as train.py runs them, recorded."""
     torch.manual_seed(0)
     images, labels = torch.randint(0, 256, (4 * batches, 3, 32, 32), dtype=torch.uint8), torch.arange(4 * batches) % 10
-    loaders = [data.CifarLoader(images, labels, 4, data.CIFAR10_MEAN, data.CIFAR10_STD, train=split,
+    loaders = [batching.CifarLoader(images, labels, 4, data.CIFAR10_MEAN, data.CIFAR10_STD, train=split,
                                 device=torch.device("cpu")) for split in (True, False)]
     args = train.get_args_parser().parse_args(["--batch-size", "4", "--epochs", "1", "--log-every", "1000", *recipe])
     t = optim.make_training(resnet.build_model("resnet18"), args, torch.device("cpu"), None, batches)
@@ -282,9 +283,9 @@ def test_bench_times_the_training_step_train_py_runs(monkeypatch):
 
 
 def test_train_py_flags_after_dashes_change_the_step_the_benchmark_times(monkeypatch):
-    steps, loaders, real_step, real_loader = [], [], train.train_step, data.CifarLoader
+    steps, loaders, real_step, real_loader = [], [], train.train_step, batching.CifarLoader
     monkeypatch.setattr(train, "train_step", lambda *a, **k: steps.append(a[0]) or real_step(*a, **k))
-    monkeypatch.setattr(data, "CifarLoader", lambda *a, **k: loaders.append(real_loader(*a, **k)) or loaders[-1])
+    monkeypatch.setattr(batching, "CifarLoader", lambda *a, **k: loaders.append(real_loader(*a, **k)) or loaders[-1])
     monkeypatch.setattr(device, "keep_freed_memory", lambda dev: None)
     args = bench.get_args_parser().parse_args(["--device", "cpu", "--batch-size", "4", "--steps", "1", "--warmup", "1",
                                                "--", "--fused", "--ema", "0.99", "--flip", "alternate", "--amp", "off",

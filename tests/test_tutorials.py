@@ -10,8 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+import batching
 import data
 import export
+import pictures
 import predict
 import resnet
 import tutorial_predict
@@ -84,9 +86,9 @@ def test_predict_reads_kuangliu_s_checkpoint_with_its_dataparallel_prefixes(tuto
     state = torch.load(tutorial_files / "checkpoint" / "ckpt.pth", weights_only=True)["net"]
     model = resnet.build_model("resnet18")
     model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
-    picture = data.load_picture(tutorial_files / "test" / "0_3.jpg", 32)[None]
+    picture = pictures.load_picture(tutorial_files / "test" / "0_3.jpg", 32)[None]
     with torch.no_grad():
-        expected = model.eval()(data.normalize(picture, resnet.TUTORIAL_MEAN, resnet.TUTORIAL_STD)).softmax(1)[0]
+        expected = model.eval()(batching.normalize(picture, resnet.TUTORIAL_MEAN, resnet.TUTORIAL_STD)).softmax(1)[0]
     results, notes = predict_json(monkeypatch, capsys, tutorial_files, "test/0_3.jpg",
                                   "--checkpoint", "checkpoint/ckpt.pth", "--topk", "3")
     assert [t["class"] for t in results[0]["top"]] == [resnet.CIFAR10_CLASSES[i] for i in expected.topk(3).indices]
@@ -104,7 +106,7 @@ def test_test_py_scores_a_tutorials_checkpoint_with_the_tutorials_normalization(
     model, _ = resnet.load_model(tutorial_files / path)
     images, labels, _ = data.load_split(tutorial_files / "data", train=False)
     with torch.no_grad():
-        predicted = model(data.normalize(images, resnet.TUTORIAL_MEAN, resnet.TUTORIAL_STD)).argmax(1)
+        predicted = model(batching.normalize(images, resnet.TUTORIAL_MEAN, resnet.TUTORIAL_STD)).argmax(1)
     assert result["accuracy"] == pytest.approx(100.0 * (predicted == labels).float().mean().item())
     assert "resnet18" in capsys.readouterr().out
 
