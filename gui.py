@@ -70,10 +70,8 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
         super().__init__()
         self.language = language or default_language()
         self.arch = model  # the network a checkpoint must hold (None: the one it holds)
-        self.image_path = None
+        self.image_path = self.checkpoint = self.last_result = None
         self.classifiers = {}  # checkpoint path -> predict.Classifier, each loaded once
-        self.checkpoint = None
-        self.last_result = None
         self.setAcceptDrops(True)
 
         self.picture = QtWidgets.QLabel(alignment=QtCore.Qt.AlignmentFlag.AlignCenter)
@@ -102,7 +100,6 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
             bars.addWidget(bar, i, 1)
             self.bar_names.append(name)
             self.bars.append(bar)
-
         buttons = QtWidgets.QHBoxLayout()
         for w in (self.choose_button, self.run_button, self.model_button, self.language_box):
             buttons.addWidget(w)
@@ -112,9 +109,8 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
         layout.addWidget(self.result)
         layout.addLayout(bars)
         layout.addWidget(self.message)
-        central = QtWidgets.QWidget()
-        central.setLayout(layout)
-        self.setCentralWidget(central)
+        self.setCentralWidget(QtWidgets.QWidget())
+        self.centralWidget().setLayout(layout)
         self.resize(520, 600)
         self.set_language(self.language)
         self.set_checkpoint(checkpoint or predict.latest_checkpoint())

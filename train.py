@@ -31,6 +31,7 @@ import data  # noqa: E402
 import device  # noqa: E402
 import failures  # noqa: E402
 import optim  # noqa: E402
+import report  # noqa: E402
 import resnet  # noqa: E402
 import resume  # noqa: E402
 import rundir  # noqa: E402
@@ -186,7 +187,7 @@ def train_one_epoch(t, loader, epoch, args, folder, stop, start_step=0, totals=N
     # DDP averages gradients over processes; scaling by world/global batch makes that
     # the mean over the global batch, even when shares differ by an image.
     loss_scale, sums = world / min(args.batch_size, len(loader.labels)), Sums(totals, folder.is_main, dev)
-    progress = rundir.StepLog(steps, f"epoch {epoch}/{args.epochs}", enabled=folder.is_main, initial=start_step)
+    progress = report.StepLog(steps, f"epoch {epoch}/{args.epochs}", enabled=folder.is_main, initial=start_step)
     start, first_step, stopped_at = time.perf_counter(), 0.0, 0
     t.net.train()
     for step, (images, labels) in enumerate(loader.batches(start_step), start=start_step):
@@ -200,7 +201,7 @@ def train_one_epoch(t, loader, epoch, args, folder, stop, start_step=0, totals=N
             loss, acc, stopping = sums.read(stop, epoch, steps, start_step)
             if at_log:
                 folder.log_step(epoch, (epoch - 1) * steps + step + 1, loss, acc)
-                progress.update(step + 1, loss=rundir.loss_text(loss), acc=f"{acc:.2f}%",
+                progress.update(step + 1, loss=report.loss_text(loss), acc=f"{acc:.2f}%",
                                 lr=f"{t.scheduler.get_last_lr()[0]:.4f}",
                                 img_s=f"{sums.images() / (time.perf_counter() - start):.0f}")
             if stopping and step + 1 < steps:
@@ -267,10 +268,10 @@ def main(args, given=None):
         if start.epoch >= args.epochs:
             return nothing_to_do(folder, start, f"the run already finished, at epoch {start.epoch} of {args.epochs} "
                                  f"(best {start.best[0]:.2f}% at epoch {start.best[1]}); a longer schedule is a new run")
-        folder.say(rundir.first_line(args, dev, job.world_size, device.PRECISION_NAMES[t.amp], loaders, load_seconds,
+        folder.say(report.first_line(args, dev, job.world_size, device.PRECISION_NAMES[t.amp], loaders, load_seconds,
                                      folder.path))
         if not plan.state:  # a resumed run keeps its batch
-            folder.say(rundir.few_steps_note(len(loaders[0].labels), steps, args.epochs))
+            folder.say(report.few_steps_note(len(loaders[0].labels), steps, args.epochs))
         describe = dict(arch=args.model, classes=classes, mean=norm[0], std=norm[1], image_size=args.image_size,
                         dataset=args.dataset, args=rundir.shareable_args(args))
         return run_epochs(args, t, loaders, describe, folder, stop, start, t0)
@@ -303,7 +304,7 @@ def load_data(args, plan, dev, job):
 
 def run_epochs(args, t, loaders, describe, folder, stop, start, t0):
     """The epoch loop: train, evaluate, save; stop early when asked to."""
-    (train_loader, test_loader), best, clock = loaders, start.best, rundir.Clock()
+    (train_loader, test_loader), best, clock = loaders, start.best, report.Clock()
     last_epoch, acc = min(args.epochs, args.stop_after or args.epochs), 0.0
     scored = t.ema.model if t.ema else t.model  # what is evaluated and saved as "model"
     for epoch in range(start.epoch + 1, last_epoch + 1):
@@ -324,7 +325,7 @@ def run_epochs(args, t, loaders, describe, folder, stop, start, t0):
         folder.save_epoch(lambda: snapshot(scored, epoch, acc, best, describe), t, is_best,
                           rundir.metrics_row(epoch, r, test_loss, acc, lr))
         left = clock.seconds_left(epoch - start.epoch, last_epoch - epoch) if epoch < last_epoch else None
-        folder.say(rundir.epoch_line(args, epoch, r, test_loss, acc, lr, is_best, left, first))
+        folder.say(report.epoch_line(args, epoch, r, test_loss, acc, lr, is_best, left, first))
         signum = stop.agreed(test_loader.images.device)  # a stop during evaluation: the epoch is complete
         if signum and epoch < last_epoch:
             return stopped(folder, args, signum, f"after epoch {epoch}")

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import optim
+import report
 import resnet
 import resume
-import rundir
 import train
 from conftest import QUICK, one_line_error, run_here, write_cifar
 
@@ -53,7 +53,7 @@ def test_a_checkpoint_describes_itself_and_loads_with_weights_only(trained_run):
 @pytest.mark.parametrize("n, batch, suggested", [(300, 512, 32), (2000, 512, 128), (16, 8, 2)])
 def test_a_training_set_of_a_few_batches_gets_a_note_suggesting_a_batch_of_8_steps_or_more(n, batch, suggested):
     steps = max(1, n // batch)  # a set smaller than a batch is one step of all of it
-    note = rundir.few_steps_note(n, steps, 40)
+    note = report.few_steps_note(n, steps, 40)
     assert f"{steps} step" in note and f"{40 * steps} in all" in note
     assert f"--batch-size {suggested} makes {n // suggested} per epoch, {40 * (n // suggested)} in all" in note
     assert n // suggested >= 8 and n // (2 * suggested) < 8  # the largest power of two that gives 8 steps
@@ -61,16 +61,16 @@ def test_a_training_set_of_a_few_batches_gets_a_note_suggesting_a_batch_of_8_ste
 
 def test_a_run_of_fewer_than_100_steps_gets_a_note_suggesting_a_batch_that_makes_100():
     # a quick look: 5,000 pictures for 2 epochs at batch 512 are 9 steps an epoch, 18 in all
-    note = rundir.few_steps_note(5000, 9, 2)
+    note = report.few_steps_note(5000, 9, 2)
     assert note.startswith("note: 9 steps per epoch, 18 in all") and "--batch-size 64 makes 78 per epoch" in note
-    assert "--batch-size 64 " in rundir.few_steps_note(10_752, 84, 1)  # 168 steps where 128 makes 84
+    assert "--batch-size 64 " in report.few_steps_note(10_752, 84, 1)  # 168 steps where 128 makes 84
 
 
 def test_no_note_once_an_epoch_has_8_steps_and_the_run_100():
-    assert rundir.few_steps_note(50_000, 97, 40) is None and rundir.few_steps_note(64, 8, 40) is None
-    assert rundir.few_steps_note(50_000, 97, 2) is None and rundir.few_steps_note(1000, 100, 1) is None
+    assert report.few_steps_note(50_000, 97, 40) is None and report.few_steps_note(64, 8, 40) is None
+    assert report.few_steps_note(50_000, 97, 2) is None and report.few_steps_note(1000, 100, 1) is None
     # nor where the batch that would make 100 steps is under 16 pictures and 16 makes none more
-    assert rundir.few_steps_note(128, 8, 1) is None
+    assert report.few_steps_note(128, 8, 1) is None
 
 
 def test_the_command_to_continue_a_run_repeats_the_flags_given_that_resume_does_not_keep_and_not_amp_which_it_keeps(monkeypatch):
@@ -92,17 +92,17 @@ def test_the_command_to_continue_a_run_repeats_the_flags_given_that_resume_does_
 
 def test_the_time_left_goes_at_the_pace_of_the_epochs_done_less_the_first_step():
     # 3 epochs of 10 s done, the first with a 50 s compilation in its first step: 7 more take 70 s, not 187
-    assert rundir.seconds_left(80, 50, 3, 7) == pytest.approx(70)
-    assert rundir.seconds_left(30, 0.1, 3, 0) == 0
+    assert report.seconds_left(80, 50, 3, 7) == pytest.approx(70)
+    assert report.seconds_left(30, 0.1, 3, 0) == 0
 
 
 def test_the_time_left_reads_in_seconds_minutes_or_hours():
-    assert [rundir.duration(s) for s in (0.4, 89, 91, 5399, 5401, 30 * 3600)] == \
+    assert [report.duration(s) for s in (0.4, 89, 91, 5399, 5401, 30 * 3600)] == \
         ["0s", "89s", "2 min", "90 min", "1.5 h", "30.0 h"]
 
 
 def test_a_loss_reads_with_three_decimals_and_a_loss_thrown_off_course_by_its_size():
-    assert [rundir.loss_text(x) for x in (2.3026, 999.4, 24249671.68, float("nan"))] == \
+    assert [report.loss_text(x) for x in (2.3026, 999.4, 24249671.68, float("nan"))] == \
         ["2.303", "999.400", "2.42e+07", "nan"]
 
 
