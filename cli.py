@@ -84,6 +84,15 @@ def parser(description):
     return p
 
 
+def checkpoint_flags(p, models, default="runs/resnet18/best.pth"):
+    """--checkpoint and --model, as each script that reads a checkpoint takes them; models: resnet.MODELS.
+    default None: the newest run's best.pth, worked out at run time."""
+    p.add_argument("--checkpoint", default=default, help="a .pth of train.py or of the tutorials' code"
+                   + ("" if default else " (default: best.pth of the newest run under runs/)"))
+    p.add_argument("--model", default=None, choices=models,
+                   help="the network the checkpoint must hold (default: the one it holds)")
+
+
 FLOAT32_MAX = 3.4028234663852886e38
 
 

@@ -109,8 +109,8 @@ def download(url, dest, archive_name="cifar-10-python.tar.gz"):
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
         tmp.unlink(missing_ok=True)
         reason = getattr(e, "reason", None) or e
-        raise DataError(f"cannot download {url} ({reason}); offline? pass ARCHIVE=path/to/"
-                        f"{archive_name}, or CIFAR_URL=a mirror") from None
+        raise DataError(f"cannot download {url} ({reason}); offline? pass --archive path/to/{archive_name}, "
+                        "or --url a mirror") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -169,15 +169,15 @@ def _fetch(data_dir, dataset, archive, url, md5):
             downloaded = True
     archive = Path(archive)
     if archive.is_dir():
-        raise DataError(f"{archive} is a folder; --archive (ARCHIVE=) names the {spec.archive} file")
+        raise DataError(f"{archive} is a folder; --archive names the {spec.archive} file")
     if not archive.is_file():
         raise DataError(f"{archive}: no such archive")
     sum_found = md5sum(archive) if md5 else None
     if md5 and sum_found != md5:
         if downloaded:  # a bad download must not block the next try; a copy put here by hand is kept
             archive.unlink()
-        trust = "" if downloaded else (f"; a copy you trust (repacked, say) passes with MD5={sum_found} (data.py: "
-                                       f"--md5){', or delete it to download the official one' if found else ''}")
+        trust = "" if downloaded else (f"; a copy you trust (repacked, say) passes with --md5 {sum_found}"
+                                       f"{', or delete it to download the official one' if found else ''}")
         raise DataError(f"{archive}: MD5 is {sum_found}, expected {md5}; "
                         f"the file is corrupt or not the official {spec.title} archive{trust}")
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=data_dir))

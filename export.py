@@ -40,10 +40,7 @@ OPSET = 17
 
 def get_args_parser():
     p = cli.parser("Export a checkpoint to ONNX and check it with onnxruntime.")
-    p.add_argument("--checkpoint", default="runs/resnet18/best.pth",
-                   help="a .pth of train.py, or of the tutorials' code")
-    p.add_argument("--model", default=None, choices=resnet.MODELS,
-                   help="the network the checkpoint must hold (default: the one it holds)")
+    cli.checkpoint_flags(p, resnet.MODELS)
     p.add_argument("--output", default=None, help="the .onnx file (default: model.onnx beside the checkpoint)")
     p.add_argument("--data-dir", default=None,
                    help="the test pictures' dataset folder (default: the run's, as its run folder noted it)")

@@ -1,11 +1,11 @@
-"""Why a training run stopped midway, in one line: the failures a user can mend by a flag.
+"""Why a run stopped midway, in one line: the failures a user can mend by a flag.
 
     cli.main(lambda: train.main(args).code, explain=lambda e: failures.explain(e, args.fused, saved))
 
 A loss that is no longer finite, the device out of memory, torch.compile or SGD's fused kernel
 missing on this device: the training loop just raises, and the line that says what to do is
-made here, once, for cli.main to print (train.py and bench.py). Any other error is a bug and
-keeps its traceback.
+made here, once, for cli.main to print: explain() for train.py and bench.py, out_of_memory()
+for test.py and predict.py. Any other error is a bug and keeps its traceback.
 """
 import traceback
 
@@ -42,6 +42,12 @@ def explain(error, fused=False, saved=False):
     if fused and "fused" in str(error):
         return f"SGD's fused kernel failed: {cause(error)}; {again}out --fused"
     return None
+
+
+def out_of_memory(error):
+    """test.py's and predict.py's: one line for the device out of memory, or None."""
+    oom = device.out_of_memory(error) if isinstance(error, RuntimeError) else None
+    return oom and f"out of memory: {oom}; run again with a smaller --batch-size"
 
 
 def cause(error):

@@ -270,11 +270,7 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
 def get_args_parser():
     p = cli.parser("A window to classify pictures with a trained checkpoint.")
     p.add_argument("picture", nargs="?", default=None, help="a picture to open and classify at once")
-    p.add_argument("--checkpoint", default=None,
-                   help="a .pth of train.py or of the tutorials' code (default: best.pth of the newest run "
-                        "under runs/)")
-    p.add_argument("--model", default=None, choices=resnet.MODELS,
-                   help="the network the checkpoint must hold (default: the one it holds)")
+    cli.checkpoint_flags(p, resnet.MODELS, default=None)
     p.add_argument("--language", choices=["en", "zh"], default=None,
                    help="the window's words and class names (default: the system's)")
     return p

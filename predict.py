@@ -25,6 +25,7 @@ import torch  # noqa: E402
 import batching  # noqa: E402
 import cli  # noqa: E402
 import device  # noqa: E402
+import failures  # noqa: E402
 import pictures  # noqa: E402
 import resnet  # noqa: E402
 
@@ -32,11 +33,7 @@ import resnet  # noqa: E402
 def get_args_parser():
     p = cli.parser("Classify pictures with a trained checkpoint.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="a picture, a folder of pictures, or - (standard input)")
-    p.add_argument("--checkpoint", default=None,
-                   help="a .pth of train.py or of the tutorials' code (default: best.pth of the most "
-                        "recent run under runs/)")
-    p.add_argument("--model", default=None, choices=resnet.MODELS,
-                   help="the network the checkpoint must hold (default: the one it holds)")
+    cli.checkpoint_flags(p, resnet.MODELS, default=None)
     p.add_argument("--topk", type=cli.integer(min=1), default=1, help="show the K most likely classes")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     # The CPU, not auto: a picture or two are answered before a GPU or NPU would have started.
@@ -158,12 +155,6 @@ def main(args):
     return 1 if failed else 0
 
 
-def out_of_memory(error):
-    """One line for the device running out of memory; None for any other error (a bug: its traceback)."""
-    oom = device.out_of_memory(error)
-    return oom and f"out of memory: {oom}; run again with a smaller --batch-size"
-
-
 if __name__ == "__main__":
     args = get_args_parser().parse_args()
-    cli.main(lambda: main(args), explain=out_of_memory)
+    cli.main(lambda: main(args), explain=failures.out_of_memory)

@@ -18,6 +18,7 @@ import batching  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402
 import device  # noqa: E402
+import failures  # noqa: E402
 import plot  # noqa: E402
 import resnet  # noqa: E402
 import rundir  # noqa: E402
@@ -25,10 +26,7 @@ import rundir  # noqa: E402
 
 def get_args_parser():
     p = cli.parser("Evaluate a checkpoint on its dataset's test split.")
-    p.add_argument("--checkpoint", default="runs/resnet18/best.pth",
-                   help="a .pth of train.py, or of the tutorials' code")
-    p.add_argument("--model", default=None, choices=resnet.MODELS,
-                   help="the network the checkpoint must hold (default: the one it holds)")
+    cli.checkpoint_flags(p, resnet.MODELS)
     p.add_argument("--dataset", default=None, choices=data.DATASETS,
                    help="the data to score on (default: the one the run trained on)")
     p.add_argument("--data-dir", default=None,
@@ -125,12 +123,6 @@ def main(args):
     return {"accuracy": accuracy, "loss": loss, "confusion": confusion}  # per class: per_class_accuracy(confusion)
 
 
-def out_of_memory(error):
-    """One line for the device running out of memory; None for any other error (a bug: its traceback)."""
-    oom = device.out_of_memory(error)
-    return oom and f"out of memory: {oom}; run again with a smaller --batch-size"
-
-
 if __name__ == "__main__":
     args = get_args_parser().parse_args()
-    cli.main(lambda: main(args), explain=out_of_memory)
+    cli.main(lambda: main(args), explain=failures.out_of_memory)

@@ -6,7 +6,7 @@ import torch
 
 import data
 import resnet
-from conftest import QUICK, one_line_error, run_here, write_cifar100
+from conftest import QUICK, one_line_error, run_here, write_cifar100, says
 from test_tutorials import load_script
 
 pytestmark = pytest.mark.slow  # each test runs the scripts
@@ -127,9 +127,7 @@ def test_a_checkpoint_of_other_classes_than_the_data_s_is_refused_naming_both(tr
     torch.save({**ckpt, "classes": [f"kind{i}" for i in range(10)]}, tmp_path / "folder.pth")
     proc = run_here("test.py", "--checkpoint", tmp_path / "folder.pth", "--dataset", "cifar10", "--data-dir",
                     cifar_dir, cwd=tmp_path, check=False)
-    assert one_line_error(proc) == (f"error: {tmp_path / 'folder.pth'}: trained on 10 classes (kind0, kind1, kind2, "
-                                    f"kind3, kind4, ...), but {cifar_dir} holds 10 classes (airplane, automobile, "
-                                    "bird, cat, deer, ...)")
+    assert says(one_line_error(proc), tmp_path / "folder.pth", "kind0, kind1", cifar_dir, "airplane, automobile")
 
 
 def test_a_tutorial_s_cifar_100_weights_name_no_classes_and_are_scored_on_cifar_100(tmp_path):

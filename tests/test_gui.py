@@ -15,7 +15,7 @@ import gui  # noqa: E402
 import pictures  # noqa: E402
 import predict  # noqa: E402
 import resnet  # noqa: E402
-from conftest import injected, ROOT, write_cifar  # noqa: E402
+from conftest import injected, ROOT, write_cifar, says  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_a_missing_checkpoint_says_train_first_or_where_runs_are_there_to_choose
     window = gui.MainWindow(tmp_path / "runs" / "nope.pth", language="en")
     window.open_image(picture)
     assert window.run() is None
-    assert window.message.text() == f"{tmp_path / 'runs' / 'nope.pth'} not found. Choose one with “Checkpoint…”."
+    assert says(window.message.text(), tmp_path / "runs" / "nope.pth", "not found", "Checkpoint")
 
 
 def test_the_model_is_loaded_once_per_checkpoint(app, checkpoint, picture, monkeypatch, tmp_path):

@@ -16,7 +16,7 @@ import optim
 import resnet
 import rundir
 import train
-from conftest import QUICK, injected, one_line_error, run, run_here
+from conftest import QUICK, injected, one_line_error, run, run_here, says
 
 
 @pytest.mark.slow
@@ -115,7 +115,7 @@ def test_a_compile_that_fails_is_one_line_and_keeps_the_finished_epochs(tmp_path
     for call, again in ((1, "without --compile"), (3, "--resume without --compile")):
         fails_at.append(call)  # the first failure leaves no run behind: the second command starts afresh
         proc = run_here(*train_py, "--compile", cwd=tmp_path, check=False)
-        assert one_line_error(proc) == f"error: torch.compile failed: RuntimeError: {why}; run again {again}"
+        assert says(one_line_error(proc), "torch.compile failed", why, f"run again {again}")
     monkeypatch.undo()
     run_here(*train_py, "--resume", cwd=tmp_path)  # epoch 1, saved before the failure, is not trained again
     assert [ln.split(",")[0] for ln in (tmp_path / "runs" / "resnet18" / "acc.txt").read_text().splitlines()] == [
@@ -134,8 +134,7 @@ def test_fused_where_the_device_has_no_fused_sgd_kernel_is_one_line(tmp_path, ci
 
     monkeypatch.setattr(torch, "_fused_sgd_", no_kernel)
     proc = run_here("train.py", "--data-dir", cifar_dir, "--epochs", "1", *QUICK, "--fused", cwd=tmp_path, check=False)
-    assert one_line_error(proc) == ("error: SGD's fused kernel failed: Could not run 'aten::_fused_sgd_' with "
-                                    "arguments from the 'PrivateUse1' backend; run again without --fused")
+    assert says(one_line_error(proc), "fused kernel failed", "aten::_fused_sgd_", "without --fused")
 
 
 @pytest.mark.slow
@@ -365,8 +364,7 @@ def test_a_compile_that_fails_ends_the_benchmark_s_process_with_train_py_s_line(
     args = bench.get_args_parser().parse_args(["--device", "cpu", "--batch-size", "4", "--steps", "1", "--compile"])
     with pytest.raises(SystemExit) as e:  # the parent then says the process stopped early, its error printed above
         bench.pipeline("ours", args, "cpu", types.SimpleNamespace(send=lambda reply: None, recv=lambda: "eval"))
-    assert e.value.code == ("error: torch.compile failed: RuntimeError: No working C++ compiler found; run again "
-                            "without --compile")
+    assert says(e.value.code, "torch.compile failed", "No working C++ compiler found", "without --compile")
 
 
 def test_a_fused_kernel_the_device_lacks_ends_the_benchmark_s_process_with_train_py_s_line(monkeypatch):
@@ -402,8 +400,8 @@ def test_a_benchmark_process_the_system_kills_is_named_in_one_line(tmp_path):
             "multiprocessing.spawn.spawn_main = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n")
     proc = run("bench.py", "--device", "cpu", "--batch-size", "2", "--steps", "1", cwd=tmp_path, check=False,
                env=injected(tmp_path, kill))
-    assert one_line_error(proc) == ("error: a benchmark process was killed (SIGKILL), as the system does when memory "
-                                    "runs out: run again with a smaller --batch-size (make: BATCH=)")
+    assert says(one_line_error(proc), "killed (SIGKILL)", "memory", "a smaller --batch-size")
+    assert "make" not in one_line_error(proc)
 
 
 @pytest.mark.slow
@@ -458,7 +456,7 @@ def test_ctrl_c_in_bench_py_exits_130_with_one_word_and_no_traceback(tmp_path, m
 
     monkeypatch.setattr(device, "pick_device", ctrl_c)  # the first thing the benchmark does
     proc = run_here("bench.py", "--device", "cpu", cwd=tmp_path, check=False)
-    assert proc.returncode == 130 and proc.stderr.strip() == "interrupted"
+    assert proc.returncode == 130 and says(proc.stderr.strip(), "interrupted") and "Traceback" not in proc.stderr
 
 
 def test_a_speedrun_stopped_by_sigterm_exits_143_without_a_resume_hint_for_its_temporary_folder(monkeypatch, capsys):

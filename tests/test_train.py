@@ -151,16 +151,16 @@ def test_a_stopped_and_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_pa
     assert "--resume" in stopped.stdout
     again = run_here("train.py", "--resume", "--out-dir", "parts", "--data-dir", cifar_dir, "--device", "cpu",
                      "--stop-after", "1", cwd=tmp_path)
-    assert again.stdout.rstrip().endswith("nothing to do: the run already trained epoch 1 of 3 (--stop-after 1); "
-                                          "continue it with: python train.py --resume parts/last.pth --data-dir "
-                                          f"{cifar_dir} --device cpu")  # to paste: its data are not in data/
+    last = again.stdout.splitlines()[-1]  # the command to paste: its data are not in data/
+    assert last.startswith("nothing to do") and last.endswith(f"python train.py --resume parts/last.pth --data-dir "
+                                                              f"{cifar_dir} --device cpu")
     # As if killed during epoch 2: lines of an unfinished epoch are in the logs.
     with open(tmp_path / "parts" / "log.txt", "a") as f:
         f.write("002 00003 | Loss: 9.999 | Acc: 0.000%\n")
     with open(tmp_path / "parts" / "acc.txt", "a") as f:
         f.write("EPOCH=002, Accuracy= 0.000%\n")
     run_here("train.py", "--resume", tmp_path / "parts" / "last.pth", "--data-dir", cifar_dir, "--device", "cpu",
-             "--log-every", "1", cwd=tmp_path)
+             "--log-every", "1", "--eval-batch-size", "100", cwd=tmp_path)  # the flags --resume does not keep
 
     whole = torch.load(tmp_path / "whole" / "last.pth", weights_only=True)
     parts = torch.load(tmp_path / "parts" / "last.pth", weights_only=True)

@@ -17,7 +17,7 @@ import pictures
 import predict
 import resnet
 import tutorial_predict
-from conftest import ROOT, write_cifar
+from conftest import ROOT, write_cifar, says
 from tutorial_resnet import ResNet18 as TutorialResNet18
 
 CHINESE = ["飞机", "汽车", "鸟", "猫", "鹿", "狗", "青蛙", "马", "船", "卡车"]  # the tutorial's class names
@@ -157,7 +157,7 @@ def test_a_file_that_is_no_checkpoint_says_what_it_is(tmp_path, content, what, r
     (tmp_path / "x.pth").write_bytes(content)
     with pytest.raises(resnet.CheckpointError) as e:
         resnet.load_checkpoint(tmp_path / "x.pth")
-    assert str(e.value) == f"{tmp_path / 'x.pth'}: not a readable checkpoint: {what}"
+    assert says(str(e.value), tmp_path / "x.pth", "not a readable checkpoint", what)
     assert not recwarn.list  # torch.load's warning about the pickle's protocol is no use to the user
 
 
