@@ -107,21 +107,9 @@ def get_args_parser():
 # ---------------------------------------------------------------------------
 # The training step
 
-def precision(choice, dev, job):
-    """--amp as the run trains in it: bf16, fp16 or off. auto is decided once, by process 0, for
-    every process (on a CPU the answer may rest on a measurement, which could differ between
-    processes); the answer is saved with the recipe, so --resume goes on in the same precision."""
-    if choice != "auto":
-        return choice
-    answer = list(PRECISIONS.values()).index(device.resolve_amp("auto", dev)) if job.is_main else 0
-    if job.world_size > 1:  # the other processes add 0
-        answer = int(device.all_reduce(torch.tensor([answer], device=dev)).item())
-    return list(PRECISIONS)[answer]
-
-
 def train_step(t, images, labels, loss_scale, totals):
-    """One optimizer step of optim.Training t; adds its summed loss, correct answers and image count to `totals` (on
-    the device) and returns the summed loss. Nothing here waits for the device: a value read back
+    """One optimizer step of optim.Training t; adds its summed loss, correct answers and image count
+    to `totals` (on the device) and returns the summed loss. Nothing here waits for the device: a value read back
     (.item()) or a tensor built from Python numbers (torch.tensor) would make the host wait until a
     GPU or NPU has run everything queued, and the device would idle while the next step is queued."""
     with device.autocast(images.device, t.amp):
@@ -154,7 +142,8 @@ class Sums:
         self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(loss_sum), step, self.bad_step)
 
     def read(self, stop, epoch, steps, start_step):
-        """(loss, accuracy, whether a stop was asked for) over every process; LossNotFinite if it is not."""
+        """(loss, accuracy, whether a stop was asked for) over every process; LossNotFinite for a loss
+        that is not finite."""
         dev = self.totals.device
         summed = device.all_reduce(torch.cat([self.totals, (self.bad_step >= 0).float().view(1),
                                               torch.tensor([float(stop.signum > 0)], device=dev)])).tolist()
@@ -240,6 +229,18 @@ class Result(NamedTuple):
     images: int = 0
 
 
+def precision(choice, dev, job):
+    """--amp as the run trains in it: bf16, fp16 or off. auto is decided once, by process 0, for
+    every process (on a CPU the answer may rest on a measurement, which could differ between
+    processes); the answer is saved with the recipe, so --resume goes on in the same precision."""
+    if choice != "auto":
+        return choice
+    answer = list(PRECISIONS.values()).index(device.resolve_amp("auto", dev)) if job.is_main else 0
+    if job.world_size > 1:  # the other processes add 0
+        answer = int(device.all_reduce(torch.tensor([answer], device=dev)).item())
+    return list(PRECISIONS)[answer]
+
+
 def main(args, given=None):
     """given: the recipe's flags the command line gave (None: those not at their default), for --resume's notes."""
     job = device.job()
@@ -267,9 +268,9 @@ def main(args, given=None):
         folder.begin(args.data_dir, start, steps)
         if start.epoch >= args.epochs:
             return nothing_to_do(folder, start, f"the run already finished, at epoch {start.epoch} of {args.epochs} "
-                                 f"(best {start.best[0]:.2f}% at epoch {start.best[1]}); a longer schedule is a new run")
-        folder.say(report.first_line(args, dev, job.world_size, device.PRECISION_NAMES[t.amp], loaders, load_seconds,
-                                     folder.path))
+                                 f"(best {start.best[0]:.2f}% at epoch {start.best[1]}); a longer one is a new run")
+        folder.say(report.first_line(args, dev, job.world_size, device.PRECISION_NAMES[t.amp], loaders,
+                                     load_seconds, folder.path))
         if not plan.state:  # a resumed run keeps its batch
             folder.say(report.few_steps_note(len(loaders[0].labels), steps, args.epochs))
         describe = dict(arch=args.model, classes=classes, mean=norm[0], std=norm[1], image_size=args.image_size,

@@ -73,21 +73,21 @@ def test_no_note_once_an_epoch_has_8_steps_and_the_run_100():
     assert report.few_steps_note(128, 8, 1) is None
 
 
-def test_the_command_to_continue_a_run_repeats_the_flags_given_that_resume_does_not_keep_and_not_amp_which_it_keeps(monkeypatch):
+def test_the_command_to_continue_a_run_repeats_the_flags_given_that_resume_does_not_keep(monkeypatch):
     argv = ["--epochs", "30", "--data-dir", "my data", "--device", "cuda", "--amp", "off", "--compile", "--fused",
             "--log-every", "5", "--eval-batch-size", "256", "--stop-after", "2", "--out-dir", "runs/a"]
-    args = train.get_args_parser().parse_args(argv)  # --epochs: the run keeps it; --stop-after: done with
+    args = train.get_args_parser().parse_args(argv)  # --epochs, --amp: the run keeps them; --stop-after: done with
     assert resume.command("runs/a/last.pth", args, train.get_args_parser()) == (
         "python train.py --resume runs/a/last.pth --data-dir 'my data' --device cuda --compile default "
         "--fused --eval-batch-size 256 --log-every 5")
-    bare = train.get_args_parser().parse_args([])
-    assert resume.command("runs/resnet18/last.pth", bare, train.get_args_parser()) == "python train.py --resume runs/resnet18/last.pth"
+    bare, parser = train.get_args_parser().parse_args([]), train.get_args_parser()
+    assert resume.command("runs/resnet18/last.pth", bare, parser) == "python train.py --resume runs/resnet18/last.pth"
     monkeypatch.setenv("WORLD_SIZE", "4")  # under torchrun, as the job was started
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert resume.command("r/last.pth", bare, train.get_args_parser()) == ("torchrun --standalone --nproc_per_node=4 train.py --resume "
-                                                         "r/last.pth")
+    torchrun = "torchrun --standalone --nproc_per_node=4 train.py --resume r/last.pth"
+    assert resume.command("r/last.pth", bare, parser) == torchrun
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two machines: their rendezvous flags are the job's own
-    assert resume.command("r/last.pth", bare, train.get_args_parser()) == "torchrun ... train.py --resume r/last.pth"
+    assert resume.command("r/last.pth", bare, parser) == "torchrun ... train.py --resume r/last.pth"
 
 
 def test_the_time_left_goes_at_the_pace_of_the_epochs_done_less_the_first_step():
