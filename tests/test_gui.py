@@ -90,11 +90,11 @@ def test_in_chinese_the_status_bar_and_the_messages_are_chinese_too(app, checkpo
     monkeypatch.chdir(tmp_path)  # no runs/ here: the missing checkpoint's message says to train first
     window = gui.MainWindow(checkpoint, language="zh")
     assert "测试准确率 61.25%" in window.statusBar().currentMessage() and "第 7 轮" in window.statusBar().currentMessage()
-    assert window.run() is None and window.message.text() == "请先选择图片。"
+    assert window.run() is None and "图片" in window.message.text()
     (tmp_path / "notes.jpg").write_text("not a picture")
     window.open_image(tmp_path / "notes.jpg")
     assert window.message.text().startswith("无法读取这张图片：") and "notes.jpg" in window.message.text()
-    assert not window.open_image(tmp_path / "nope.jpg") and window.message.text() == f"找不到 {tmp_path / 'nope.jpg'}。"
+    assert not window.open_image(tmp_path / "nope.jpg") and says(window.message.text(), "找不到", tmp_path / "nope.jpg")
     window.language_box.setCurrentIndex(0)
     assert "61.25% test accuracy" in window.statusBar().currentMessage()
     missing = gui.MainWindow(tmp_path / "none.pth", language="zh")
@@ -122,7 +122,7 @@ def test_the_status_bar_names_the_network_accuracy_and_epoch(app, checkpoint):
 def test_run_without_a_picture_says_so_in_the_window(app, checkpoint):
     window = gui.MainWindow(checkpoint, language="en")
     assert window.run() is None
-    assert window.message.text() == "Choose a picture first."
+    assert "picture" in window.message.text()
 
 
 def test_an_unreadable_file_is_a_message_not_a_crash(app, checkpoint, tmp_path):

@@ -118,9 +118,8 @@ def test_a_dash_reads_the_picture_from_standard_input(workdir, pictures, monkeyp
 
 
 @pytest.mark.parametrize("stdin, message", [
-    (Stdin(tty=True), "-: standard input is a terminal, not a picture: pipe one in "
-                      "(`cat photo.jpg | python predict.py -`)"),
-    (Stdin(b"this is text, not a picture"), "<stdin>: cannot read picture (cannot identify image file)"),
+    (Stdin(tty=True), "-: standard input is a terminal"),
+    (Stdin(b"this is text, not a picture"), "<stdin>: cannot read picture"),
 ])
 def test_a_dash_with_no_picture_behind_it_is_an_error_the_others_still_answered(workdir, pictures, monkeypatch,
                                                                                  stdin, message):
@@ -128,7 +127,7 @@ def test_a_dash_with_no_picture_behind_it_is_an_error_the_others_still_answered(
     monkeypatch.setattr(sys, "stdin", stdin)
     proc = run_here("predict.py", "-", d / "cifar.png", cwd=workdir, check=False)
     assert proc.returncode == 1
-    assert proc.stderr == f"error: {message}\n"
+    assert proc.stderr.count("\n") == 1 and says(proc.stderr, "error: ", message)
     assert re.fullmatch(LINE.format(re.escape(str(d / "cifar.png"))), proc.stdout.strip())
 
 
@@ -178,7 +177,7 @@ def test_a_name_too_long_for_the_file_system_is_an_error_line_of_its_own(workdir
 def test_an_empty_name_is_an_error_line_not_the_working_folder(workdir, pictures):
     d, _, _ = pictures
     proc = run_here("predict.py", "", d / "cifar.png", cwd=workdir, check=False)  # python predict.py "$UNSET"
-    assert proc.returncode == 1 and proc.stderr.strip() == "error: '': an empty name, no picture"
+    assert proc.returncode == 1 and says(proc.stderr.strip(), "error: ''", "empty name")
     assert len(proc.stdout.splitlines()) == 1
 
 
@@ -237,7 +236,7 @@ def test_the_default_checkpoint_is_the_newest_runs_best_and_among_several_one_li
     proc = run_here("predict.py", pictures[0] / "cifar.png", cwd=tmp_path)
     assert re.fullmatch(LINE.format(re.escape(str(pictures[0] / "cifar.png"))), proc.stdout.strip())
     newest = Path("runs", "new", "best.pth")
-    assert proc.stderr == f"note: {newest}, the newest of 2 runs (--checkpoint picks another)\n"
+    assert proc.stderr.startswith("note: ") and says(proc.stderr.strip(), newest, "--checkpoint")
 
 
 def test_no_checkpoint_yet_says_to_train_first(tmp_path, pictures):
