@@ -210,8 +210,9 @@ def test_a_folder_without_class_folders_is_a_one_line_error(tmp_path):
 
 def test_a_folder_of_one_class_is_refused_naming_it(tmp_path):
     root = write_folder(tmp_path / "photos", per_class=2, classes=("cat",), odd_files=False)
-    with pytest.raises(data.DataError, match=r"photos/train: one class folder \(cat\); telling pictures apart"):
+    with pytest.raises(data.DataError) as e:
         data.prepare(root, dataset="folder")
+    assert says(str(e.value), "photos/train", "one class folder", "cat")
 
 
 def test_steps_of_one_picture_at_8_pixels_are_one_line_before_anything_is_written(tmp_path):

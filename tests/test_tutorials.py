@@ -172,9 +172,9 @@ def test_a_truncated_checkpoint_says_it_was_cut_off(tmp_path):
     buffer = io.BytesIO()
     torch.save(resnet.build_model("resnet18").state_dict(), buffer)
     (tmp_path / "cut.pth").write_bytes(buffer.getvalue()[:100_000])
-    with pytest.raises(resnet.CheckpointError, match=r"cut\.pth: not a readable checkpoint: a PyTorch file cut off "
-                                                     r"before its end \(truncated"):
+    with pytest.raises(resnet.CheckpointError) as e:
         resnet.load_checkpoint(tmp_path / "cut.pth")
+    assert says(str(e.value), "cut.pth", "not a readable checkpoint", "truncated")
 
 
 def test_a_zip_archive_that_is_no_pytorch_file_says_so(tmp_path):
