@@ -48,11 +48,13 @@ os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # torch_npu loads i
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import batching  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402
 import device  # noqa: E402
+import failures  # noqa: E402
+import optim  # noqa: E402
 import resnet  # noqa: E402
-import rundir  # noqa: E402
 import train  # noqa: E402
 
 # What `make speedrun` trains: few epochs at a large batch, a mirror image in every other
@@ -153,7 +155,7 @@ def cold_start(picture, repeats):
     import subprocess
     root = Path(__file__).resolve().parent
     if not Path(picture).is_file():
-        raise data.DataError(f"{picture}: no such picture (`make data` writes test/0_3.jpg)")
+        raise data.DataError(f"{picture}: no such picture (python data.py writes test/0_3.jpg)")
     sys.path.insert(0, str(root / "tests"))
     from tutorial_resnet import ResNet18 as TutorialResNet18  # the ResNet18 tutorial's own network
     with tempfile.TemporaryDirectory() as tmp:
@@ -207,7 +209,7 @@ def pipeline(side, args, device_name, conn):
     try:
         serve(side, args, device_name, conn)
     except (RuntimeError, NotImplementedError) as e:
-        why = train.step_failure(e, side == "ours" and step_recipe(args).fused)
+        why = failures.explain(e, fused=side == "ours" and step_recipe(args).fused)
         if why is None:
             raise
         sys.exit(f"error: {why}")
@@ -228,10 +230,10 @@ def serve(side, args, device_name, conn):
         model = model.to(memory_format=layout)
         inference = resnet.for_inference(model, memory_format=layout)
         inference = torch.compile(inference, mode=args.compile) if args.compile else inference
-        loaders = [data.CifarLoader(images, labels, args.batch_size, data.CIFAR10_MEAN, data.CIFAR10_STD,
+        loaders = [batching.CifarLoader(images, labels, args.batch_size, data.CIFAR10_MEAN, data.CIFAR10_STD,
                                     train=split, device=dev, memory_format=layout, flip=recipe.flip)
                    for split in (True, False)]
-        t = train.make_training(model, recipe, dev, amp, 10 ** 6)  # a schedule longer than any benchmark
+        t = optim.make_training(model, recipe, dev, amp, 10 ** 6)  # a schedule longer than any benchmark
         totals = torch.zeros(3, device=dev)
 
         def step(x, y):
@@ -283,7 +285,7 @@ def stopped_early(processes):
         return "a benchmark process stopped early (its error is printed above)"
     if killed[0] == "SIGKILL":
         return ("a benchmark process was killed (SIGKILL), as the system does when memory runs out: "
-                "run again with a smaller --batch-size (make: BATCH=)")
+                "run again with a smaller --batch-size")
     return f"a benchmark process was killed ({killed[0]})"
 
 
@@ -331,7 +333,11 @@ def main(args):
             process.join(timeout=60 if finished else 0)
             if process.is_alive():
                 process.terminate()
+    return summary(args, dev, results, gflops, warmups, precision, layout)
 
+
+def summary(args, dev, results, gflops, warmups, precision, layout):
+    """The benchmark's one line: the medians of the repeats, and what the step ran as."""
     med, recipe = {k: statistics.median(v) for k, v in results.items()}, step_recipe(args)
     flops = training_flops_per_image(resnet.build_model(args.model))
     matmul = statistics.median(gflops)
@@ -406,9 +412,8 @@ def run_quietly(args):
     return r
 
 
-if __name__ == "__main__":
-    parser = get_args_parser()
-    args = parser.parse_args()
+def check_args(parser, args):
+    """Refuse, as argparse refuses a bad flag, what the benchmark cannot do with the flags given."""
     if args.compile and not args.warmup:
         parser.error("--compile needs --warmup 1 or more: the compilation must not be timed")
     if args.cold_start and args.train_args:
@@ -425,12 +430,10 @@ if __name__ == "__main__":
             parser.error(f"{', '.join(others)}: not a flag of the training step the benchmark times; after -- it "
                          f"takes {', '.join('--' + k.replace('_', '-') for k in STEP_FLAGS)} (--model, --batch-size, "
                          "--device and --compile are bench.py's own; a whole run's flags go with --speedrun)")
-    try:
-        main(args)
-    except (device.DeviceError, data.DataError, resnet.CheckpointError, rundir.TrainingError) as e:
-        sys.exit(f"error: {e}")
-    except BrokenPipeError:  # `bench.py | head`
-        sys.exit(cli.reader_gone())
-    except KeyboardInterrupt:  # Ctrl-C while benchmarking, or a second one in a speedrun
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+
+
+if __name__ == "__main__":
+    parser = get_args_parser()
+    args = parser.parse_args()
+    check_args(parser, args)
+    cli.main(lambda: main(args), explain=failures.explain)

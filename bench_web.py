@@ -28,8 +28,8 @@ from pathlib import Path
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # torch_npu loads in device.py, which explains failures
 
 import cli  # noqa: E402
-import data  # noqa: E402
 import device  # noqa: E402
+import pictures  # noqa: E402
 import predict  # noqa: E402
 import resnet  # noqa: E402
 
@@ -63,7 +63,7 @@ def start_server(checkpoint, dev, flags, folder):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             said = (out.read_text().strip().splitlines() or ["no output"])[-1]
-            raise resnet.CheckpointError(f"web.py did not start: {said.removeprefix('error: ')}")
+            raise cli.UserError(f"web.py did not start: {said.removeprefix('error: ')}")
         time.sleep(0.05)
     line = next(ln for ln in out.read_text().splitlines() if "serving on" in ln)
     return proc, int(line.split("serving on ")[1].split("/")[2].rsplit(":", 1)[1])
@@ -102,7 +102,7 @@ def load(port, body, headers, clients, requests):
     for t in threads:
         t.join()
     if failures:
-        raise RuntimeError(f"{len(failures)} requests failed (HTTP {sorted(set(failures))})")
+        raise cli.UserError(f"{len(failures)} requests failed (HTTP {sorted(set(failures))})")
     return time.perf_counter() - start, latencies
 
 
@@ -157,9 +157,9 @@ def main(args):
     import bench  # its cold start: predict.py from a fresh process, next to the tutorials' flow
     checkpoint = args.checkpoint or predict.latest_checkpoint()
     if checkpoint is None:
-        raise resnet.CheckpointError("no trained model yet: run `make train`, or pass --checkpoint")
+        raise resnet.CheckpointError("no trained model yet: run python train.py, or pass --checkpoint")
     if not Path(args.picture).is_file():
-        raise data.DataError(f"{args.picture}: no such picture (`make data` writes test/0_3.jpg)")
+        raise pictures.DataError(f"{args.picture}: no such picture (python data.py writes test/0_3.jpg)")
     rates = run(checkpoint, args.device, args.picture, args.clients, args.requests, args.rounds)
     cold = bench.cold_start(args.picture, args.repeats)
     predict_s = float(cold.split("predict_s=")[1].split()[0])
@@ -170,9 +170,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(get_args_parser().parse_args()))
-    except (data.DataError, device.DeviceError, resnet.CheckpointError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(130)
+    args = get_args_parser().parse_args()
+    cli.main(lambda: main(args))

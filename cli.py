@@ -12,7 +12,14 @@ A value kept from an earlier command line (a run's saved recipe) is checked as i
 be: `cli.refused(parser, "epochs", saved, default)`. A list in a one-line message names its
 first few: `cli.first_few(classes)`; a script that prints file or class names calls
 `cli.names_as_they_are()` first. Standard library only.
+
+Every script ends the same way: `cli.main(lambda: main(args))`. An error of the user's input or
+environment (a UserError) becomes one line, `error: ...`, and exit code 1; Ctrl-C exits 130.
+UserError is defined here, the lowest module the scripts share; resnet.py and device.py import
+nothing of the project (each is copied alone), so their CheckpointError and DeviceError are made
+its subclasses by registration, by main, instead of by inheritance.
 """
+import abc
 import argparse
 import io
 import math
@@ -20,6 +27,45 @@ import os
 import pathlib
 import signal
 import sys
+
+# The errors of the two modules that import no other of the project: UserErrors all the same.
+COPYABLE_ERRORS = {"resnet": "CheckpointError", "device": "DeviceError"}
+
+
+class UserError(Exception, metaclass=abc.ABCMeta):
+    """The user's input or environment is wrong: the message is one line that says what to do."""
+
+
+def main(run, explain=None, stopped=None):
+    """The one way out of every script: exits with run()'s exit code (not a number: 0). A UserError, or an
+    error explain(error) puts in one line (out of memory, say; None: a bug, which keeps its
+    traceback), prints `error: <line>` and exits 1; under torchrun the line names its process.
+    Ctrl-C exits 130, a reader gone (`| head`) 141, quietly; stopped() is a line for either
+    (how to continue), and an OSError writing the output is one line too."""
+    for module, name in COPYABLE_ERRORS.items():
+        if module in sys.modules:  # loaded by the script, so its errors can be raised
+            UserError.register(getattr(sys.modules[module], name))
+    names_as_they_are()
+    try:
+        code = run()
+        code = code if isinstance(code, int) else 0
+        flush_output()
+    except BrokenPipeError:
+        if stopped:
+            print(f"stopped: the reader of its output has gone; {stopped()}", file=sys.stderr)
+        code = reader_gone()
+    except KeyboardInterrupt:
+        print("\ninterrupted" + (f" at once; {stopped()}" if stopped else ""), file=sys.stderr)
+        code = 130
+    except Exception as e:  # noqa: BLE001  all but a bug's are put in one line
+        line = str(e) if isinstance(e, UserError) else explain(e) if explain else None
+        if line is None and isinstance(e, OSError):
+            line = output_failed(e)[len("error: "):]
+        if line is None:
+            raise
+        where = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        code = f"{where}error: {line}"
+    sys.exit(code)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -36,6 +82,15 @@ def parser(description):
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.print_usage = lambda file=None: None  # a bad flag gets one line, not the usage block
     return p
+
+
+def checkpoint_flags(p, models, default="runs/resnet18/best.pth"):
+    """--checkpoint and --model, as each script that reads a checkpoint takes them; models: resnet.MODELS.
+    default None: the newest run's best.pth, worked out at run time."""
+    p.add_argument("--checkpoint", default=default, help="a .pth of train.py or of the tutorials' code"
+                   + ("" if default else " (default: best.pth of the newest run under runs/)"))
+    p.add_argument("--model", default=None, choices=models,
+                   help="the network the checkpoint must hold (default: the one it holds)")
 
 
 FLOAT32_MAX = 3.4028234663852886e38

@@ -29,6 +29,7 @@ os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # torch_npu loads i
 
 import torch  # noqa: E402
 
+import batching  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402
 import resnet  # noqa: E402
@@ -39,10 +40,7 @@ OPSET = 17
 
 def get_args_parser():
     p = cli.parser("Export a checkpoint to ONNX and check it with onnxruntime.")
-    p.add_argument("--checkpoint", default="runs/resnet18/best.pth",
-                   help="a .pth of train.py, or of the tutorials' code")
-    p.add_argument("--model", default=None, choices=resnet.MODELS,
-                   help="the network the checkpoint must hold (default: the one it holds)")
+    cli.checkpoint_flags(p, resnet.MODELS)
     p.add_argument("--output", default=None, help="the .onnx file (default: model.onnx beside the checkpoint)")
     p.add_argument("--data-dir", default=None,
                    help="the test pictures' dataset folder (default: the run's, as its run folder noted it)")
@@ -54,7 +52,7 @@ def get_args_parser():
     return p
 
 
-class ExportError(Exception):
+class ExportError(cli.UserError):
     """An export that cannot be made or does not match; the message is one line for the user."""
 
 
@@ -64,7 +62,7 @@ def import_onnx():
         import onnxruntime
     except ImportError as e:
         raise ExportError(f"export needs onnx and onnxruntime ({e.name} is missing): "
-                          "pip install -r requirements-extra.txt, or `make export`") from None
+                          "pip install -r requirements-extra.txt") from None
     return onnx, onnxruntime
 
 
@@ -91,7 +89,7 @@ def compare(model, path, images, mean, std):
     """(largest |logit difference|, largest |logit|, pictures whose top class differs) of
     the checkpoint's network in PyTorch and the exported file in onnxruntime."""
     _, ort = import_onnx()
-    x = data.normalize(images, mean, std)
+    x = batching.normalize(images, mean, std)
     with torch.no_grad():
         expected = model(x)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -140,11 +138,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except BrokenPipeError:  # `export.py | head`
-        sys.exit(cli.reader_gone())
-    except (ExportError, data.DataError, resnet.CheckpointError, OSError) as e:  # OSError: --output not writable
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(130)
+    args = get_args_parser().parse_args()
+    cli.main(lambda: main(args))

@@ -224,4 +224,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    args = get_args_parser().parse_args()
+    cli.main(lambda: main(args))

@@ -34,7 +34,7 @@ except ImportError:
     QtWidgets = None
 
 import cli  # noqa: E402
-import data  # noqa: E402
+import pictures  # noqa: E402
 import predict  # noqa: E402
 import resnet  # noqa: E402
 
@@ -44,7 +44,7 @@ CHINESE = {"airplane": "飞机", "automobile": "汽车", "bird": "鸟", "cat": "
 TEXT = {  # the words of the window, in both languages; {} is filled in
     "en": {"title": "CIFAR-10 classifier", "choose": "Choose picture…", "run": "Run", "model": "Checkpoint…",
            "confidence": "confidence", "drop": "Drop a picture here or choose one",
-           "no_picture": "Choose a picture first.", "train_first": "No trained model yet: train first (make train).",
+           "no_picture": "Choose a picture first.", "train_first": "No trained model yet: train one first.",
            "not_found": "{} not found.", "bad_picture": "Cannot read this picture: {}",
            "choose_checkpoint": "Choose one with “Checkpoint…”.",
            "bad_checkpoint": "Cannot use this checkpoint: {}", "no_checkpoint": "no checkpoint",
@@ -52,7 +52,7 @@ TEXT = {  # the words of the window, in both languages; {} is filled in
            "assumed": "normalization assumed: the tutorials' (mean {}, std {})"},
     "zh": {"title": "CIFAR-10 十分类", "choose": "选择图片…", "run": "运行", "model": "选择模型…",
            "confidence": "置信度", "drop": "把图片拖到这里，或点“选择图片”",
-           "no_picture": "请先选择图片。", "train_first": "还没有训练好的模型：请先训练（make train）。",
+           "no_picture": "请先选择图片。", "train_first": "还没有训练好的模型：请先训练。",
            "not_found": "找不到 {}。", "bad_picture": "无法读取这张图片：{}",
            "choose_checkpoint": "请点“选择模型…”另选一个。",
            "bad_checkpoint": "无法使用这个模型文件：{}", "no_checkpoint": "没有模型",
@@ -71,10 +71,8 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
         super().__init__()
         self.language = language or default_language()
         self.arch = model  # the network a checkpoint must hold (None: the one it holds)
-        self.image_path = None
+        self.image_path = self.checkpoint = self.last_result = None
         self.classifiers = {}  # checkpoint path -> predict.Classifier, each loaded once
-        self.checkpoint = None
-        self.last_result = None
         self.setAcceptDrops(True)
 
         self.picture = QtWidgets.QLabel(alignment=QtCore.Qt.AlignmentFlag.AlignCenter)
@@ -103,7 +101,6 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
             bars.addWidget(bar, i, 1)
             self.bar_names.append(name)
             self.bars.append(bar)
-
         buttons = QtWidgets.QHBoxLayout()
         for w in (self.choose_button, self.run_button, self.model_button, self.language_box):
             buttons.addWidget(w)
@@ -113,9 +110,8 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
         layout.addWidget(self.result)
         layout.addLayout(bars)
         layout.addWidget(self.message)
-        central = QtWidgets.QWidget()
-        central.setLayout(layout)
-        self.setCentralWidget(central)
+        self.setCentralWidget(QtWidgets.QWidget())
+        self.centralWidget().setLayout(layout)
         self.resize(520, 600)
         self.set_language(self.language)
         self.set_checkpoint(checkpoint or predict.latest_checkpoint())
@@ -129,8 +125,8 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
             self.show_message(self.words["not_found"].format(path))
             return False
         try:  # the reader predict.py uses: what is shown is what is classified (EXIF turn included)
-            im = data.open_picture(path, draft=(1024, 1024))
-        except data.PictureError as e:
+            im = pictures.open_picture(path, draft=(1024, 1024))
+        except pictures.PictureError as e:
             self.show_message(self.words["bad_picture"].format(e))
             return False
         im.thumbnail((1024, 1024))
@@ -247,8 +243,8 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
         self.show_status()
 
     def choose_image(self):
-        pictures = "Pictures (*.jpg *.jpeg *.png *.bmp *.gif *.webp *.tif *.tiff);;All files (*)"
-        path, _ = QtWidgets.QFileDialog.getOpenFileName(self, self.words["choose"], "", pictures)
+        kinds = "Pictures (*.jpg *.jpeg *.png *.bmp *.gif *.webp *.tif *.tiff);;All files (*)"
+        path, _ = QtWidgets.QFileDialog.getOpenFileName(self, self.words["choose"], "", kinds)
         if path and self.open_image(path):
             self.run()
 
@@ -275,11 +271,7 @@ class MainWindow(QtWidgets.QMainWindow if QtWidgets else object):
 def get_args_parser():
     p = cli.parser("A window to classify pictures with a trained checkpoint.")
     p.add_argument("picture", nargs="?", default=None, help="a picture to open and classify at once")
-    p.add_argument("--checkpoint", default=None,
-                   help="a .pth of train.py or of the tutorials' code (default: best.pth of the newest run "
-                        "under runs/)")
-    p.add_argument("--model", default=None, choices=resnet.MODELS,
-                   help="the network the checkpoint must hold (default: the one it holds)")
+    cli.checkpoint_flags(p, resnet.MODELS, default=None)
     p.add_argument("--language", choices=["en", "zh"], default=None,
                    help="the window's words and class names (default: the system's)")
     return p
@@ -323,10 +315,10 @@ def platform_problem(environ=os.environ):
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if QtWidgets is None:
-        sys.exit("gui.py needs Qt for Python: pip install -r requirements-gui.txt (or run `make gui`)")
+        raise cli.UserError("gui.py needs Qt for Python: pip install -r requirements-gui.txt")
     problem = None if QtWidgets.QApplication.instance() else platform_problem()
     if problem:
-        sys.exit(f"error: {problem}")
+        raise cli.UserError(problem)
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(sys.argv[:1])
     window = MainWindow(args.checkpoint, args.language, args.model)
     if args.picture and window.open_image(args.picture):
@@ -342,4 +334,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.main(main)

@@ -18,14 +18,14 @@ from pathlib import Path
 import cli
 
 COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds", "img_s"]
-INSTALL = "pip install -r requirements-extra.txt (or run `make plot`)"
+INSTALL = "pip install -r requirements-extra.txt"
 # Fonts with Chinese, Japanese and Korean characters, used where installed for the characters
 # matplotlib's own font lacks: a picture folder's class names may well be 猫 and 狗.
 CJK_FONTS = ["Noto Sans CJK SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Microsoft YaHei",
              "SimHei", "PingFang SC", "Hiragino Sans GB", "Heiti SC", "Noto Sans CJK JP", "Arial Unicode MS"]
 
 
-class PlotError(Exception):
+class PlotError(cli.UserError):
     """Something to plot from that is missing or unusable; one line for the user."""
 
 
@@ -109,7 +109,7 @@ def read_metrics(run_dir):
             reader = csv.DictReader(f)
             header, rows = reader.fieldnames or [], list(reader)
     except FileNotFoundError:
-        raise PlotError(f"{path}: not found; train first (make train), or name a run directory") from None
+        raise PlotError(f"{path}: not found; train first (python train.py), or name a run directory") from None
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise PlotError(f"{path}: cannot read it ({e})") from None
     if any(c not in header for c in COLUMNS):
@@ -225,14 +225,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-        cli.flush_output()
-    except PlotError as e:
-        sys.exit(f"error: {e}")
-    except BrokenPipeError:  # `plot.py | head`
-        sys.exit(cli.reader_gone())
-    except OSError as e:  # `> /dev/full`, a disk that filled up
-        sys.exit(cli.output_failed(e))
-    except KeyboardInterrupt:
-        sys.exit(130)
+    args = get_args_parser().parse_args()
+    cli.main(lambda: main(args))

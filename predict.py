@@ -22,20 +22,18 @@ os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # torch_npu loads i
 
 import torch  # noqa: E402
 
+import batching  # noqa: E402
 import cli  # noqa: E402
-import data  # noqa: E402
 import device  # noqa: E402
+import failures  # noqa: E402
+import pictures  # noqa: E402
 import resnet  # noqa: E402
 
 
 def get_args_parser():
     p = cli.parser("Classify pictures with a trained checkpoint.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="a picture, a folder of pictures, or - (standard input)")
-    p.add_argument("--checkpoint", default=None,
-                   help="a .pth of train.py or of the tutorials' code (default: best.pth of the most "
-                        "recent run under runs/)")
-    p.add_argument("--model", default=None, choices=resnet.MODELS,
-                   help="the network the checkpoint must hold (default: the one it holds)")
+    cli.checkpoint_flags(p, resnet.MODELS, default=None)
     p.add_argument("--topk", type=cli.integer(min=1), default=1, help="show the K most likely classes")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     # The CPU, not auto: a picture or two are answered before a GPU or NPU would have started.
@@ -68,7 +66,7 @@ def expand_paths(paths):
             errors.append("'': an empty name, no picture")
         elif os.path.isdir(p):  # False for a name the file system refuses: then an error of its own below
             try:
-                found = [f for f in data.visible_files(p) if f.suffix.lower() in extensions]
+                found = [f for f in pictures.visible_files(p) if f.suffix.lower() in extensions]
             except OSError as e:
                 errors.append(f"{p}: cannot read {e.filename or p} ({e.strerror})")
                 continue
@@ -85,8 +83,8 @@ def picture_source(path):
     if str(path) != "-":
         return path
     if sys.stdin is None or sys.stdin.isatty():  # reading would wait for a picture typed in
-        raise data.PictureError("-: standard input is a terminal, not a picture: pipe one in "
-                                "(`cat photo.jpg | python predict.py -`)")
+        raise pictures.PictureError("-: standard input is a terminal, not a picture: pipe one in "
+                                    "(`cat photo.jpg | python predict.py -`)")
     return sys.stdin.buffer  # a pipe cannot seek: Pillow copies it into memory before decoding
 
 
@@ -102,9 +100,9 @@ class Classifier:
         self.model = resnet.for_inference(model, self.device)
 
     @torch.no_grad()
-    def probabilities(self, pictures):
+    def probabilities(self, images):
         """Softmax over the classes for a uint8 batch (N, 3, size, size)."""
-        x = data.normalize(pictures.to(self.device), self.mean, self.std)
+        x = batching.normalize(images.to(self.device), self.mean, self.std)
         return self.model(x).float().softmax(1).cpu()
 
     def top(self, probs, k):
@@ -113,11 +111,11 @@ class Classifier:
 
 
 def read_picture(path, size):
-    """A picture as the model sees it (data.load_picture), or the PictureError that reading it raised.
+    """A picture as the model sees it (pictures.load_picture), or the PictureError that reading it raised.
     path: a file, "-" (standard input), or a binary stream (web.py's uploads)."""
     try:
-        return data.load_picture(picture_source(path), size)
-    except data.PictureError as e:
+        return pictures.load_picture(picture_source(path), size)
+    except pictures.PictureError as e:
         return e
 
 
@@ -126,10 +124,10 @@ def answers(clf, named, k, probabilities=None):
     uint8 tensor (3, size, size) or the PictureError its reading raised. The pictures go through the
     model in one forward pass, unless their probabilities (rows in the same order) are given: web.py
     passes the rows of a pass shared with other requests. predict.py, web.py and gui.py answer here."""
-    pictures = [p for _, p in named if isinstance(p, torch.Tensor)]
-    if probabilities is None and pictures:
-        probabilities = clf.probabilities(torch.stack(pictures))
-    rows = iter(probabilities if pictures else [])
+    images = [p for _, p in named if isinstance(p, torch.Tensor)]
+    if probabilities is None and images:
+        probabilities = clf.probabilities(torch.stack(images))
+    rows = iter(probabilities if images else [])
     results = []
     for name, picture in named:
         if not isinstance(picture, torch.Tensor):
@@ -145,7 +143,7 @@ def main(args):
     runs = [] if args.checkpoint else trained_runs()
     checkpoint = args.checkpoint or (runs[-1] if runs else None)
     if checkpoint is None:
-        raise resnet.CheckpointError("no trained model yet: run `make train`, or pass --checkpoint")
+        raise resnet.CheckpointError("no trained model yet: run python train.py, or pass --checkpoint")
     if len(runs) > 1:  # which of them answers is not plain to see
         print(f"note: {checkpoint}, the newest of {len(runs)} runs (--checkpoint picks another)", file=sys.stderr)
     clf = Classifier(checkpoint, args.model, device.pick_device(args.device))
@@ -176,21 +174,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    cli.names_as_they_are()
-    try:
-        code = main(get_args_parser().parse_args())
-        cli.flush_output()
-        sys.exit(code)
-    except (device.DeviceError, resnet.CheckpointError) as e:
-        sys.exit(f"error: {e}")
-    except RuntimeError as e:  # the device ran out of memory: one line; anything else: its traceback
-        oom = device.out_of_memory(e)
-        if oom is None:
-            raise
-        sys.exit(f"error: out of memory: {oom}; run again with a smaller --batch-size")
-    except BrokenPipeError:  # `predict.py photos/ | head`
-        sys.exit(cli.reader_gone())
-    except OSError as e:  # `> /dev/full`, a disk that filled up
-        sys.exit(cli.output_failed(e))
-    except KeyboardInterrupt:
-        sys.exit(130)
+    args = get_args_parser().parse_args()
+    cli.main(lambda: main(args), explain=failures.out_of_memory)

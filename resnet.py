@@ -14,6 +14,7 @@ This file imports only torch: copy it alone into another project.
     print(ckpt["arch"], ckpt["classes"], ckpt["accuracy"])
 """
 import copy
+import functools
 import math
 import os
 import re
@@ -122,24 +123,8 @@ def build_model(arch, num_classes=10, zero_init_residual=False):
     return ResNet(*ARCHS[arch], num_classes=num_classes, zero_init_residual=zero_init_residual)
 
 
-def ResNet18(num_classes=10):
-    return build_model("resnet18", num_classes)
-
-
-def ResNet34(num_classes=10):
-    return build_model("resnet34", num_classes)
-
-
-def ResNet50(num_classes=10):
-    return build_model("resnet50", num_classes)
-
-
-def ResNet101(num_classes=10):
-    return build_model("resnet101", num_classes)
-
-
-def ResNet152(num_classes=10):
-    return build_model("resnet152", num_classes)
+# The tutorials' constructors: resnet.ResNet18(num_classes=10) builds what their ResNet18() does.
+ResNet18, ResNet34, ResNet50, ResNet101, ResNet152 = (functools.partial(build_model, arch) for arch in MODELS)
 
 
 # ---------------------------------------------------------------------------

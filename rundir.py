@@ -14,8 +14,8 @@ Into RUN_DIR (train.py's --out-dir, default runs/<model>):
 Every file is replaced atomically (written aside, flushed, renamed), so a kill at any moment
 leaves the old file or the new one. Checkpoints are written by a thread of their own while
 training goes on, each epoch's files in order and last.pth last: last.pth never names an
-epoch whose other files are missing. On resume, what an interrupted run logged after its
-last.pth is cut away, so every epoch and step appears once.
+epoch whose other files are missing. On resume (resume.py decides from where), what an
+interrupted run logged after its last.pth is cut away, so every epoch and step appears once.
 """
 import contextlib
 import os
@@ -23,9 +23,7 @@ import queue
 import re
 import shutil
 import socket
-import sys
 import threading
-import warnings
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -41,7 +39,7 @@ ACC_LINE = r"EPOCH=(\d+), Accuracy= *\S+%"
 METRICS_LINE = r"(\d+)(,[^,]+){7}"
 
 
-class TrainingError(Exception):
+class TrainingError(cli.UserError):
     """Training that cannot go on; the message is one line for the user."""
 
 
@@ -76,7 +74,7 @@ def _sync_folder(folder):
 
 def named(classes):
     """'3 classes (cat, dog, ship)', the first five named."""
-    return f"{len(classes)} classes ({cli.first_few(classes)})"
+    return f"{len(classes)} classes ({cli.first_few(list(classes))})"
 
 
 def save_checkpoint(ckpt, path):
@@ -128,7 +126,7 @@ def shareable_args(args):
 def trained(checkpoint):
     """checkpoint, if a file or folder is there; else a CheckpointError that says how to make one."""
     if not os.path.exists(checkpoint):
-        raise resnet.CheckpointError(f"{checkpoint}: no such checkpoint; train first (make train), "
+        raise resnet.CheckpointError(f"{checkpoint}: no such checkpoint; train first (python train.py), "
                                      "or pass --checkpoint")
     return checkpoint
 
@@ -157,7 +155,7 @@ class Start(NamedTuple):
 
 
 def training_state(t):
-    """What last.pth adds to a checkpoint, from train.py's Training t; RunFolder.restore puts it back."""
+    """What last.pth adds to a checkpoint, from train.py's Training t; resume.restore puts it back."""
     state = {"optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
              "scaler": t.scaler.state_dict(), "rng_cpu": torch.get_rng_state()}
     if t.ema is not None:  # the checkpoint's "model" holds the average; training goes on from these
@@ -208,7 +206,6 @@ class RunFolder:
         if self.path.exists() and not self.path.is_dir():  # found now, not after the data has loaded
             raise TrainingError(f"{self.path} is a file; --out-dir names the run's folder")
         self.writer = Writer() if is_main else None
-        self.resumed_from = None  # the checkpoint load() read
         self.lock, self.made = None, []
 
     def __enter__(self):
@@ -245,7 +242,7 @@ class RunFolder:
             lock.close()
             self.made = []
             raise TrainingError(f"{self.path} is in use by {holder}: let it finish (or stop it), "
-                                "or choose another --out-dir (RUN_DIR=)") from None
+                                "or choose another --out-dir") from None
         except OSError:
             lock.close()
             return
@@ -267,151 +264,6 @@ class RunFolder:
             self.lock.close()
             self.lock = None
 
-    def resume_path(self, resume):
-        """The checkpoint --resume names: PATH, or '' for last.pth here."""
-        return Path(resume) if resume else self.path / "last.pth"
-
-    def resume(self, args, recipe, parser, given=None):
-        """The saved state that --resume (args.resume) continues from, or None to start afresh.
-        The run keeps its recipe: args' values of the names in `recipe` become the saved ones, and
-        a note names each of those the command line gave (`given`; None: those not at their default)
-        that the run does not take. parser: train.py's, for its defaults, and to check the saved
-        values as it checks its flags."""
-        defaults = parser.parse_args([])
-        if args.resume is None:
-            if self.holds_a_run():
-                raise resnet.CheckpointError(f"{self.path} already holds a run: continue it with --resume, "
-                                             "or choose another --out-dir (RUN_DIR=)")
-            return None
-        path = self.resume_path(args.resume)
-        if path.parent.resolve() != self.path.resolve() and self.holds_a_run():
-            raise resnet.CheckpointError(f"{self.path} already holds another run; {path} goes on in its own "
-                                         "folder: leave out --out-dir, or choose an empty one")
-        state = self.load(args.resume)
-        if state is None and self.holds_a_run():
-            done = max(self.saved_epochs() + self.logged_epochs(), default=0)
-            if done > 1:  # last.pth deleted: starting afresh would write over the run's epochs
-                fallback = next(self.good_epoch_checkpoints(self.path), None)
-                raise resnet.CheckpointError(f"{path} is missing, but {self.path} holds a run: " + (
-                    f"resume from its newest good epoch with --resume {fallback}" if fallback else
-                    "none of its epochs' checkpoints loads either; start afresh in another --out-dir"))
-            # Stopped while epoch 1's files were written, before its last.pth: only that epoch is lost.
-            self.say(f"note: {path} was never written, the run stopped while it saved epoch 1; "
-                     "starting the run from the beginning")
-            return None
-        if state is None:
-            self.say(f"note: {path} does not exist yet; starting the run from the beginning")
-            return None
-        later = [e for e in self.saved_epochs() if e > state["epoch"]]
-        if later:  # resuming from an earlier net_XXX.pth or best.pth: asked for, but say what it costs
-            self.say(f"note: {self.path} holds epochs up to {max(later)}; epochs {state['epoch'] + 1} to "
-                     f"{max(later)} are trained again and their files replaced")
-        for key in recipe:
-            saved = state["args"].get(key, getattr(defaults, key))
-            why = cli.refused(parser, key, saved, getattr(defaults, key))
-            if why:
-                raise resnet.CheckpointError(f"{path}: its recipe's --{key.replace('_', '-')} is not what train.py "
-                                             f"takes ({why}): edited by hand, or saved by other code")
-            was_given = getattr(args, key) != getattr(defaults, key) if given is None else key in given
-            if was_given and getattr(args, key) != saved:
-                self.say(f"note: ignoring --{key.replace('_', '-')} {getattr(args, key)}; the run keeps its own "
-                         f"({saved})")
-            setattr(args, key, saved)
-        where = (f"in epoch {state['epoch'] + 1} of {args.epochs}, after its step {state['step']}" if state.get("step")
-                 else f"after epoch {state['epoch']} of {args.epochs}")
-        self.say(f"resuming {path} {where}"
-                 + ("" if "optimizer" in state else " (weights only: the optimizer's momentum starts afresh)"))
-        return state
-
-    def saved_epochs(self):
-        """The epochs whose checkpoints (net_XXX.pth) this folder holds."""
-        return [epoch for epoch, _ in epoch_checkpoints(self.path)]
-
-    def logged_epochs(self):
-        """The epochs acc.txt here logs: a run's record, even where its checkpoints were deleted."""
-        try:
-            lines = (self.path / "acc.txt").read_text(errors="replace").splitlines()
-        except OSError:
-            return []
-        return [int(m.group(1)) for m in (re.fullmatch(ACC_LINE, line) for line in lines) if m]
-
-    def holds_a_run(self):
-        return bool(self.saved_epochs() or self.logged_epochs()) or any(
-            (self.path / f).exists() for f in ("last.pth", "best.pth"))
-
-    def restore(self, t, state, steps_per_epoch, classes):
-        """Put a saved state back into train.py's Training t, whose network was built for
-        `classes`, the data's; returns where to start."""
-        path = self.resumed_from
-        try:
-            saved = list(state.get("classes", classes))
-            if saved != list(classes):  # a folder dataset whose class folders changed since
-                raise resnet.CheckpointError(f"{path}: the run trained on {named(saved)} and the data now has "
-                                             f"{named(classes)}: resume with the data it trained on, or start a "
-                                             "new run in another --out-dir")
-            if state.get("step", 0) >= steps_per_epoch:  # a folder dataset that lost pictures since
-                raise resnet.CheckpointError(f"{path}: the run stopped after step {state['step']} of epoch "
-                                             f"{state['epoch'] + 1} and an epoch of the data now has {steps_per_epoch} "
-                                             "steps: resume with the data it trained on, or start a new run in "
-                                             "another --out-dir")
-            start = self._restore(t, state, steps_per_epoch)
-            # Numbers the run goes on with: one of another type would fail only where an epoch is logged.
-            if not (resnet.is_number(start.best[0]) and resnet.is_whole(start.best[1])):
-                raise TypeError(f"best_accuracy and best_epoch {start.best!r} are not a number and an epoch")
-            if start.totals is not None and not (isinstance(start.totals, (list, tuple)) and len(start.totals) == 3
-                                                 and all(map(resnet.is_number, start.totals))):
-                raise TypeError(f"totals {start.totals!r} are not the epoch's three running sums")
-            return start
-        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:  # edited, or saved by other code
-            detail = " ".join(str(e).split())
-            raise resnet.CheckpointError(f"{path}: its training state does not load into this run "
-                                         f"({type(e).__name__}: {detail[:200]})") from None
-
-    def _restore(self, t, state, steps_per_epoch):
-        t.model.load_state_dict(state.get("training_model", state["model"]))  # "model" holds the EMA, if any
-        if t.ema is not None:
-            t.ema.model.load_state_dict(state["model"])
-            t.ema.updates = state.get("ema_updates", 0)
-        epoch = state["epoch"]
-        if "optimizer" in state:
-            # The saved state would bring back the kernel choice too: this run's --fused decides it.
-            kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in t.optimizer.param_groups]
-            t.optimizer.load_state_dict(state["optimizer"])
-            for group, chosen in zip(t.optimizer.param_groups, kernels):
-                group.update(chosen)
-            t.scheduler.load_state_dict(state["scheduler"])
-            if state.get("scaler"):
-                t.scaler.load_state_dict(state["scaler"])
-            torch.set_rng_state(state["rng_cpu"])
-        else:  # weights only (net_XXX.pth): the schedule picks up where that epoch ended
-            t.scheduler.last_epoch = epoch * steps_per_epoch - 1
-            with warnings.catch_warnings():  # "scheduler stepped before optimizer": on purpose here
-                warnings.simplefilter("ignore", UserWarning)
-                t.scheduler.step()
-        return Start(epoch, state.get("step", 0), state.get("totals"), self.best_until(state))
-
-    def best_until(self, state):
-        """(best accuracy, its epoch) up to a saved state. Every checkpoint carries them; for one
-        written before they did, best.pth here says it, if it is not from a later epoch."""
-        if "best_accuracy" in state:
-            return state["best_accuracy"], state["best_epoch"]
-        best = (state.get("accuracy") or 0.0, state["epoch"] if state.get("accuracy") is not None else 0)
-        try:
-            kept = resnet.load_checkpoint(self.path / "best.pth")
-        except resnet.CheckpointError:
-            return best
-        if kept.get("epoch", state["epoch"] + 1) <= state["epoch"] and (kept.get("accuracy") or 0.0) > best[0]:
-            return kept["accuracy"], kept["epoch"]
-        return best
-
-    def where_data_was(self, data_dir):
-        """For an error on resume: the data folder noted beside the checkpoint resumed from, where
-        that is not data_dir."""
-        noted = remembered_data_dir(self.resumed_from)
-        if noted is None or Path(noted) == Path(data_dir).resolve():
-            return ""
-        return f"; this run trained on the data in {noted}: pass --data-dir {noted} (DATA_DIR= with make)"
-
     def begin(self, data_dir, start, steps_per_epoch):
         """Make the folder ready to write from `start` on: note the data folder, and cut the
         logs back to what the run had then."""
@@ -419,42 +271,12 @@ class RunFolder:
             self.path.mkdir(parents=True, exist_ok=True)
             write_text(self.path / "data_dir.txt", str(Path(data_dir).resolve()) + "\n")
             self.repair(start.epoch, start.epoch * steps_per_epoch + start.step, start.best)
-            if self.resumed_from is not None:
-                self.roll_back_best(start.epoch, start.best)
+            self.roll_back_best(start.epoch, start.best)
 
     def say(self, line):
-        if self.is_main:
+        """Print line (None: nothing) in the main process."""
+        if self.is_main and line is not None:
             print(line, flush=True)
-
-    def load(self, resume):
-        """The checkpoint to continue from (None: nothing saved yet, so start afresh)."""
-        path = self.resume_path(resume)
-        if not resume and not path.exists():
-            return None
-        try:
-            state = resnet.load_checkpoint(path)
-        except resnet.CheckpointError as e:
-            fallback = next(self.good_epoch_checkpoints(path.parent), None)
-            hint = f"; resume from the newest good epoch instead: --resume {fallback}" if fallback else ""
-            raise resnet.CheckpointError(f"{e}{hint}") from None
-        whole = all(resnet.is_whole(state.get(k, 0)) and state.get(k, 0) >= 0 for k in ("epoch", "step"))
-        weights_alone = not {"args", "epoch", "model"} <= set(state)  # the tutorials' files, say
-        if weights_alone or not isinstance(state["args"], dict) or not whole:
-            why = " (weights alone hold no run to go on with)" if weights_alone else ""
-            raise resnet.CheckpointError(f"{path}: not a checkpoint of train.py{why}; --resume needs the last.pth "
-                                         "or net_XXX.pth of a run of train.py")
-        self.resumed_from = path
-        return state
-
-    @staticmethod
-    def good_epoch_checkpoints(folder):
-        """net_XXX.pth files of a run that load, newest first."""
-        for _, path in reversed(epoch_checkpoints(folder)):
-            try:
-                resnet.load_checkpoint(path)
-                yield path
-            except resnet.CheckpointError:
-                continue
 
     def repair(self, epoch, iteration, best):
         """Cut the logs back to what a run had when it saved epoch `epoch` (and step
@@ -531,25 +353,9 @@ class RunFolder:
             self.writer.put(lambda: save_checkpoint(state, self.path / "last.pth"))
 
 
-class StepLog:
-    """What the terminal shows during an epoch: a tqdm bar, or without a terminal (CI, a log
-    file) a plain line at each log point. Silent in every process of a torchrun job but the first."""
+def metrics_row(epoch, r, test_loss, acc, lr):
+    """metrics.csv's row of an epoch (METRICS names its columns)."""
+    return [str(epoch), f"{r.loss:.4f}", f"{r.acc:.3f}", f"{test_loss:.4f}", f"{acc:.3f}", f"{lr:.6g}",
+            f"{r.seconds:.2f}", f"{r.images / r.seconds:.1f}"]
 
-    def __init__(self, total, desc, enabled=True, initial=0):
-        from tqdm import tqdm
-        self.tty, self.enabled = sys.stdout is not None and sys.stdout.isatty(), enabled  # None: `>&-`
-        self.bar = tqdm(total=total, desc=desc, file=sys.stdout, leave=False, initial=initial,
-                        disable=not (self.tty and enabled), dynamic_ncols=True)
-        self.desc, self.done, self.total = desc, initial, total
 
-    def update(self, done, **stats):
-        self.bar.update(done - self.done)
-        self.done = done
-        text = " ".join(f"{k} {v}" for k, v in stats.items())
-        if self.tty:
-            self.bar.set_postfix_str(text)
-        elif self.enabled:
-            print(f"{self.desc} step {done}/{self.total} {text}", flush=True)
-
-    def close(self):
-        self.bar.close()

@@ -14,9 +14,11 @@ import unicodedata
 
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # torch_npu loads in device.py, which explains failures
 
+import batching  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402
 import device  # noqa: E402
+import failures  # noqa: E402
 import plot  # noqa: E402
 import resnet  # noqa: E402
 import rundir  # noqa: E402
@@ -24,10 +26,7 @@ import rundir  # noqa: E402
 
 def get_args_parser():
     p = cli.parser("Evaluate a checkpoint on its dataset's test split.")
-    p.add_argument("--checkpoint", default="runs/resnet18/best.pth",
-                   help="a .pth of train.py, or of the tutorials' code")
-    p.add_argument("--model", default=None, choices=resnet.MODELS,
-                   help="the network the checkpoint must hold (default: the one it holds)")
+    cli.checkpoint_flags(p, resnet.MODELS)
     p.add_argument("--dataset", default=None, choices=data.DATASETS,
                    help="the data to score on (default: the one the run trained on)")
     p.add_argument("--data-dir", default=None,
@@ -99,7 +98,7 @@ def main(args):
     dev = device.pick_device(args.device)
     device.keep_freed_memory(dev)
     layout = device.memory_format("auto", dev)
-    loader = data.CifarLoader(images, labels, args.batch_size or device.eval_batch_size(dev), ckpt["mean"],
+    loader = batching.CifarLoader(images, labels, args.batch_size or device.eval_batch_size(dev), ckpt["mean"],
                               ckpt["std"], train=False, device=dev, memory_format=layout)
     amp = device.resolve_amp(args.amp, dev)
     loss, confusion = resnet.evaluate(resnet.for_inference(model, dev, layout), loader, len(classes),
@@ -125,20 +124,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    cli.names_as_they_are()
-    try:
-        main(get_args_parser().parse_args())
-        cli.flush_output()
-    except (data.DataError, device.DeviceError, resnet.CheckpointError) as e:
-        sys.exit(f"error: {e}")
-    except RuntimeError as e:  # the device ran out of memory: one line; anything else: its traceback
-        oom = device.out_of_memory(e)
-        if oom is None:
-            raise
-        sys.exit(f"error: out of memory: {oom}; run again with a smaller --batch-size")
-    except BrokenPipeError:  # `test.py | head`
-        sys.exit(cli.reader_gone())
-    except OSError as e:  # `> /dev/full`, a disk that filled up
-        sys.exit(cli.output_failed(e))
-    except KeyboardInterrupt:
-        sys.exit(130)
+    args = get_args_parser().parse_args()
+    cli.main(lambda: main(args), explain=failures.out_of_memory)

@@ -56,11 +56,7 @@ UPLOAD = {"requestBody": {"required": True, "content": {"multipart/form-data": {
 
 def get_args_parser():
     p = cli.parser("A web page and a JSON API for a trained checkpoint.")
-    p.add_argument("--checkpoint", default=None,
-                   help="a .pth of train.py or of the tutorials' code (default: best.pth of the most "
-                        "recent run under runs/)")
-    p.add_argument("--model", default=None, choices=resnet.MODELS,
-                   help="the network the checkpoint must hold (default: the one it holds)")
+    cli.checkpoint_flags(p, resnet.MODELS, default=None)
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (any but loopback asks for a token)")
     p.add_argument("--port", type=cli.integer(min=0, max=65535), default=8000, help="the port (0: any free one)")
     p.add_argument("--token", default=None,
@@ -89,7 +85,7 @@ class Refused(Exception):
         self.status, self.headers, self.document = status, headers, document or {}
 
 
-class StartError(Exception):
+class StartError(cli.UserError):
     """The server cannot start (the port, the address, the page); one line for the user."""
 
 
@@ -216,7 +212,7 @@ class App:
 
     def __init__(self, clf, checkpoint, args, token):
         self.clf, self.checkpoint, self.args, self.token = clf, str(checkpoint), args, token
-        self.decoder = concurrent.futures.ThreadPoolExecutor(1, "decode")  # data.open_picture sets a global
+        self.decoder = concurrent.futures.ThreadPoolExecutor(1, "decode")  # pictures.open_picture sets a global
         self.batcher = None  # made inside the server's event loop
         self.in_server = self.arriving = 0  # requests in the server; of them, those not yet queued for a pass
         self.page = PAGE.read_text(encoding="utf-8")
@@ -380,7 +376,7 @@ def main(args):
         raise StartError(f"{PAGE}: the page is missing; it comes with web.py")
     checkpoint = args.checkpoint or predict.latest_checkpoint()
     if checkpoint is None:
-        raise resnet.CheckpointError("no trained model yet: run `make train`, or pass --checkpoint")
+        raise resnet.CheckpointError("no trained model yet: run python train.py, or pass --checkpoint")
     clf = predict.Classifier(checkpoint, args.model, device.pick_device(args.device))
     if clf.assumed:
         print(f"note: {clf.assumed}", file=sys.stderr)
@@ -399,10 +395,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    cli.names_as_they_are()
-    try:
-        sys.exit(main(get_args_parser().parse_args()))
-    except (device.DeviceError, resnet.CheckpointError, StartError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(130)
+    args = get_args_parser().parse_args()
+    cli.main(lambda: main(args))

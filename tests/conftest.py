@@ -175,6 +175,13 @@ def one_line_error(proc):
     return lines[0]
 
 
+def says(line, *words):
+    """What a user relies on in a message, not its wording: one line, holding each of words
+    (the file it names, the flag to change, the fix). True, for `assert says(...)`."""
+    assert "\n" not in line.strip() and all(str(w) in line for w in words), line
+    return True
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: starts processes (the project's scripts, make, torchrun) or "
                                        "trains whole runs; `make test-fast` (-m 'not slow') leaves these out")
@@ -209,7 +216,8 @@ PROCESS_FIXTURES = {"trained_run", "reference", "reference_of_four_steps", "proj
 
 
 # Small and fast on a 2-core CPU: a few steps of ResNet18 per epoch.
-QUICK = ["--device", "cpu", "--batch-size", "8", "--subset", "16", "--eval-batch-size", "100"]
+# --amp pinned too: two runs compared must not rest on a choice the machine makes.
+QUICK = ["--device", "cpu", "--batch-size", "8", "--subset", "16", "--eval-batch-size", "100", "--amp", "off"]
 
 
 @pytest.fixture

@@ -132,3 +132,44 @@ def test_a_bad_number_stops_train_py_before_it_loads_anything(tmp_path):
     proc = run("bench.py", "--batch-size", "0", cwd=tmp_path, check=False, timeout=60)
     assert "--batch-size" in one_line_error(proc)
 
+
+
+def ended(run, **kw):
+    """cli.main(run): the exit code, as the script would end."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(run, **kw)
+    return e.value.code
+
+
+def raising(error):
+    def run():
+        raise error
+    return run
+
+
+def test_every_error_of_the_user_s_input_is_one_user_error_the_copyable_modules_included():
+    import device
+    import failures
+    import pictures
+    import rundir
+    for kind in (data.DataError, data.BadBatchFile, pictures.PictureError, export.ExportError, plot.PlotError,
+                 rundir.TrainingError, failures.LossNotFinite):
+        assert issubclass(kind, cli.UserError), kind
+    ended(lambda: 0)  # cli.main counts the errors of resnet.py and device.py, which import nothing of the project
+    assert issubclass(resnet.CheckpointError, cli.UserError) and issubclass(device.DeviceError, cli.UserError)
+
+
+@pytest.mark.parametrize("error", [data.DataError("data: no CIFAR-10 here; run python data.py"),
+                                   resnet.CheckpointError("x.pth: not a readable checkpoint")])
+def test_the_one_way_out_says_a_user_error_in_one_line_and_exits_1(error, capsys):
+    assert ended(raising(error)) == f"error: {error}"  # sys.exit prints it on stderr and exits 1
+    assert ended(lambda: 3) == 3 and ended(lambda: "a result, not a code") == 0
+
+
+def test_the_one_way_out_puts_a_failure_it_is_told_about_in_one_line_and_a_bug_keeps_its_traceback():
+    def explain(e):
+        return "out of memory: run again with a smaller --batch-size" if "memory" in str(e) else None
+    assert ended(raising(RuntimeError("out of memory")), explain=explain).startswith("error: out of memory")
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(raising(RuntimeError("a bug")), explain=explain)
+    assert ended(raising(KeyboardInterrupt())) == 130

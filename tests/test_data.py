@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+import batching
 import data
-from conftest import make_archive, one_line_error, run, run_here, write_cifar
+from conftest import make_archive, one_line_error, run, run_here, write_cifar, says
 
 
 # --- augmentation and normalization, exact on known tensors -----------------
@@ -19,23 +20,23 @@ from conftest import make_archive, one_line_error, run, run_here, write_cifar
 def test_crop_flip_equals_slicing_the_zero_padded_image_then_mirroring_the_chosen_ones():
     images = torch.arange(3 * 3 * 32 * 32, dtype=torch.int64).view(3, 3, 32, 32).to(torch.uint8)
     dy, dx, mirror = torch.tensor([0, 8, 2]), torch.tensor([3, 5, 0]), torch.tensor([False, True, True])
-    out = data.crop_flip(images, dy, dx, mirror, pad=4)
+    out = batching.crop_flip(images, dy, dx, mirror, pad=4)
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
     assert torch.equal(out[0], padded[0, :, 0:32, 3:35])
     assert torch.equal(out[1], padded[1, :, 8:40, 5:37].flip(-1))
     assert torch.equal(out[2], padded[2, :, 2:34, 0:32].flip(-1))
     # offset 4 on both axes, unmirrored, is the image itself
     centre, keep = torch.tensor([4, 4, 4]), torch.tensor([False] * 3)
-    assert torch.equal(data.crop_flip(images, centre, centre, keep), images)
+    assert torch.equal(batching.crop_flip(images, centre, centre, keep), images)
 
 
 def test_normalize_uses_the_true_cifar_statistics():
     assert data.CIFAR10_STD == (0.2470, 0.2435, 0.2616)
     images = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
-    out = data.normalize(images, data.CIFAR10_MEAN, data.CIFAR10_STD)
+    out = batching.normalize(images, data.CIFAR10_MEAN, data.CIFAR10_STD)
     expected = [(1 - m) / s for m, s in zip(data.CIFAR10_MEAN, data.CIFAR10_STD)]
     torch.testing.assert_close(out[0, :, 0, 0], torch.tensor(expected))
-    nhwc = data.normalize(images, data.CIFAR10_MEAN, data.CIFAR10_STD, torch.channels_last)
+    nhwc = batching.normalize(images, data.CIFAR10_MEAN, data.CIFAR10_STD, torch.channels_last)
     assert nhwc.is_contiguous(memory_format=torch.channels_last) and torch.equal(nhwc, out)
 
 
@@ -56,7 +57,7 @@ def epoch_labels(loader, epoch):
 def make_loader(n=100, batch=10, seed=0, rank=0, world=1, train=True):
     images, labels = labelled(n)
     labels = torch.arange(n)  # label = index: shows exactly which images a batch holds
-    return data.CifarLoader(images, labels, batch, data.CIFAR10_MEAN, data.CIFAR10_STD, train=train,
+    return batching.CifarLoader(images, labels, batch, data.CIFAR10_MEAN, data.CIFAR10_STD, train=train,
                             device="cpu", seed=seed, rank=rank, world_size=world)
 
 
@@ -99,7 +100,7 @@ def test_evaluation_covers_every_image_once_in_order_and_shards_split_it():
 
 def test_evaluation_batches_are_not_augmented():
     images, labels = labelled(20)
-    loader = data.CifarLoader(images, labels, 20, (0, 0, 0), (1, 1, 1), train=False, device="cpu")
+    loader = batching.CifarLoader(images, labels, 20, (0, 0, 0), (1, 1, 1), train=False, device="cpu")
     x, _ = next(iter(loader))
     torch.testing.assert_close(x, images.float() / 255)
 
@@ -155,8 +156,8 @@ def test_batches_that_hold_no_images_are_one_error_not_a_division_by_zero_later(
     path.write_bytes(pickle.dumps({**batch, "data": batch["data"][:0], "labels": []}))
     with pytest.raises(data.DataError) as e:
         data.load_split(root, train=False)
-    assert str(e.value) == (f"{root / 'cifar-10-batches-py'}: its test batches hold no images; delete the folder "
-                            "and run `make data` again")
+    said = str(e.value)
+    assert said.startswith(f"{root / 'cifar-10-batches-py'}: ") and "no images" in said and "python data.py" in said
     assert len(data.load_split(root, train=True)[1]) == 20
 
 
@@ -176,8 +177,9 @@ def test_a_batch_file_that_would_run_code_is_refused(tmp_path):
 
 
 def test_a_checkpoint_naming_a_dataset_this_project_does_not_load_asks_for_dataset(tmp_path, cifar_dir):
-    with pytest.raises(data.DataError, match="dataset 'imagenet' is none of cifar10, cifar100, folder: pass --dataset"):
+    with pytest.raises(data.DataError) as e:
         data.run_test_split({"dataset": "imagenet"}, data_dir=cifar_dir)
+    assert says(str(e.value), "'imagenet'", "--dataset")
     assert data.run_test_split({"dataset": "imagenet"}, data_dir=cifar_dir, dataset="cifar10")[4] == "cifar10"
 
 
@@ -236,7 +238,7 @@ def test_a_file_where_a_folder_is_to_be_made_is_named_as_such(tmp_path, archive,
         data.prepare(folders["data_dir"], archive=path, md5=md5)
         images, labels, _ = data.load_split(folders["data_dir"], train=False)
         data.write_samples(images, labels, folders["samples"])
-    assert str(e.value) == f"{folders[where]}: cannot make this folder: it, or a folder on its path, is a file"
+    assert says(str(e.value), folders[where], "cannot make this folder", "is a file")
     assert (tmp_path / "notes").read_text() == "mine"
 
 
@@ -251,7 +253,8 @@ def test_the_run_s_data_folder_with_files_gone_is_named_with_what_is_missing_and
     (tmp_path / "data" / "cifar-10-batches-py" / "test_batch").unlink()
     with pytest.raises(data.DataError) as e:
         data.run_test_split(ckpt, remembered=tmp_path / "data")
-    assert str(e.value) == f"{tmp_path / 'data' / 'cifar-10-batches-py' / 'test_batch'}: missing; run `make data` again"
+    said = str(e.value)
+    assert said.startswith(f"{tmp_path / 'data' / 'cifar-10-batches-py' / 'test_batch'}: missing") and "data.py" in said
 
 
 def test_the_official_md5_is_checked_and_a_mismatch_leaves_no_dataset_and_says_how_to_pass_a_trusted_copy(
@@ -260,9 +263,7 @@ def test_the_official_md5_is_checked_and_a_mismatch_leaves_no_dataset_and_says_h
     assert data.CIFAR10_MD5 == "c58f30108f718f92721af3b95e74349a"
     with pytest.raises(data.DataError) as e:
         data.prepare(tmp_path / "d", archive=path)
-    assert str(e.value) == (f"{path}: MD5 is {md5}, expected {data.CIFAR10_MD5}; the file is corrupt or not the "
-                            f"official CIFAR-10 archive; a copy you trust (repacked, say) passes with MD5={md5} "
-                            "(data.py: --md5)")
+    assert says(str(e.value), path, md5, data.CIFAR10_MD5, "--md5")
     assert not data.is_prepared(tmp_path / "d")
 
 
@@ -274,16 +275,15 @@ def test_an_md5_in_capitals_is_the_same_sum_and_one_that_is_no_sum_is_refused_wh
     for bad in ("xyz", md5[:-1], md5 + "0"):
         with pytest.raises(SystemExit):
             parser.parse_args(["--md5", bad])
-        assert capsys.readouterr().err.strip() == (f"{parser.prog}: error: argument --md5: {bad!r} is not an MD5 "
-                                                   "sum (32 hexadecimal digits)")
+        assert says(capsys.readouterr().err.strip(), f"{parser.prog}: error: argument --md5: {bad!r}", "MD5")
     assert parser.parse_args(["--md5", ""]).md5 == ""  # no check
 
 
 def test_an_archive_that_is_a_folder_is_named_as_one(tmp_path):
     (tmp_path / "downloads").mkdir()
-    with pytest.raises(data.DataError, match=r"downloads is a folder; --archive \(ARCHIVE=\) names the "
-                                             r"cifar-10-python.tar.gz file"):
+    with pytest.raises(data.DataError) as e:
         data.prepare(tmp_path / "d", archive=tmp_path / "downloads")
+    assert says(str(e.value), "downloads is a folder", "--archive", "cifar-10-python.tar.gz")
 
 
 def test_an_archive_missing_batch_files_leaves_no_dataset(tmp_path):
@@ -376,11 +376,11 @@ def test_a_download_cut_off_halfway_leaves_nothing_that_looks_finished(tmp_path,
 
 
 @pytest.mark.slow
-def test_offline_gives_one_line_that_says_to_pass_archive_or_cifar_url(tmp_path):
+def test_offline_gives_one_line_that_says_to_pass_archive_or_url(tmp_path):
     proc = run("data.py", "--data-dir", tmp_path / "d", "--url", "http://127.0.0.1:9/cifar-10-python.tar.gz",
                cwd=tmp_path, check=False)
     line = one_line_error(proc)
-    assert "ARCHIVE=" in line and "CIFAR_URL=" in line
+    assert says(line, "--archive", "--url") and "ARCHIVE=" not in line
     assert not (tmp_path / "d").exists()  # no empty data folder to wonder about
 
 

@@ -10,8 +10,9 @@ from conftest import injected, ROOT, run_here, write_cifar
 
 pytestmark = pytest.mark.slow  # each test runs the scripts
 
+# Every flag the comparisons rely on, pinned: --amp off, as --amp auto on a CPU may differ between machines.
 COMMON = ["--device", "cpu", "--batch-size", "8", "--lr", "0.01", "--subset", "32", "--epochs", "2",
-          "--eval-batch-size", "100", "--log-every", "2"]
+          "--eval-batch-size", "100", "--log-every", "2", "--amp", "off"]
 
 
 def torchrun(*args, cwd, nproc=2, env=None, timeout=300):
@@ -113,7 +114,8 @@ def test_a_two_process_run_stopped_mid_epoch_and_after_an_epoch_resumes_to_the_s
         "    torch.optim.SGD.step = stopping\n")
     first = torchrun("--data-dir", root, *COMMON, "--out-dir", "parts", cwd=tmp_path, env=env)
     assert "stopped by SIGTERM at epoch 1, step 2 of 4" in first.stdout, first.stdout + first.stderr
-    resume = ["--resume", "--out-dir", "parts", "--data-dir", root, "--device", "cpu", "--log-every", "2"]
+    resume = ["--resume", "--out-dir", "parts", "--data-dir", root, "--device", "cpu", "--log-every", "2",
+              "--eval-batch-size", "100"]  # the flags --resume does not keep, as the first part had them
     second = torchrun(*resume, "--stop-after", "1", cwd=tmp_path)
     assert second.returncode == 0 and "stopped after epoch 1 of 2" in second.stdout, second.stderr
     rest = torchrun(*resume, cwd=tmp_path)
@@ -121,6 +123,31 @@ def test_a_two_process_run_stopped_mid_epoch_and_after_an_epoch_resumes_to_the_s
     assert (tmp_path / "parts" / "acc.txt").read_text() == (whole / "acc.txt").read_text()
     assert (tmp_path / "parts" / "log.txt").read_text() == (whole / "log.txt").read_text()
     torch.testing.assert_close(flat_weights(tmp_path / "parts" / "last.pth"), flat_weights(whole / "last.pth"))
+
+
+def test_amp_auto_is_decided_by_process_0_for_every_process_and_saved_as_the_answer(tmp_path):
+    root = write_cifar(tmp_path / "data", n_train=64, n_test=50)
+    # Process 1 would decide fp32 where process 0 decides bf16 (as a timing could); each notes the
+    # precisions it trains in.
+    env = injected(tmp_path,
+        "import os, sys\n"
+        "if os.environ.get('RANK') is not None:\n"
+        "    os.environ.setdefault('TORCH_DEVICE_BACKEND_AUTOLOAD', '0')\n"
+        f"    sys.path.insert(0, {str(ROOT)!r})\n"
+        "    import torch, device\n"
+        "    rank, real, autocast = os.environ['RANK'], device.resolve_amp, torch.autocast\n"
+        "    def resolve(choice, dev):\n"
+        "        return (torch.bfloat16 if rank == '0' else None) if choice == 'auto' else real(choice, dev)\n"
+        "    def noting(device_type, dtype=None, enabled=True, **kw):\n"
+        f"        open(os.path.join({str(tmp_path)!r}, f'{{rank}} {{dtype if enabled else None}}'), 'w').close()\n"
+        "        return autocast(device_type, dtype=dtype, enabled=enabled, **kw)\n"
+        "    device.resolve_amp, torch.autocast = resolve, noting\n")
+    proc = torchrun("--data-dir", root, *COMMON, "--amp", "auto", "--epochs", "1", "--out-dir", "run", cwd=tmp_path,
+                    env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "x 2 processes, bf16" in proc.stdout.splitlines()[0]
+    assert {p.name for p in tmp_path.glob("[01] *")} == {"0 torch.bfloat16", "1 torch.bfloat16"}
+    assert torch.load(tmp_path / "run" / "last.pth", weights_only=True)["args"]["amp"] == "bf16"
 
 
 def test_a_failing_process_ends_the_whole_job_promptly_with_an_error(tmp_path):

@@ -6,7 +6,7 @@ import torch
 
 import data
 import resnet
-from conftest import QUICK, one_line_error, run_here, write_cifar100
+from conftest import QUICK, one_line_error, run_here, write_cifar100, says
 from test_tutorials import load_script
 
 pytestmark = pytest.mark.slow  # each test runs the scripts
@@ -113,7 +113,8 @@ def test_a_bare_state_dict_is_evaluated_as_the_tutorials_normalize_and_says_so(t
 
 def test_no_checkpoint_or_a_file_that_is_not_one_is_a_one_line_error(tmp_path, cifar_dir):
     proc = run_here("test.py", "--data-dir", cifar_dir, cwd=tmp_path, check=False)  # make eval before make train
-    assert "runs/resnet18/best.pth: no such checkpoint; train first (make train)" in one_line_error(proc)
+    line = one_line_error(proc)
+    assert "runs/resnet18/best.pth: no such checkpoint" in line and "train.py" in line and "--checkpoint" in line
     (tmp_path / "notes.pth").write_text("not a checkpoint")
     proc = run_here("test.py", "--checkpoint", tmp_path / "notes.pth", "--data-dir", cifar_dir, cwd=tmp_path,
                     check=False)
@@ -126,9 +127,7 @@ def test_a_checkpoint_of_other_classes_than_the_data_s_is_refused_naming_both(tr
     torch.save({**ckpt, "classes": [f"kind{i}" for i in range(10)]}, tmp_path / "folder.pth")
     proc = run_here("test.py", "--checkpoint", tmp_path / "folder.pth", "--dataset", "cifar10", "--data-dir",
                     cifar_dir, cwd=tmp_path, check=False)
-    assert one_line_error(proc) == (f"error: {tmp_path / 'folder.pth'}: trained on 10 classes (kind0, kind1, kind2, "
-                                    f"kind3, kind4, ...), but {cifar_dir} holds 10 classes (airplane, automobile, "
-                                    "bird, cat, deer, ...)")
+    assert says(one_line_error(proc), tmp_path / "folder.pth", "kind0, kind1", cifar_dir, "airplane, automobile")
 
 
 def test_a_tutorial_s_cifar_100_weights_name_no_classes_and_are_scored_on_cifar_100(tmp_path):

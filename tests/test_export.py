@@ -8,7 +8,7 @@ import torch
 
 import resnet
 
-from conftest import injected, one_line_error, run, run_here
+from conftest import injected, one_line_error, run, run_here, says
 
 pytestmark = pytest.mark.slow  # each test runs the scripts
 
@@ -80,8 +80,7 @@ def test_an_output_that_cannot_be_written_is_one_line(trained_run, cifar_dir, tm
     (tmp_path / "a-file").write_text("")
     proc = run_here("export.py", "--checkpoint", run_dir / "best.pth", "--data-dir", cifar_dir, "--output",
                     tmp_path / "a-file" / "m.onnx", "--images", "20", cwd=tmp_path, check=False)
-    assert one_line_error(proc) == (f"error: {tmp_path / 'a-file'}: cannot make this folder: it, or a folder on its "
-                                    "path, is a file")
+    assert says(one_line_error(proc), tmp_path / "a-file", "cannot make this folder", "is a file")
 
 
 def test_an_output_in_a_folder_not_ours_to_write_in_is_one_line_naming_the_file(trained_run, cifar_dir, tmp_path,
@@ -94,7 +93,7 @@ def test_an_output_in_a_folder_not_ours_to_write_in_is_one_line_naming_the_file(
     monkeypatch.setattr(torch.onnx, "export", refused)
     proc = run_here("export.py", "--checkpoint", trained_run[0] / "best.pth", "--data-dir", cifar_dir,
                     "--output", tmp_path / "m.onnx", "--images", "20", cwd=tmp_path, check=False)
-    assert one_line_error(proc) == f"error: cannot write {tmp_path / 'm.onnx'} (Permission denied); nothing written"
+    assert says(one_line_error(proc), tmp_path / "m.onnx", "Permission denied", "nothing written")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -113,14 +112,13 @@ def test_an_output_that_is_not_an_onnx_file_is_refused_and_left_as_it_was(traine
     checkpoint.write_bytes((run_dir / "best.pth").read_bytes())
     proc = run_here("export.py", "--checkpoint", checkpoint, "--data-dir", cifar_dir, "--output", checkpoint,
                     "--images", "20", cwd=tmp_path, check=False)
-    assert one_line_error(proc) == (f"error: {checkpoint}: --output names the .onnx file to write, "
-                                    f"e.g. {tmp_path / 'best.onnx'}; nothing written")
+    assert says(one_line_error(proc), checkpoint, "--output", tmp_path / "best.onnx", "nothing written")
     assert checkpoint.read_bytes() == (run_dir / "best.pth").read_bytes()
     assert list(tmp_path.iterdir()) == [checkpoint]
 
 
 def test_exporting_before_any_training_says_to_train_first(tmp_path):
     proc = run_here("export.py", cwd=tmp_path, check=False)  # make export's runs/resnet18/best.pth is not there yet
-    assert one_line_error(proc) == ("error: runs/resnet18/best.pth: no such checkpoint; train first (make train), "
-                                    "or pass --checkpoint")
+    line = one_line_error(proc)
+    assert "runs/resnet18/best.pth: no such checkpoint" in line and "train.py" in line and "--checkpoint" in line
     assert list(tmp_path.iterdir()) == []

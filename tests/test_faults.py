@@ -15,9 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
+import batching
 import data
+import pictures
 import resnet
-from conftest import injected, QUICK, ROOT, make_archive, one_line_error, run, run_here, write_cifar
+from conftest import injected, QUICK, ROOT, make_archive, one_line_error, run, run_here, write_cifar, says
 
 EPOCHS = 4
 # 16 images in steps of 8: two steps an epoch, a log line each
@@ -142,7 +144,7 @@ def test_kill_9_in_the_middle_of_writing_a_checkpoint(tmp_path, cifar_dir, refer
     assert_every_checkpoint_loads(tmp_path / "run")  # the half-written one is a .tmp, never read
     assert not (tmp_path / "run" / "last.pth").exists()  # it died writing epoch 1's last.pth, the first one
     proc = run_here("train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", "run", "--resume", cwd=tmp_path)
-    assert "the run stopped while it saved epoch 1; starting the run from the beginning" in proc.stdout
+    assert "the run stopped while it saved epoch 1; starting the run afresh" in proc.stdout
     assert_each_epoch_logged_once(tmp_path / "run")
     assert_same_weights(tmp_path / "run" / "last.pth", reference / "last.pth")
 
@@ -214,7 +216,7 @@ def test_train_py_whose_reader_goes_away_stops_in_one_line(tmp_path, cifar_dir):
     args = [sys.executable, ROOT / "train.py", "--data-dir", cifar_dir, *ARGS, "--out-dir", "run"]
     code, first, err = read_one_line_then_close(args, tmp_path)
     assert first.startswith("resnet18 on cpu") and code == 141  # what a Unix tool stopped by SIGPIPE gives
-    assert err == "stopped: the reader of its output has gone; continue with --resume\n"
+    assert err.startswith("stopped: the reader of its output has gone") and err.count("\n") == 1
 
 
 @pytest.mark.slow
@@ -345,7 +347,7 @@ def fail_at_call(monkeypatch, owner, name, call, error):
 @pytest.mark.slow
 @pytest.mark.parametrize("where, error, line", [
     ((torch.optim.SGD, "step", 3), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 ..."),
-     "error: out of memory: CUDA out of memory; run again with a smaller --batch-size (make: BATCH=)"),
+     "error: out of memory: CUDA out of memory; run again with a smaller --batch-size"),
     ((resnet, "evaluate", 2), RuntimeError("NPU out of memory. Tried to allocate 1.50 GiB (NPU 0; 60 GiB total)"),
      "error: out of memory in evaluation: NPU out of memory; run again --resume with a smaller --eval-batch-size"),
 ])
@@ -373,13 +375,12 @@ def test_out_of_memory_in_the_evaluation_of_an_epoch_resumed_mid_way_says_to_res
     monkeypatch.undo()
     fail_at_call(monkeypatch, resnet, "evaluate", 1, torch.OutOfMemoryError("CUDA out of memory. Tried to ..."))
     proc = run_here("train.py", "--data-dir", cifar_dir, "--resume", "run/last.pth", cwd=tmp_path, check=False)
-    assert one_line_error(proc) == ("error: out of memory in evaluation: CUDA out of memory; run again --resume with "
-                                    "a smaller --eval-batch-size")
+    assert says(one_line_error(proc), "out of memory in evaluation", "--resume", "--eval-batch-size")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("where, line", [
-    ((data, "training_loaders", 1), "interrupted at once; nothing of the run was saved yet"),
+    ((batching, "training_loaders", 1), "interrupted at once; nothing of the run was saved yet"),
     ((resnet, "evaluate", 2), "interrupted at once; continue from its last save with: python train.py --resume "
                               "run/last.pth --data-dir {data} --device cpu --eval-batch-size 100 --log-every 1")])
 def test_a_second_ctrl_c_stops_at_once_and_says_what_was_saved(tmp_path, cifar_dir, monkeypatch, where, line):
@@ -398,7 +399,7 @@ def test_out_of_memory_in_test_py_or_predict_py_is_one_line_naming_the_batch_to_
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB. GPU 0 has a total ...")
 
     monkeypatch.setattr(resnet, "evaluate", out_of_memory)  # test.py's batches
-    monkeypatch.setattr(data, "normalize", out_of_memory)  # predict.py's
+    monkeypatch.setattr(batching, "normalize", out_of_memory)  # predict.py's
     what = ["--data-dir", cifar_dir] if script == "test.py" else [battery[0] / "good.jpg"]
     proc = run_here(script, *what, "--checkpoint", reference / "best.pth", cwd=tmp_path, check=False)
     assert one_line_error(proc) == "error: out of memory: CUDA out of memory; run again with a smaller --batch-size"
@@ -419,7 +420,7 @@ def test_a_file_that_is_no_archive_at_all_is_one_line_however_many_formats_tarfi
     (tmp_path / "notes.tar.gz").write_text("not an archive\n")
     with pytest.raises(data.DataError) as e:
         data.prepare(tmp_path / "d", archive=tmp_path / "notes.tar.gz", md5="")
-    assert str(e.value) == f"{tmp_path / 'notes.tar.gz'}: cannot extract (file could not be opened successfully)"
+    assert says(str(e.value), tmp_path / "notes.tar.gz", "cannot extract")
 
 
 def test_a_downloaded_archive_with_the_wrong_md5_is_removed_so_the_next_try_downloads_again(tmp_path, monkeypatch):
@@ -437,8 +438,7 @@ def test_an_archive_put_in_the_data_folder_by_hand_is_kept_whatever_its_md5(tmp_
     with pytest.raises(data.DataError) as e:
         data.prepare(tmp_path / "d")
     assert archive.read_bytes() == b"a repacked copy"
-    assert str(e.value).endswith(f"; a copy you trust (repacked, say) passes with MD5={data.md5sum(archive)} "
-                                 "(data.py: --md5), or delete it to download the official one")
+    assert says(str(e.value), f"--md5 {data.md5sum(archive)}", "delete it")
 
 
 @pytest.mark.slow
@@ -479,21 +479,21 @@ def bomb_png(path, side=30000):
 def test_a_picture_over_pillow_s_pixel_limit_is_refused_before_decoding(tmp_path, side):
     bomb_png(tmp_path / "bomb.png", side)
     limit = Image.MAX_IMAGE_PIXELS
-    with pytest.raises(data.PictureError, match="bomb.png: too many pixels to decode safely"):
-        data.open_picture(tmp_path / "bomb.png", draft=(64, 64))
+    with pytest.raises(pictures.PictureError, match="bomb.png: too many pixels to decode safely"):
+        pictures.open_picture(tmp_path / "bomb.png", draft=(64, 64))
     assert Image.MAX_IMAGE_PIXELS == limit  # lifted for Image.open alone
 
 
 def test_a_jpeg_over_the_pixel_limit_is_read_where_its_draft_decodes_within_it(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # a 1.2-megapixel photo as a 120-megapixel one
     Image.new("RGB", (1200, 1000), (200, 30, 30)).save(tmp_path / "photo.jpg")
-    assert data.open_picture(tmp_path / "photo.jpg", draft=(64, 64)).size == (150, 125)  # an eighth of each side
-    assert data.load_picture(tmp_path / "photo.jpg", 32).shape == (3, 32, 32)
-    with pytest.raises(data.PictureError, match="photo.jpg: too many pixels to decode safely"):
-        data.open_picture(tmp_path / "photo.jpg")  # at full size
+    assert pictures.open_picture(tmp_path / "photo.jpg", draft=(64, 64)).size == (150, 125)  # an eighth of each side
+    assert pictures.load_picture(tmp_path / "photo.jpg", 32).shape == (3, 32, 32)
+    with pytest.raises(pictures.PictureError, match="photo.jpg: too many pixels to decode safely"):
+        pictures.open_picture(tmp_path / "photo.jpg")  # at full size
     Image.new("RGB", (1200, 1000)).save(tmp_path / "photo.png")
-    with pytest.raises(data.PictureError, match="photo.png: too many pixels to decode safely"):
-        data.open_picture(tmp_path / "photo.png", draft=(64, 64))  # no draft decoding for a PNG
+    with pytest.raises(pictures.PictureError, match="photo.png: too many pixels to decode safely"):
+        pictures.open_picture(tmp_path / "photo.png", draft=(64, 64))  # no draft decoding for a PNG
     assert Image.MAX_IMAGE_PIXELS == 1_000_000
 
 
@@ -545,7 +545,7 @@ def test_exif_rotation_is_applied():
         exif = Image.Exif()
         exif[0x0112] = 6  # viewer rotates 90 degrees clockwise: blue ends up on top
         im.save(Path(t) / "r.jpg", exif=exif, quality=95)
-        x = data.load_picture(Path(t) / "r.jpg", 32)
+        x = pictures.load_picture(Path(t) / "r.jpg", 32)
     top, bottom = x[:, :8].float().mean((1, 2)), x[:, -8:].float().mean((1, 2))
     assert top[2] > 200 and top[0] < 60 and bottom[0] > 200 and bottom[2] < 60
 
@@ -600,9 +600,7 @@ def test_torch_save_s_own_error_on_a_full_disk_names_the_file_and_the_likely_cau
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(TrainingError) as e:
         save_checkpoint({}, tmp_path / "net_002.pth")
-    assert str(e.value) == (f"cannot write {tmp_path / 'net_002.pth'} ([enforce fail at inline_container.cc:672] . "
-                            "unexpected pos 60599616 vs 60599504: is the disk full?); the previous net_002.pth, if "
-                            "any, is intact")
+    assert says(str(e.value), f"cannot write {tmp_path / 'net_002.pth'}", "disk full", "intact")
     assert list(tmp_path.iterdir()) == []
 
 

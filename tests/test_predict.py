@@ -13,10 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
+import batching
 import data
+import pictures as picture_files  # the module: "pictures" is a fixture here
 import predict
 import resnet
-from conftest import one_line_error, run_here
+from conftest import one_line_error, run_here, says
 
 pytestmark = pytest.mark.slow  # each test runs the scripts
 
@@ -55,7 +57,7 @@ def test_a_picture_gets_the_models_class_and_softmax_confidence(workdir, picture
     name, confidence = re.fullmatch(LINE.format(re.escape(str(d / "cifar.png"))), proc.stdout.strip()).groups()
     model, ckpt = resnet.load_model(workdir / "runs" / "resnet18" / "best.pth")
     with torch.no_grad():
-        probs = model(data.normalize(image[None], ckpt["mean"], ckpt["std"])).softmax(1)[0]
+        probs = model(batching.normalize(image[None], ckpt["mean"], ckpt["std"])).softmax(1)[0]
     assert name == ckpt["classes"][int(probs.argmax())]
     assert float(confidence) == pytest.approx(100 * probs.max().item(), abs=0.006)
 
@@ -116,9 +118,8 @@ def test_a_dash_reads_the_picture_from_standard_input(workdir, pictures, monkeyp
 
 
 @pytest.mark.parametrize("stdin, message", [
-    (Stdin(tty=True), "-: standard input is a terminal, not a picture: pipe one in "
-                      "(`cat photo.jpg | python predict.py -`)"),
-    (Stdin(b"this is text, not a picture"), "<stdin>: cannot read picture (cannot identify image file)"),
+    (Stdin(tty=True), "-: standard input is a terminal"),
+    (Stdin(b"this is text, not a picture"), "<stdin>: cannot read picture"),
 ])
 def test_a_dash_with_no_picture_behind_it_is_an_error_the_others_still_answered(workdir, pictures, monkeypatch,
                                                                                  stdin, message):
@@ -126,29 +127,29 @@ def test_a_dash_with_no_picture_behind_it_is_an_error_the_others_still_answered(
     monkeypatch.setattr(sys, "stdin", stdin)
     proc = run_here("predict.py", "-", d / "cifar.png", cwd=workdir, check=False)
     assert proc.returncode == 1
-    assert proc.stderr == f"error: {message}\n"
+    assert proc.stderr.count("\n") == 1 and says(proc.stderr, "error: ", message)
     assert re.fullmatch(LINE.format(re.escape(str(d / "cifar.png"))), proc.stdout.strip())
 
 
 def test_pictures_become_rgb_at_the_training_size():
     for mode in ("L", "RGBA", "P", "CMYK", "I;16", "I", "LA"):
         im = Image.new(mode, (50, 20))
-        assert data.to_rgb(im).mode == "RGB"
-    assert data.to_rgb(Image.new("RGBA", (2, 2), (0, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)
+        assert picture_files.to_rgb(im).mode == "RGB"
+    assert picture_files.to_rgb(Image.new("RGBA", (2, 2), (0, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)
     for mode, white in [("I;16", 65535), ("I", 255), ("F", 1.0), ("F", 255.0)]:  # float: 0..1 or 0..255
-        assert data.to_rgb(Image.new(mode, (2, 2), white)).getpixel((0, 0)) == (255, 255, 255), (mode, white)
-    assert data.to_rgb(Image.new("F", (2, 2), 0.5)).getpixel((0, 0)) == (127, 127, 127)
+        assert picture_files.to_rgb(Image.new(mode, (2, 2), white)).getpixel((0, 0)) == (255, 255, 255), (mode, white)
+    assert picture_files.to_rgb(Image.new("F", (2, 2), 0.5)).getpixel((0, 0)) == (127, 127, 127)
     with warnings.catch_warnings():  # a float picture's values that are no number are black, without a warning
         warnings.simplefilter("error")
         nan = Image.fromarray(np.array([[0.5, np.nan], [np.inf, 1.0]], dtype=np.float32), "F")
-        assert [data.to_rgb(nan).getpixel(xy)[0] for xy in ((0, 0), (1, 0), (0, 1), (1, 1))] == [127, 0, 0, 255]
+        assert [picture_files.to_rgb(nan).getpixel(xy)[0] for xy in ((0, 0), (1, 0), (0, 1), (1, 1))] == [127, 0, 0, 255]
 
 
 def test_large_pictures_are_center_cropped_then_resized(tmp_path):
     im = np.zeros((100, 300, 3), dtype=np.uint8)
     im[:, 100:200] = 255  # the centre square is white, the sides black
     Image.fromarray(im).save(tmp_path / "wide.png")
-    out = data.load_picture(tmp_path / "wide.png", 32)
+    out = picture_files.load_picture(tmp_path / "wide.png", 32)
     assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
     # all white, but for the resampling filter's reach just past the crop's edges
     assert out[:, :, 1:-1].min() == 255 and out.min() > 200
@@ -169,14 +170,14 @@ def test_a_name_too_long_for_the_file_system_is_an_error_line_of_its_own(workdir
     long = d / ("x" * 300 + ".jpg")  # most file systems take 255 bytes a name
     proc = run_here("predict.py", long, d / "cifar.png", cwd=workdir, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == f"error: {long}: cannot read picture (File name too long)"
+    assert says(proc.stderr.strip(), long, "cannot read picture", "File name too long")
     assert proc.stdout.startswith(f"{d / 'cifar.png'}: ")
 
 
 def test_an_empty_name_is_an_error_line_not_the_working_folder(workdir, pictures):
     d, _, _ = pictures
     proc = run_here("predict.py", "", d / "cifar.png", cwd=workdir, check=False)  # python predict.py "$UNSET"
-    assert proc.returncode == 1 and proc.stderr.strip() == "error: '': an empty name, no picture"
+    assert proc.returncode == 1 and says(proc.stderr.strip(), "error: ''", "empty name")
     assert len(proc.stdout.splitlines()) == 1
 
 
@@ -235,13 +236,13 @@ def test_the_default_checkpoint_is_the_newest_runs_best_and_among_several_one_li
     proc = run_here("predict.py", pictures[0] / "cifar.png", cwd=tmp_path)
     assert re.fullmatch(LINE.format(re.escape(str(pictures[0] / "cifar.png"))), proc.stdout.strip())
     newest = Path("runs", "new", "best.pth")
-    assert proc.stderr == f"note: {newest}, the newest of 2 runs (--checkpoint picks another)\n"
+    assert proc.stderr.startswith("note: ") and says(proc.stderr.strip(), newest, "--checkpoint")
 
 
 def test_no_checkpoint_yet_says_to_train_first(tmp_path, pictures):
     d, _, _ = pictures
     line = one_line_error(run_here("predict.py", d / "cifar.png", cwd=tmp_path, check=False))
-    assert "make train" in line and "--checkpoint" in line
+    assert "train.py" in line and "--checkpoint" in line
 
 
 def test_a_bare_state_dict_needs_no_model_flag_and_another_network_named_is_refused(workdir, pictures, tmp_path):

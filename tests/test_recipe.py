@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data
+import batching
+import optim
 import resnet
 import train
 
@@ -18,7 +19,7 @@ def test_the_ema_follows_its_formula_and_starts_with_a_short_memory():
     model = torch.nn.Linear(2, 1)
     with torch.no_grad():
         model.weight.fill_(0.0)
-    ema = train.EMA(model, decay=0.9)
+    ema = optim.EMA(model, decay=0.9)
     averaged = 0.0
     for step in range(1, 100):
         with torch.no_grad():
@@ -33,7 +34,7 @@ def test_the_ema_follows_its_formula_and_starts_with_a_short_memory():
 
 def test_the_ema_averages_batchnorm_statistics_and_copies_its_batch_count():
     model = torch.nn.BatchNorm2d(3)
-    ema = train.EMA(model, decay=0.5)  # a copy: running mean 0, variance 1
+    ema = optim.EMA(model, decay=0.5)  # a copy: running mean 0, variance 1
     model.train()(torch.randn(8, 3, 4, 4) + 5)  # the running statistics move
     ema.update()
     d = min(0.5, 2 / 11)
@@ -55,7 +56,7 @@ def mirror_pictures(flip):
     shows its number on the right; normalized to the pixel values themselves."""
     images = torch.zeros(64, 3, 1, 2, dtype=torch.uint8)
     images[:, :, 0, 0] = torch.arange(1, 65, dtype=torch.uint8).view(64, 1)
-    return data.CifarLoader(images, torch.zeros(64, dtype=torch.long), 64, (0.0,) * 3, (1 / 255,) * 3, train=True,
+    return batching.CifarLoader(images, torch.zeros(64, dtype=torch.long), 64, (0.0,) * 3, (1 / 255,) * 3, train=True,
                             device=torch.device("cpu"), pad=0, flip=flip, seed=7)
 
 
@@ -78,13 +79,13 @@ def test_the_random_flip_tosses_a_coin_per_picture_every_epoch():
 
 def test_norm_weight_decay_applies_to_batchnorm_and_biases_and_weight_decay_to_the_rest():
     model = resnet.build_model("resnet18")
-    groups = train.make_optimizer(model, recipe("--weight-decay", "5e-4", "--norm-weight-decay", "0")).param_groups
+    groups = optim.make_optimizer(model, recipe("--weight-decay", "5e-4", "--norm-weight-decay", "0")).param_groups
     decayed, spared = groups
     assert decayed["weight_decay"] == 5e-4 and spared["weight_decay"] == 0
     assert {id(p) for p in spared["params"]} == {id(p) for n, p in model.named_parameters()
                                                   if ".bn" in n or n.startswith("bn") or "shortcut.1" in n
                                                   or n == "linear.bias"}
-    assert len(train.make_optimizer(model, recipe()).param_groups) == 1  # by default: one group, as before
+    assert len(optim.make_optimizer(model, recipe()).param_groups) == 1  # by default: one group, as before
 
 
 def test_zero_init_residual_starts_each_block_as_its_shortcut():
@@ -117,7 +118,7 @@ def test_the_fused_optimizer_takes_the_same_steps():
     for flags in ((), ("--fused",)):
         torch.manual_seed(0)
         model = resnet.build_model("resnet18")
-        optimizer = train.make_optimizer(model, recipe("--norm-weight-decay", "0", *flags))
+        optimizer = optim.make_optimizer(model, recipe("--norm-weight-decay", "0", *flags))
         for _ in range(2):
             optimizer.zero_grad()
             F.cross_entropy(model(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))),

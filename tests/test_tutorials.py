@@ -10,12 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
+import batching
 import data
 import export
+import pictures
 import predict
 import resnet
 import tutorial_predict
-from conftest import ROOT, write_cifar
+from conftest import ROOT, write_cifar, says
 from tutorial_resnet import ResNet18 as TutorialResNet18
 
 CHINESE = ["飞机", "汽车", "鸟", "猫", "鹿", "狗", "青蛙", "马", "船", "卡车"]  # the tutorial's class names
@@ -84,9 +86,9 @@ def test_predict_reads_kuangliu_s_checkpoint_with_its_dataparallel_prefixes(tuto
     state = torch.load(tutorial_files / "checkpoint" / "ckpt.pth", weights_only=True)["net"]
     model = resnet.build_model("resnet18")
     model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
-    picture = data.load_picture(tutorial_files / "test" / "0_3.jpg", 32)[None]
+    picture = pictures.load_picture(tutorial_files / "test" / "0_3.jpg", 32)[None]
     with torch.no_grad():
-        expected = model.eval()(data.normalize(picture, resnet.TUTORIAL_MEAN, resnet.TUTORIAL_STD)).softmax(1)[0]
+        expected = model.eval()(batching.normalize(picture, resnet.TUTORIAL_MEAN, resnet.TUTORIAL_STD)).softmax(1)[0]
     results, notes = predict_json(monkeypatch, capsys, tutorial_files, "test/0_3.jpg",
                                   "--checkpoint", "checkpoint/ckpt.pth", "--topk", "3")
     assert [t["class"] for t in results[0]["top"]] == [resnet.CIFAR10_CLASSES[i] for i in expected.topk(3).indices]
@@ -104,7 +106,7 @@ def test_test_py_scores_a_tutorials_checkpoint_with_the_tutorials_normalization(
     model, _ = resnet.load_model(tutorial_files / path)
     images, labels, _ = data.load_split(tutorial_files / "data", train=False)
     with torch.no_grad():
-        predicted = model(data.normalize(images, resnet.TUTORIAL_MEAN, resnet.TUTORIAL_STD)).argmax(1)
+        predicted = model(batching.normalize(images, resnet.TUTORIAL_MEAN, resnet.TUTORIAL_STD)).argmax(1)
     assert result["accuracy"] == pytest.approx(100.0 * (predicted == labels).float().mean().item())
     assert "resnet18" in capsys.readouterr().out
 
@@ -155,7 +157,7 @@ def test_a_file_that_is_no_checkpoint_says_what_it_is(tmp_path, content, what, r
     (tmp_path / "x.pth").write_bytes(content)
     with pytest.raises(resnet.CheckpointError) as e:
         resnet.load_checkpoint(tmp_path / "x.pth")
-    assert str(e.value) == f"{tmp_path / 'x.pth'}: not a readable checkpoint: {what}"
+    assert says(str(e.value), tmp_path / "x.pth", "not a readable checkpoint", what)
     assert not recwarn.list  # torch.load's warning about the pickle's protocol is no use to the user
 
 
@@ -170,9 +172,9 @@ def test_a_truncated_checkpoint_says_it_was_cut_off(tmp_path):
     buffer = io.BytesIO()
     torch.save(resnet.build_model("resnet18").state_dict(), buffer)
     (tmp_path / "cut.pth").write_bytes(buffer.getvalue()[:100_000])
-    with pytest.raises(resnet.CheckpointError, match=r"cut\.pth: not a readable checkpoint: a PyTorch file cut off "
-                                                     r"before its end \(truncated"):
+    with pytest.raises(resnet.CheckpointError) as e:
         resnet.load_checkpoint(tmp_path / "cut.pth")
+    assert says(str(e.value), "cut.pth", "not a readable checkpoint", "truncated")
 
 
 def test_a_zip_archive_that_is_no_pytorch_file_says_so(tmp_path):
