@@ -231,15 +231,13 @@ class Result(NamedTuple):
 
 
 def precision(choice, dev, job):
-    """--amp as the run trains in it: bf16, fp16 or off. auto is decided once, by process 0, for
-    every process (on a CPU the answer may rest on a measurement, which could differ between
-    processes); the answer is saved with the recipe, so --resume goes on in the same precision."""
-    if choice != "auto":
-        return choice
+    """--amp as the run trains in it: bf16, fp16 or off (refused where the chip lacks it). auto is
+    decided once, by process 0, for every process; the answer is saved with the recipe, so --resume
+    goes on in the same precision."""
+    if choice != "auto" or job.world_size == 1:
+        return list(PRECISIONS)[list(PRECISIONS.values()).index(device.resolve_amp(choice, dev))]
     answer = list(PRECISIONS.values()).index(device.resolve_amp("auto", dev)) if job.is_main else 0
-    if job.world_size > 1:  # the other processes add 0
-        answer = int(device.all_reduce(torch.tensor([answer], device=dev)).item())
-    return list(PRECISIONS)[answer]
+    return list(PRECISIONS)[int(device.all_reduce(torch.tensor([answer], device=dev)).item())]  # the others add 0
 
 
 def main(args, given=None):
