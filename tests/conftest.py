@@ -244,3 +244,21 @@ def trained_run(cifar_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("trained")
     proc = run_here("train.py", "--data-dir", cifar_dir, "--epochs", "2", "--log-every", "1", *QUICK, cwd=work)
     return work / "runs" / "resnet18", proc
+
+
+# web.py's tests (tests/test_web.py, tests/test_web_page.py): one server per module, on a free loopback port.
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A folder, a checkpoint in it, and pictures (and a text file) to send."""
+    from web_server import write_checkpoint, write_pictures
+    d = tmp_path_factory.mktemp("web")
+    return d, write_checkpoint(d / "tiny.pth"), write_pictures(d / "pictures")
+
+
+@pytest.fixture(scope="module")
+def server(work):
+    from web_server import Server
+    d, checkpoint, _ = work
+    s = Server(checkpoint, folder=d)
+    yield s
+    s.stop()

@@ -15,23 +15,10 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, injected, one_line_error, run, run_here
-from web_server import Server, call, multipart, post, write_checkpoint, write_pictures
+from web_server import Server, call, multipart, post
 
 pytestmark = pytest.mark.slow  # each test starts web.py
 
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    d = tmp_path_factory.mktemp("web")
-    return d, write_checkpoint(d / "tiny.pth"), write_pictures(d / "pictures")
-
-
-@pytest.fixture(scope="module")
-def server(work):
-    d, checkpoint, _ = work
-    s = Server(checkpoint, folder=d)
-    yield s
-    s.stop()
 
 
 def pictures_of(work):

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: con
 from conftest import ROOT  # noqa: E402  (it puts the project's scripts on the path)
 import predict  # noqa: E402
 from gui import CHINESE  # noqa: E402
-from web_server import Server, write_checkpoint, write_pictures  # noqa: E402
+from web_server import Server  # noqa: E402
 
 pytestmark = pytest.mark.slow  # each test starts web.py and a browser
 
@@ -25,19 +25,6 @@ CHROMIUM = "/usr/bin/chromium"  # Debian's package: `playwright install` cannot 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
 
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    d = tmp_path_factory.mktemp("page")
-    return d, write_checkpoint(d / "tiny.pth"), write_pictures(d / "pictures")
-
-
-@pytest.fixture(scope="module")
-def server(work):
-    d, checkpoint, _ = work
-    s = Server(checkpoint, folder=d)
-    yield s
-    s.stop()
 
 
 @pytest.fixture(scope="module")
