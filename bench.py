@@ -295,6 +295,7 @@ def main(args):
     if args.speedrun:
         return speedrun(args)
     dev = device.pick_device(args.device)  # a one-line error here, before any process starts
+    device.resolve_amp(step_recipe(args).amp, dev)  # and for --amp bf16 on a chip without it
     context = multiprocessing.get_context("spawn")  # a fresh interpreter, not a copy of this one
     sides, processes, finished = {}, [], False
     try:

@@ -393,6 +393,19 @@ def test_a_batch_too_large_for_memory_ends_the_benchmark_s_process_in_one_line(m
     assert said.endswith("a smaller --batch-size")
 
 
+def test_bf16_on_an_npu_without_it_is_refused_before_the_benchmark_s_processes_start(monkeypatch):
+    def no_process(*args):
+        raise AssertionError("a benchmark process was started")
+
+    monkeypatch.setattr(torch, "npu", types.SimpleNamespace(is_bf16_supported=lambda: False), raising=False)
+    monkeypatch.setattr(device, "pick_device", lambda name: types.SimpleNamespace(type="npu"))
+    monkeypatch.setattr(bench.multiprocessing, "get_context", no_process)
+    args = bench.get_args_parser().parse_args(["--device", "npu", "--", "--amp", "bf16"])
+    with pytest.raises(device.DeviceError) as e:
+        bench.main(args)
+    assert "--amp bf16" in str(e.value) and "fp16" in str(e.value)
+
+
 @pytest.mark.slow
 def test_a_benchmark_process_the_system_kills_is_named_in_one_line(tmp_path):
     # as the out-of-memory killer does: SIGKILL, nothing printed; here at the start of each process
