@@ -437,4 +437,4 @@ if __name__ == "__main__":
     parser = get_args_parser()
     args = parser.parse_args()
     check_args(parser, args)
-    cli.main(lambda: main(args), explain=failures.explain)
+    cli.main(lambda: main(args), explain=lambda e: failures.explain(e, fused=step_recipe(args).fused))
