@@ -59,7 +59,7 @@ def main(run, explain=None, stopped=None):
     except Exception as e:  # noqa: BLE001  all but a bug's are put in one line
         line = str(e) if isinstance(e, UserError) else explain(e) if explain else None
         if line is None and isinstance(e, OSError):
-            line = output_failed(e)[len("error: "):]
+            line = output_failed(e)
         if line is None:
             raise
         where = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
@@ -213,9 +213,9 @@ def output_failed(error):
     """After an OSError of a script's last word: one line for it. Where it names no file, writing
     standard output failed (`> /dev/full`, a disk that filled up)."""
     if error.filename is not None:
-        return f"error: {error.filename}: {error.strerror or error}"
+        return f"{error.filename}: {error.strerror or error}"
     _drop_output()
-    return f"error: cannot write the output: {error.strerror or error}"
+    return f"cannot write the output: {error.strerror or error}"
 
 
 def _drop_output():
