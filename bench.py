@@ -231,7 +231,7 @@ def serve(side, args, device_name, conn):
         inference = resnet.for_inference(model, memory_format=layout)
         inference = torch.compile(inference, mode=args.compile) if args.compile else inference
         loaders = [batching.CifarLoader(images, labels, args.batch_size, data.CIFAR10_MEAN, data.CIFAR10_STD,
-                                    train=split, device=dev, memory_format=layout, flip=recipe.flip)
+                                        train=split, device=dev, memory_format=layout, flip=recipe.flip)
                    for split in (True, False)]
         t = optim.make_training(model, recipe, dev, amp, 10 ** 6)  # a schedule longer than any benchmark
         totals = torch.zeros(3, device=dev)
