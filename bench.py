@@ -231,7 +231,7 @@ def serve(side, args, device_name, conn):
         inference = resnet.for_inference(model, memory_format=layout)
         inference = torch.compile(inference, mode=args.compile) if args.compile else inference
         loaders = [batching.CifarLoader(images, labels, args.batch_size, data.CIFAR10_MEAN, data.CIFAR10_STD,
-                                    train=split, device=dev, memory_format=layout, flip=recipe.flip)
+                                        train=split, device=dev, memory_format=layout, flip=recipe.flip)
                    for split in (True, False)]
         t = optim.make_training(model, recipe, dev, amp, 10 ** 6)  # a schedule longer than any benchmark
         totals = torch.zeros(3, device=dev)
@@ -295,6 +295,7 @@ def main(args):
     if args.speedrun:
         return speedrun(args)
     dev = device.pick_device(args.device)  # a one-line error here, before any process starts
+    device.resolve_amp(step_recipe(args).amp, dev)  # and for --amp bf16 on a chip without it
     context = multiprocessing.get_context("spawn")  # a fresh interpreter, not a copy of this one
     sides, processes, finished = {}, [], False
     try:
@@ -436,4 +437,4 @@ if __name__ == "__main__":
     parser = get_args_parser()
     args = parser.parse_args()
     check_args(parser, args)
-    cli.main(lambda: main(args), explain=failures.explain)
+    cli.main(lambda: main(args), explain=lambda e: failures.explain(e, fused=step_recipe(args).fused))

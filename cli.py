@@ -6,15 +6,14 @@
 
 A value out of range (zero, negative, NaN, ...) is refused while the arguments are
 parsed, before any data is loaded: one line, `train.py: error: argument --epochs: ...`,
-and exit code 2. And when the reader of a script's output goes away (`predict.py photos/ |
-head`), the script stops quietly: `except BrokenPipeError: sys.exit(cli.reader_gone())`.
-A value kept from an earlier command line (a run's saved recipe) is checked as its flag would
-be: `cli.refused(parser, "epochs", saved, default)`. A list in a one-line message names its
-first few: `cli.first_few(classes)`; a script that prints file or class names calls
-`cli.names_as_they_are()` first. Standard library only.
+and exit code 2. A value kept from an earlier command line (a run's saved recipe) is
+checked as its flag would be: `cli.refused(parser, "epochs", saved, default)`. A list in a
+one-line message names its first few: `cli.first_few(classes)`. Standard library only.
 
 Every script ends the same way: `cli.main(lambda: main(args))`. An error of the user's input or
-environment (a UserError) becomes one line, `error: ...`, and exit code 1; Ctrl-C exits 130.
+environment (a UserError) becomes one line, `error: ...`, and exit code 1; Ctrl-C exits 130,
+and a reader of the output gone (`predict.py photos/ | head`) 141, quietly; file and class
+names that are not UTF-8 are printed as their bytes.
 UserError is defined here, the lowest module the scripts share; resnet.py and device.py import
 nothing of the project (each is copied alone), so their CheckpointError and DeviceError are made
 its subclasses by registration, by main, instead of by inheritance.
@@ -60,7 +59,7 @@ def main(run, explain=None, stopped=None):
     except Exception as e:  # noqa: BLE001  all but a bug's are put in one line
         line = str(e) if isinstance(e, UserError) else explain(e) if explain else None
         if line is None and isinstance(e, OSError):
-            line = output_failed(e)[len("error: "):]
+            line = output_failed(e)
         if line is None:
             raise
         where = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
@@ -214,9 +213,9 @@ def output_failed(error):
     """After an OSError of a script's last word: one line for it. Where it names no file, writing
     standard output failed (`> /dev/full`, a disk that filled up)."""
     if error.filename is not None:
-        return f"error: {error.filename}: {error.strerror or error}"
+        return f"{error.filename}: {error.strerror or error}"
     _drop_output()
-    return f"error: cannot write the output: {error.strerror or error}"
+    return f"cannot write the output: {error.strerror or error}"
 
 
 def _drop_output():

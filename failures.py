@@ -36,7 +36,7 @@ def explain(error, fused=False, saved=False):
     if oom and any(frame.f_code.co_name == "evaluate" for frame, _ in traceback.walk_tb(error.__traceback__)):
         return f"out of memory in evaluation: {oom}; {again} a smaller --eval-batch-size"
     if oom:  # a smaller batch is a new run: --resume keeps the run's batch size
-        return f"out of memory: {oom}; run again with a smaller --batch-size"
+        return out_of_memory(error)
     if isinstance(error, torch._dynamo.exc.TorchDynamoException):
         return f"torch.compile failed: {cause(error)}; {again}out --compile"
     if fused and "fused" in str(error):

@@ -26,7 +26,6 @@ class DataError(cli.UserError):
     """Data that cannot be used; the message is one line for the user."""
 
 
-
 class PictureError(cli.UserError):
     """A picture that cannot be used; the message is one line for the user."""
 

@@ -124,15 +124,15 @@ def restore(t, plan, steps_per_epoch, classes, folder):
     """Put the plan's saved state back into train.py's Training t, whose network was built for
     `classes`, the data's; returns where to start (a rundir.Start)."""
     state, path = plan.state, plan.checkpoint
-    if list(state.get("classes", classes)) != list(classes):  # a folder dataset whose class folders changed
-        raise resnet.CheckpointError(f"{path}: the run trained on {rundir.named(state['classes'])} and the data now "
-                                     f"has {rundir.named(classes)}: resume with the data it trained on, or start a new "
-                                     "run in another --out-dir")
-    if plan.step >= steps_per_epoch:  # a folder dataset that lost pictures since
-        raise resnet.CheckpointError(f"{path}: the run stopped after step {plan.step} of epoch {plan.epoch + 1} and "
-                                     f"an epoch of the data now has {steps_per_epoch} steps: resume with the data "
-                                     "it trained on, or start a new run in another --out-dir")
     try:
+        if list(state.get("classes", classes)) != list(classes):  # a folder dataset whose class folders changed
+            raise resnet.CheckpointError(f"{path}: the run trained on {rundir.named(state['classes'])} and the data "
+                                         f"now has {rundir.named(classes)}: resume with the data it trained on, or "
+                                         "start a new run in another --out-dir")
+        if plan.step >= steps_per_epoch:  # a folder dataset that lost pictures since
+            raise resnet.CheckpointError(f"{path}: the run stopped after step {plan.step} of epoch {plan.epoch + 1} "
+                                         f"and an epoch of the data now has {steps_per_epoch} steps: resume with the "
+                                         "data it trained on, or start a new run in another --out-dir")
         t.model.load_state_dict(state.get("training_model", state["model"]))  # "model" holds the EMA, if any
         if t.ema is not None:
             t.ema.model.load_state_dict(state["model"])

@@ -99,7 +99,7 @@ def main(args):
     device.keep_freed_memory(dev)
     layout = device.memory_format("auto", dev)
     loader = batching.CifarLoader(images, labels, args.batch_size or device.eval_batch_size(dev), ckpt["mean"],
-                              ckpt["std"], train=False, device=dev, memory_format=layout)
+                                  ckpt["std"], train=False, device=dev, memory_format=layout)
     amp = device.resolve_amp(args.amp, dev)
     loss, confusion = resnet.evaluate(resnet.for_inference(model, dev, layout), loader, len(classes),
                                       tta=args.tta, amp_dtype=amp)

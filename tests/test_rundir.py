@@ -304,7 +304,7 @@ def test_a_saved_recipe_value_train_py_would_refuse_is_one_line_naming_the_flag(
 @pytest.mark.parametrize("changes", [{"optimizer": {"state": {}}}, {"rng_cpu": torch.zeros(3)},
                                      {"model": {"linear.weight": torch.zeros(10, 512)}}, {"optimizer": []},
                                      {"best_accuracy": "91.2"}, {"best_epoch": 2.5},
-                                     {"step": 3, "totals": [1.0, 2]}, {"step": 3, "totals": "1 2 3"}])
+                                     {"step": 3, "totals": [1.0, 2]}, {"step": 3, "totals": "1 2 3"}, {"classes": 10}])
 def test_a_training_state_that_does_not_load_is_one_line_naming_the_file_and_the_logs_stay(tmp_path, changes):
     last = finished_epoch(tmp_path)
     torch.save({**torch.load(last, weights_only=True), **changes}, last)

@@ -379,6 +379,16 @@ def test_a_fused_kernel_the_device_lacks_ends_the_benchmark_s_process_with_train
     assert e.value.code.startswith("error: SGD's fused kernel failed: Could not run 'aten::_fused_sgd_'")
 
 
+def test_a_fused_kernel_the_device_lacks_ends_a_speedrun_with_train_py_s_line(tmp_path, cifar_dir, monkeypatch):
+    def no_kernel(*args, **kwargs):
+        raise NotImplementedError(NO_FUSED_KERNEL)
+
+    monkeypatch.setattr(torch, "_fused_sgd_", no_kernel)
+    proc = run_here("bench.py", "--speedrun", "1", "--device", "cpu", "--data-dir", cifar_dir, "--", "--epochs", "1",
+                    *QUICK[2:], "--fused", cwd=tmp_path, check=False)
+    assert says(one_line_error(proc), "fused kernel failed", "aten::_fused_sgd_", "without --fused")
+
+
 def test_a_batch_too_large_for_memory_ends_the_benchmark_s_process_in_one_line(monkeypatch):
     def refused(*args, **kwargs):  # what the CPU allocator raises; the random images are the first to ask
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
@@ -391,6 +401,19 @@ def test_a_batch_too_large_for_memory_ends_the_benchmark_s_process_in_one_line(m
     said = e.value.code
     assert said.startswith("error: out of memory") and "26214400000 bytes" in said and "\n" not in said
     assert said.endswith("a smaller --batch-size")
+
+
+def test_bf16_on_an_npu_without_it_is_refused_before_the_benchmark_s_processes_start(monkeypatch):
+    def no_process(*args):
+        raise AssertionError("a benchmark process was started")
+
+    monkeypatch.setattr(torch, "npu", types.SimpleNamespace(is_bf16_supported=lambda: False), raising=False)
+    monkeypatch.setattr(device, "pick_device", lambda name: types.SimpleNamespace(type="npu"))
+    monkeypatch.setattr(bench.multiprocessing, "get_context", no_process)
+    args = bench.get_args_parser().parse_args(["--device", "npu", "--", "--amp", "bf16"])
+    with pytest.raises(device.DeviceError) as e:
+        bench.main(args)
+    assert "--amp bf16" in str(e.value) and "fp16" in str(e.value)
 
 
 @pytest.mark.slow
