@@ -202,9 +202,13 @@ async def read_uploads(request, max_bytes, max_files):
 
 def topk_of(request):
     text = request.query_params.get("topk", "1")
-    if not text.isdigit() or int(text) < 1:
+    try:  # isdigit alone admits "²", which int refuses, as it does past 4300 digits
+        k = int(text) if text.isascii() and text.isdigit() else 0
+    except ValueError:
+        k = 0
+    if k < 1:
         raise Refused(400, f"topk={text}: the number of classes to answer with, a whole number from 1")
-    return int(text)
+    return k
 
 
 class App:

@@ -120,7 +120,7 @@ def test_bad_input_gets_a_4xx_with_one_error_line_and_the_server_goes_on(server,
     assert still_answers(server, work) and "Traceback" not in server.err.read_text()
 
 
-@pytest.mark.parametrize("topk", ["0", "-1", "two", ""])
+@pytest.mark.parametrize("topk", ["0", "-1", "two", "", "%C2%B2", "1" * 5000])  # ² is a digit to str.isdigit
 def test_a_bad_topk_is_a_400_with_one_line(server, work, topk):
     status, _, document = call(server.url + f"/predict?topk={topk}",
                                *multipart([("file", "a.png", pictures_of(work)[1].read_bytes())]))
