@@ -360,12 +360,15 @@ def on_loopback(sock):
 
 def addresses(sock, host, token):
     """What to print: the address to open, and how to reach it from a laptop."""
-    port = sock.getsockname()[1]
+    bound, port = sock.getsockname()[:2]
     shown = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+    # on the server, the tunnel and curl reach the address bound: loopback only where every address is
+    here = "127.0.0.1" if ipaddress.ip_address(bound).is_unspecified else bound
+    shown, here = (f"[{h}]" if ":" in h else h for h in (shown, here))
     query = f"?token={token}" if token else ""
-    return [f"serving on http://{'[' + shown + ']' if ':' in shown else shown}:{port}/{query}",
-            f"from a laptop: ssh -L {port}:127.0.0.1:{port} <this server>, then open http://127.0.0.1:{port}/{query}",
-            f"the API: curl -F file=@test/0_3.jpg 'http://127.0.0.1:{port}/predict{query}'"]
+    return [f"serving on http://{shown}:{port}/{query}",
+            f"from a laptop: ssh -L {port}:{here}:{port} <this server>, then open http://127.0.0.1:{port}/{query}",
+            f"the API: curl -F file=@test/0_3.jpg 'http://{here}:{port}/predict{query}'"]
 
 
 def main(args):

@@ -179,6 +179,22 @@ def test_it_prints_its_address_and_the_ssh_tunnel_to_reach_it_from_a_laptop(serv
     assert f"http://127.0.0.1:{port}/" in printed and f"ssh -L {port}:127.0.0.1:{port} " in printed
 
 
+class Bound:
+    def __init__(self, address):
+        self.address = address
+
+    def getsockname(self):
+        return self.address
+
+
+@pytest.mark.parametrize("address, where", [(("10.1.2.3", 8000), "10.1.2.3"), (("::1", 8000, 0, 0), "[::1]"),
+                                            (("0.0.0.0", 8000), "127.0.0.1")])  # noqa: S104
+def test_the_tunnel_and_curl_lines_reach_the_address_bound_or_loopback_where_every_address_is(address, where):
+    import web
+    _, tunnel, curl = web.addresses(Bound(address), address[0], None)
+    assert f"ssh -L 8000:{where}:8000 " in tunnel and f"http://{where}:8000/predict" in curl
+
+
 def concurrently(url, files, n):
     """n requests at once, each with one of files; (statuses, documents, seconds) once all are answered."""
     answers = [None] * n
