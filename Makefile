@@ -62,7 +62,7 @@ help: ## list the targets and the variables they take
 	@echo; echo "variables: DEVICE=$(DEVICE) (auto|npu|cuda|mps|cpu)  MODEL=$(MODEL)  EPOCHS=$(EPOCHS)  BATCH=$(BATCH)"
 	@echo "           DATASET=$(DATASET) (cifar10|cifar100|folder)  DATA_DIR=$(DATA_DIR)  RUN_DIR=$(RUN_DIR)"
 	@echo "           NPROC=$(NPROC) (processes under torchrun)  IMG=$(IMG) (predict, gui)  OUT=$(OUT) (gpu-check)"
-	@echo "           CHECKPOINT=$(CHECKPOINT)  HOST=$(HOST)  PORT=$(PORT) (web, bench-web)"
+	@echo "           CHECKPOINT=$(CHECKPOINT) (web, bench-web)  HOST=$(HOST)  PORT=$(PORT) (web)"
 	@echo "           RUNS=$(RUNS) (speedrun: how many runs, 3; plot: run folders to overlay)"
 	@echo "           ARCHIVE=$(ARCHIVE)  MD5=$(MD5)  CIFAR_URL=$(CIFAR_URL) (data: a local archive or a mirror)"
 	@echo "           ARGS=\"$(ARGS)\" (extra flags for the script)"
