@@ -19,6 +19,7 @@ pictures, up to --max-batch of them (--max-batch 1: a pass per request). Past --
 requests in the server, the next is answered 503 with Retry-After. Bad input gets a 4xx and
 {"error": "<one line>"}; the server goes on answering.
 """
+import argparse
 import asyncio
 import concurrent.futures
 import errno
@@ -26,6 +27,7 @@ import io
 import ipaddress
 import json
 import os
+import re
 import secrets
 import socket
 import sys
@@ -59,7 +61,7 @@ def get_args_parser():
     cli.checkpoint_flags(p, resnet.MODELS, default=None)
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (any but loopback asks for a token)")
     p.add_argument("--port", type=cli.integer(min=0, max=65535), default=8000, help="the port (0: any free one)")
-    p.add_argument("--token", default=None,
+    p.add_argument("--token", type=token_flag, default=None,
                    help="the token a request must carry off loopback (default: a new one, printed in the address)")
     p.add_argument("--device", default="auto", choices=device.DEVICES, help="where the model runs")
     p.add_argument("--max-batch", type=cli.integer(min=1), default=32,
@@ -71,6 +73,13 @@ def get_args_parser():
     p.add_argument("--max-files", type=cli.integer(min=1), default=16, help="pictures in one request")
     p.add_argument("--max-body-mb", type=cli.real(above=0), default=10, help="the largest request body, in MB")
     return p
+
+
+def token_flag(text):
+    """--token: characters that pass unchanged through an address and a cookie, as a made one's do."""
+    if not re.fullmatch(r"[A-Za-z0-9._~-]+", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: letters, digits and . _ ~ - only (it goes in the address)")
+    return text
 
 
 def precision_of(clf):
