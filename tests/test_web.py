@@ -306,7 +306,8 @@ def test_a_port_in_use_is_one_line_and_a_non_zero_exit(work, tmp_path):
 
 
 @pytest.mark.parametrize("flags", [["--port", "70000"], ["--max-batch", "0"], ["--device", "tpu"], ["--nonsense"],
-                                   ["--host", "no.such.host.invalid"], ["--token", "open sesame"], ["--token", "令牌"]])
+                                   ["--host", "no.such.host.invalid"], ["--token", "open sesame"],
+                                   ["--token", "令牌"]])
 def test_a_bad_flag_is_one_line_and_a_non_zero_exit(work, tmp_path, flags):
     _, checkpoint, _ = work
     proc = run_here("web.py", "--checkpoint", checkpoint, *flags, cwd=tmp_path, check=False)
