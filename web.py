@@ -292,7 +292,6 @@ class App:
 def build_app(state):
     """The FastAPI application: the page, /predict, /health; every error as {"error": "<one line>"}."""
     from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.exceptions import HTTPException
 
@@ -316,7 +315,6 @@ def build_app(state):
                   default_response_class=JSON)
     app.add_exception_handler(Refused, lambda request, e: error(e.status, e, e.headers, e.document))
     app.add_exception_handler(HTTPException, lambda request, e: error(e.status_code, e.detail, e.headers))
-    app.add_exception_handler(RequestValidationError, lambda request, e: error(422, e.errors()[0]["msg"]))
     # A fault of the server's own (a bug): still one line of JSON; uvicorn prints the traceback.
     app.add_exception_handler(Exception, lambda request, e: error(500, f"internal error: {type(e).__name__}: {e}"))
 
