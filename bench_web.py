@@ -88,12 +88,16 @@ def load(port, body, headers, clients, requests):
                     break
                 left[0] -= 1
             start = time.perf_counter()
-            conn.request("POST", "/predict", body, headers)
-            response = conn.getresponse()
-            response.read()
+            try:
+                conn.request("POST", "/predict", body, headers)
+                response = conn.getresponse()
+                response.read()
+            except (OSError, http.client.HTTPException) as e:  # the server gone (it died, say): this client stops
+                failures.append(type(e).__name__)
+                break
             latencies.append(time.perf_counter() - start)
             if response.status != 200:
-                failures.append(response.status)
+                failures.append(f"HTTP {response.status}")
         conn.close()
     threads = [threading.Thread(target=client) for _ in range(clients)]
     start = time.perf_counter()
@@ -102,7 +106,7 @@ def load(port, body, headers, clients, requests):
     for t in threads:
         t.join()
     if failures:
-        raise cli.UserError(f"{len(failures)} requests failed (HTTP {sorted(set(failures))})")
+        raise cli.UserError(f"{len(failures)} requests failed ({', '.join(sorted(set(failures)))})")
     return time.perf_counter() - start, latencies
 
 

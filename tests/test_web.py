@@ -347,3 +347,12 @@ def test_the_benchmark_times_each_number_of_clients_with_batching_on_and_off_nex
     assert runs == [("on", "1"), ("off", "1"), ("on", "2"), ("off", "2")]
     assert re.search(r"^bench web summary on_over_off_1=[\d.]+ on_over_off_2=[\d.]+ predict_cold_start_s=[\d.]+ ",
                      proc.stdout, re.M)
+
+
+def test_the_benchmark_stops_in_one_line_when_a_server_dies_under_load(work, tmp_path):
+    d, checkpoint, folder = work
+    env = injected(tmp_path, f"import os, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport predict\n"
+                             "predict.Classifier.probabilities = lambda self, x: os._exit(3)\n")
+    proc = run("bench_web.py", "--checkpoint", checkpoint, "--device", "cpu", "--picture", folder / "0_3.jpg",
+               "--requests", "4", "--clients", "2", "--rounds", "1", cwd=d, env=env, check=False)
+    assert "requests failed" in one_line_error(proc)
