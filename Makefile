@@ -62,7 +62,7 @@ help: ## list the targets and the variables they take
 	@echo; echo "variables: DEVICE=$(DEVICE) (auto|npu|cuda|mps|cpu)  MODEL=$(MODEL)  EPOCHS=$(EPOCHS)  BATCH=$(BATCH)"
 	@echo "           DATASET=$(DATASET) (cifar10|cifar100|folder)  DATA_DIR=$(DATA_DIR)  RUN_DIR=$(RUN_DIR)"
 	@echo "           NPROC=$(NPROC) (processes under torchrun)  IMG=$(IMG) (predict, gui)  OUT=$(OUT) (gpu-check)"
-	@echo "           CHECKPOINT=$(CHECKPOINT)  HOST=$(HOST)  PORT=$(PORT) (web, bench-web)"
+	@echo "           CHECKPOINT=$(CHECKPOINT) (web, bench-web)  HOST=$(HOST)  PORT=$(PORT) (web)"
 	@echo "           RUNS=$(RUNS) (speedrun: how many runs, 3; plot: run folders to overlay)"
 	@echo "           ARCHIVE=$(ARCHIVE)  MD5=$(MD5)  CIFAR_URL=$(CIFAR_URL) (data: a local archive or a mirror)"
 	@echo "           ARGS=\"$(ARGS)\" (extra flags for the script)"
@@ -104,8 +104,9 @@ bench-web: install install-web ## time web.py's API with 1, 8 and 32 clients, ba
 	$(PYTHON) bench_web.py $(WEB_FLAGS) $(ARGS)
 export: install install-extra ## write RUN_DIR/model.onnx from RUN_DIR/best.pth, checked against PyTorch with onnxruntime
 	$(PYTHON) export.py --checkpoint '$(RUN_DIR)/best.pth' $(call given,DATA_DIR,--data-dir) $(ARGS)
+# The GPU machine's python3 may be no active environment's: gpu_check.py then runs on it and hands it to its makes.
 gpu-check: ## on a CUDA GPU: bench, speedrun, train, airbench94, each step timed out alone, into OUT (gpu_check.py)
-	$(PYTHON) gpu_check.py '$(OUT)' $(ARGS)
+	$(or $(wildcard $(PYTHON)),python3) gpu_check.py '$(OUT)' $(ARGS)
 
 # A worker per core, one thread each (tiny batches keep threads waiting); worksteal: no core idles at the end.
 PYTEST := OMP_NUM_THREADS=1 $(PYTHON) -m pytest -n auto --dist worksteal

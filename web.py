@@ -19,6 +19,7 @@ pictures, up to --max-batch of them (--max-batch 1: a pass per request). Past --
 requests in the server, the next is answered 503 with Retry-After. Bad input gets a 4xx and
 {"error": "<one line>"}; the server goes on answering.
 """
+import argparse
 import asyncio
 import concurrent.futures
 import errno
@@ -26,6 +27,7 @@ import io
 import ipaddress
 import json
 import os
+import re
 import secrets
 import socket
 import sys
@@ -59,7 +61,7 @@ def get_args_parser():
     cli.checkpoint_flags(p, resnet.MODELS, default=None)
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (any but loopback asks for a token)")
     p.add_argument("--port", type=cli.integer(min=0, max=65535), default=8000, help="the port (0: any free one)")
-    p.add_argument("--token", default=None,
+    p.add_argument("--token", type=token_flag, default=None,
                    help="the token a request must carry off loopback (default: a new one, printed in the address)")
     p.add_argument("--device", default="auto", choices=device.DEVICES, help="where the model runs")
     p.add_argument("--max-batch", type=cli.integer(min=1), default=32,
@@ -71,6 +73,13 @@ def get_args_parser():
     p.add_argument("--max-files", type=cli.integer(min=1), default=16, help="pictures in one request")
     p.add_argument("--max-body-mb", type=cli.real(above=0), default=10, help="the largest request body, in MB")
     return p
+
+
+def token_flag(text):
+    """--token: characters that pass unchanged through an address and a cookie, as a made one's do."""
+    if not re.fullmatch(r"[A-Za-z0-9._~-]+", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: letters, digits and . _ ~ - only (it goes in the address)")
+    return text
 
 
 def precision_of(clf):
@@ -202,9 +211,13 @@ async def read_uploads(request, max_bytes, max_files):
 
 def topk_of(request):
     text = request.query_params.get("topk", "1")
-    if not text.isdigit() or int(text) < 1:
+    try:  # isdigit alone admits "²", which int refuses, as it does past 4300 digits
+        k = int(text) if text.isascii() and text.isdigit() else 0
+    except ValueError:
+        k = 0
+    if k < 1:
         raise Refused(400, f"topk={text}: the number of classes to answer with, a whole number from 1")
-    return int(text)
+    return k
 
 
 class App:
@@ -279,7 +292,6 @@ class App:
 def build_app(state):
     """The FastAPI application: the page, /predict, /health; every error as {"error": "<one line>"}."""
     from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.exceptions import HTTPException
 
@@ -303,7 +315,6 @@ def build_app(state):
                   default_response_class=JSON)
     app.add_exception_handler(Refused, lambda request, e: error(e.status, e, e.headers, e.document))
     app.add_exception_handler(HTTPException, lambda request, e: error(e.status_code, e.detail, e.headers))
-    app.add_exception_handler(RequestValidationError, lambda request, e: error(422, e.errors()[0]["msg"]))
     # A fault of the server's own (a bug): still one line of JSON; uvicorn prints the traceback.
     app.add_exception_handler(Exception, lambda request, e: error(500, f"internal error: {type(e).__name__}: {e}"))
 
@@ -356,12 +367,15 @@ def on_loopback(sock):
 
 def addresses(sock, host, token):
     """What to print: the address to open, and how to reach it from a laptop."""
-    port = sock.getsockname()[1]
+    bound, port = sock.getsockname()[:2]
     shown = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+    # on the server, the tunnel and curl reach the address bound: loopback only where every address is
+    here = "127.0.0.1" if ipaddress.ip_address(bound).is_unspecified else bound
+    shown, here = (f"[{h}]" if ":" in h else h for h in (shown, here))
     query = f"?token={token}" if token else ""
-    return [f"serving on http://{'[' + shown + ']' if ':' in shown else shown}:{port}/{query}",
-            f"from a laptop: ssh -L {port}:127.0.0.1:{port} <this server>, then open http://127.0.0.1:{port}/{query}",
-            f"the API: curl -F file=@test/0_3.jpg 'http://127.0.0.1:{port}/predict{query}'"]
+    return [f"serving on http://{shown}:{port}/{query}",
+            f"from a laptop: ssh -L {port}:{here}:{port} <this server>, then open http://127.0.0.1:{port}/{query}",
+            f"the API: curl -F file=@test/0_3.jpg 'http://{here}:{port}/predict{query}'"]
 
 
 def main(args):

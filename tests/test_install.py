@@ -108,9 +108,10 @@ def test_install_in_a_fresh_environment_chooses_torch_and_torchvision_freely(pro
 def test_every_install_step_of_make_asks_for_the_installed_torch_and_names_its_torchvision_if_pip_fails(project):
     folder, env, wheels = project
     installed(env, "torch", "2.9.0+cpu")
-    proc = subprocess.run(["make", "-n", "install", "install-dev", "install-gui", "install-extra"], cwd=folder,
-                          capture_output=True, text=True, timeout=60, env={**os.environ, "VIRTUAL_ENV": str(env)})
+    proc = subprocess.run(["make", "-n", "install", "install-dev", "install-gui", "install-extra", "install-web"],
+                          cwd=folder, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "VIRTUAL_ENV": str(env)})
     pip_lines = [line for line in proc.stdout.splitlines() if "pip install" in line]
-    assert proc.returncode == 0 and len(pip_lines) == 4, proc.stdout + proc.stderr
+    assert proc.returncode == 0 and len(pip_lines) == 5, proc.stdout + proc.stderr
     step = re.compile(r"pip install -r \S+ torch==2\.9\.0\+cpu \|\| .*NAME_TORCHVISION")  # the one-line ending
     assert all(step.search(line) for line in pip_lines), pip_lines

@@ -115,6 +115,15 @@ def test_model_run_dir_and_data_dir_pass_through_to_train_and_eval(project):
     assert "/abs/data" in script_args(make("-n", "eval", "DATA_DIR=/abs/data").stdout, "test.py")
 
 
+def test_gpu_check_runs_on_python3_where_no_environment_is_active_or_made(project):
+    d, make = project
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CONDA_PREFIX", "MAKEFLAGS", "MAKELEVEL")}
+    dry = subprocess.run(["make", "-n", "gpu-check", "OUT=r"], cwd=d, env=env, capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert dry.split()[:3] == ["python3", "gpu_check.py", "'r'"] and not (d / ".venv").exists()
+    assert make("-n", "gpu-check").stdout.split()[0] == f"{sys.prefix}/bin/python"  # an environment's, where one is
+
+
 def test_predict_runs_on_the_cpu_unless_device_is_given(project):
     _, make = project
     assert "--device" not in script_args(make("-n", "predict").stdout, "predict.py")

@@ -120,7 +120,7 @@ def test_bad_input_gets_a_4xx_with_one_error_line_and_the_server_goes_on(server,
     assert still_answers(server, work) and "Traceback" not in server.err.read_text()
 
 
-@pytest.mark.parametrize("topk", ["0", "-1", "two", ""])
+@pytest.mark.parametrize("topk", ["0", "-1", "two", "", "%C2%B2", "1" * 5000])  # ² is a digit to str.isdigit
 def test_a_bad_topk_is_a_400_with_one_line(server, work, topk):
     status, _, document = call(server.url + f"/predict?topk={topk}",
                                *multipart([("file", "a.png", pictures_of(work)[1].read_bytes())]))
@@ -177,6 +177,22 @@ def test_it_prints_its_address_and_the_ssh_tunnel_to_reach_it_from_a_laptop(serv
     port = server.url.rsplit(":", 1)[1]
     printed = server.out.read_text()
     assert f"http://127.0.0.1:{port}/" in printed and f"ssh -L {port}:127.0.0.1:{port} " in printed
+
+
+class Bound:
+    def __init__(self, address):
+        self.address = address
+
+    def getsockname(self):
+        return self.address
+
+
+@pytest.mark.parametrize("address, where", [(("10.1.2.3", 8000), "10.1.2.3"), (("::1", 8000, 0, 0), "[::1]"),
+                                            (("0.0.0.0", 8000), "127.0.0.1")])  # noqa: S104
+def test_the_tunnel_and_curl_lines_reach_the_address_bound_or_loopback_where_every_address_is(address, where):
+    import web
+    _, tunnel, curl = web.addresses(Bound(address), address[0], None)
+    assert f"ssh -L 8000:{where}:8000 " in tunnel and f"http://{where}:8000/predict" in curl
 
 
 def concurrently(url, files, n):
@@ -290,7 +306,8 @@ def test_a_port_in_use_is_one_line_and_a_non_zero_exit(work, tmp_path):
 
 
 @pytest.mark.parametrize("flags", [["--port", "70000"], ["--max-batch", "0"], ["--device", "tpu"], ["--nonsense"],
-                                   ["--host", "no.such.host.invalid"]])
+                                   ["--host", "no.such.host.invalid"], ["--token", "open sesame"],
+                                   ["--token", "令牌"]])
 def test_a_bad_flag_is_one_line_and_a_non_zero_exit(work, tmp_path, flags):
     _, checkpoint, _ = work
     proc = run_here("web.py", "--checkpoint", checkpoint, *flags, cwd=tmp_path, check=False)
@@ -330,3 +347,12 @@ def test_the_benchmark_times_each_number_of_clients_with_batching_on_and_off_nex
     assert runs == [("on", "1"), ("off", "1"), ("on", "2"), ("off", "2")]
     assert re.search(r"^bench web summary on_over_off_1=[\d.]+ on_over_off_2=[\d.]+ predict_cold_start_s=[\d.]+ ",
                      proc.stdout, re.M)
+
+
+def test_the_benchmark_stops_in_one_line_when_a_server_dies_under_load(work, tmp_path):
+    d, checkpoint, folder = work
+    env = injected(tmp_path, f"import os, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport predict\n"
+                             "predict.Classifier.probabilities = lambda self, x: os._exit(3)\n")
+    proc = run("bench_web.py", "--checkpoint", checkpoint, "--device", "cpu", "--picture", folder / "0_3.jpg",
+               "--requests", "4", "--clients", "2", "--rounds", "1", cwd=d, env=env, check=False)
+    assert "requests failed" in one_line_error(proc)

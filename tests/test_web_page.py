@@ -131,6 +131,12 @@ def test_a_file_that_is_not_a_picture_shows_the_servers_error_line(guarded, work
     assert "notes.txt: cannot read picture" in error
 
 
+def test_an_error_line_is_shown_as_it_is_dollar_signs_and_all(guarded):
+    page = guarded()
+    page.set_input_files("#files", {"name": "$&$'.txt", "mimeType": "text/plain", "buffer": b"not a picture"})
+    assert "$&$'.txt: cannot read picture" in answered(page).first.locator(".error").inner_text()
+
+
 def test_a_request_the_server_refuses_shows_its_line(guarded):
     page = guarded()
     page.set_input_files("#files", {"name": "big.jpg", "mimeType": "image/jpeg", "buffer": b"\xff" * 11_000_000})
