@@ -127,7 +127,7 @@ def test_a_two_process_run_stopped_mid_epoch_and_after_an_epoch_resumes_to_the_s
 
 def test_amp_auto_is_decided_by_process_0_for_every_process_and_saved_as_the_answer(tmp_path):
     root = write_cifar(tmp_path / "data", n_train=64, n_test=50)
-    # Process 1 would decide fp32 where process 0 decides bf16 (as a timing could); each notes the
+    # Process 1 would decide fp32 where process 0 decides bf16 (were they to decide apart); each notes the
     # precisions it trains in.
     env = injected(tmp_path,
         "import os, sys\n"
