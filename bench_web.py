@@ -31,7 +31,6 @@ import cli  # noqa: E402
 import device  # noqa: E402
 import pictures  # noqa: E402
 import predict  # noqa: E402
-import resnet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 SETTINGS = {"on": [], "off": ["--max-batch", "1"]}
@@ -159,9 +158,7 @@ def run(checkpoint, dev, picture, clients, requests, rounds):
 
 def main(args):
     import bench  # its cold start: predict.py from a fresh process, next to the tutorials' flow
-    checkpoint = args.checkpoint or predict.latest_checkpoint()
-    if checkpoint is None:
-        raise resnet.CheckpointError("no trained model yet: run python train.py, or pass --checkpoint")
+    checkpoint = predict.chosen_checkpoint(args.checkpoint)
     if not Path(args.picture).is_file():
         raise pictures.DataError(f"{args.picture}: no such picture (python data.py writes test/0_3.jpg)")
     rates = run(checkpoint, args.device, args.picture, args.clients, args.requests, args.rounds)

@@ -139,13 +139,21 @@ def answers(clf, named, k, probabilities=None):
     return results
 
 
-def main(args):
-    runs = [] if args.checkpoint else trained_runs()
-    checkpoint = args.checkpoint or (runs[-1] if runs else None)
-    if checkpoint is None:
+def chosen_checkpoint(given, runs_dir="runs"):
+    """--checkpoint, or best.pth of the newest run under runs/ (named on stderr where there are several);
+    a CheckpointError where there is none. predict.py, web.py and bench_web.py choose here."""
+    if given:
+        return given
+    runs = trained_runs(runs_dir)
+    if not runs:
         raise resnet.CheckpointError("no trained model yet: run python train.py, or pass --checkpoint")
     if len(runs) > 1:  # which of them answers is not plain to see
-        print(f"note: {checkpoint}, the newest of {len(runs)} runs (--checkpoint picks another)", file=sys.stderr)
+        print(f"note: {runs[-1]}, the newest of {len(runs)} runs (--checkpoint picks another)", file=sys.stderr)
+    return runs[-1]
+
+
+def main(args):
+    checkpoint = chosen_checkpoint(args.checkpoint)
     clf = Classifier(checkpoint, args.model, device.pick_device(args.device))
     if clf.assumed:
         print(f"note: {clf.assumed}", file=sys.stderr)

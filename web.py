@@ -388,9 +388,7 @@ def main(args):
                          "(`make web` does it)") from None
     if not PAGE.is_file():
         raise StartError(f"{PAGE}: the page is missing; it comes with web.py")
-    checkpoint = args.checkpoint or predict.latest_checkpoint()
-    if checkpoint is None:
-        raise resnet.CheckpointError("no trained model yet: run python train.py, or pass --checkpoint")
+    checkpoint = predict.chosen_checkpoint(args.checkpoint)
     clf = predict.Classifier(checkpoint, args.model, device.pick_device(args.device))
     if clf.assumed:
         print(f"note: {clf.assumed}", file=sys.stderr)
