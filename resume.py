@@ -46,19 +46,19 @@ def plan(folder, args, recipe, parser, given=None):
     """The plan for args.resume (None: a new run) in the run folder `folder` (a Path). recipe: the
     settings a run keeps; given: those the command line gave (None: those not at their default);
     parser: train.py's, for its defaults, and to check the saved values as it checks its flags."""
-    defaults = vars(parser.parse_args([]))
+    defaults, given_recipe = vars(parser.parse_args([])), {key: getattr(args, key) for key in recipe}
     if args.resume is None:
         if holds_a_run(folder):
             raise resnet.CheckpointError(f"{folder} already holds a run: continue it with --resume, "
                                          "or choose another --out-dir")
-        return Plan(recipe={key: getattr(args, key) for key in recipe})
+        return Plan(recipe=given_recipe)
     path = Path(args.resume) if args.resume else folder / "last.pth"
     if path.parent.resolve() != folder.resolve() and holds_a_run(folder):
         raise resnet.CheckpointError(f"{folder} already holds another run; {path} goes on in its own "
                                      "folder: leave out --out-dir, or choose an empty one")
     state = load(path) if args.resume or path.exists() else None
     if state is None:  # nothing saved yet
-        return Plan(recipe={key: getattr(args, key) for key in recipe}, notes=(afresh(folder, path),))
+        return Plan(recipe=given_recipe, notes=(afresh(folder, path),))
     later = [e for e in saved_epochs(folder) if e > state["epoch"]]
     notes = [f"note: {folder} holds epochs up to {max(later)}; epochs {state['epoch'] + 1} to {max(later)} "
              "are trained again and their files replaced"] if later else []
